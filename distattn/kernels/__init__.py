@@ -1,0 +1,56 @@
+"""Block-attention backends and their registry (DESIGN.md section 2).
+
+``get_backend(name, q, k, v)`` returns a ``BlockAttention`` that can run these inputs:
+``"reference"``, ``"torch"``, ``"cuda"`` (this project's kernels, when built) or ``"auto"``:
+cuda when built and applicable, else torch when applicable, else reference.
+"""
+from __future__ import annotations
+
+from .base import BlockAttention
+from .mask import Mask, accumulation_dtype
+from .reference import ReferenceBackend, reference_attention
+from .torch_sdpa import TorchBackend
+
+BACKENDS = ("auto", "cuda", "torch", "reference")
+
+
+def _cuda_backend():
+    """The csrc backend, or None with the reason when the extension is not available."""
+    try:
+        from .cuda import CudaBackend, extension_error
+    except ImportError as exc:  # the module itself is missing or broken
+        return None, f"distattn.kernels.cuda failed to import: {exc}"
+    err = extension_error()
+    return (None, err) if err else (CudaBackend(), None)
+
+
+def get_backend(name: str, q, k, v) -> BlockAttention:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "reference":
+        return ReferenceBackend()
+    if name == "torch":
+        backend = TorchBackend()
+        backend.check(q, k, v)
+        return backend
+    if name == "cuda":
+        backend, why = _cuda_backend()
+        if backend is None:
+            raise RuntimeError(f"backend='cuda' is not available: {why}")
+        backend.check(q, k, v)
+        return backend
+    # auto
+    if q.device.type == "cuda":
+        backend, _ = _cuda_backend()
+        if backend is not None and backend.applicable(q, k, v):
+            return backend
+    torch_backend = TorchBackend()
+    try:
+        torch_backend.check(q, k, v)
+        return torch_backend
+    except (TypeError, ValueError):
+        return ReferenceBackend()
+
+
+__all__ = ["BACKENDS", "BlockAttention", "Mask", "ReferenceBackend", "TorchBackend",
+           "accumulation_dtype", "get_backend", "reference_attention"]

@@ -1,0 +1,59 @@
+"""Build script: the pure-Python package always; the CUDA extension `distattn._C` when the
+installed torch has CUDA and nvcc is found.
+
+Environment:
+  DISTATTN_CUDA_ARCHS   e.g. "90a;80" (default) -- which SM architectures to compile for
+  DISTATTN_NO_CUDA=1    skip the extension even where it could be built
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+
+def _cuda_extension():
+    """Return ([ext], cmdclass) or ([], {}) with the reason printed once."""
+    if os.environ.get("DISTATTN_NO_CUDA") == "1":
+        print("distattn: DISTATTN_NO_CUDA=1, building without the cuda backend", file=sys.stderr)
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("distattn: torch is not importable at build time (use --no-build-isolation); "
+              "building without the cuda backend", file=sys.stderr)
+        return [], {}
+    if torch.version.cuda is None or cpp_extension.CUDA_HOME is None:
+        print("distattn: torch has no CUDA (or nvcc is missing); the 'cuda' backend is absent, "
+              "'torch' and 'reference' backends are available", file=sys.stderr)
+        return [], {}
+    sources = sorted(glob.glob("csrc/**/*.cu", recursive=True)) + ["csrc/binding.cpp"]
+    if not os.path.exists("csrc/binding.cpp"):
+        print("distattn: csrc/binding.cpp not found; building without the cuda backend",
+              file=sys.stderr)
+        return [], {}
+    archs = os.environ.get("DISTATTN_CUDA_ARCHS", "90a;80").split(";")
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
+    include_dirs = [os.path.abspath("csrc")]
+    try:
+        import cutlass_library
+        include_dirs.append(os.path.join(os.path.dirname(cutlass_library.__file__),
+                                         "source", "include"))
+    except ImportError:
+        pass
+    ext = cpp_extension.CUDAExtension(
+        name="distattn._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17"],
+            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--use_fast_math",
+                     "-lineinfo"] + gencode,
+        },
+    )
+    return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+
+ext_modules, cmdclass = _cuda_extension()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
