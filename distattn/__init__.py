@@ -1,6 +1,16 @@
 """distattn: exact attention over sequences split across the ranks of a sequence-parallel group.
 
-Public API (DESIGN.md section 1): ``SPMesh``, ``shard``, ``unshard``, ``positions``,
-``dist_flash_attn``.
+Public API (DESIGN.md section 1)::
+
+    mesh = distattn.SPMesh.build(ulysses_degree=2, ring_degree=2)
+    local = distattn.shard(x, mesh, dim=1, layout="zigzag")
+    out = distattn.dist_flash_attn(q, k, v, mesh=mesh, causal=True, layout="zigzag")
+    full = distattn.unshard(out, mesh, dim=1, layout="zigzag")
+    pos = distattn.positions(seq_len, mesh, layout="zigzag")
 """
+from .attention import dist_flash_attn
+from .layout import positions, shard, unshard
+from .mesh import SPMesh
+
 __version__ = "0.1.0"
+__all__ = ["SPMesh", "dist_flash_attn", "positions", "shard", "unshard"]

@@ -1,0 +1,65 @@
+"""Run a function on a real multi-process torch.distributed group (gloo, CPU) and collect
+each rank's return value. Used by the distributed tests: one spawn per world, many cases
+inside it, results asserted in the pytest process.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def _worker(rank: int, world: int, init_file: str, fn, args, queue) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                world_size=world)
+        result = fn(rank, world, *args)
+        queue.put((rank, True, result))
+    except BaseException:  # report every failure to the parent, whatever it is
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_world(world: int, fn, *args, timeout: float = 600.0) -> list:
+    """Run ``fn(rank, world, *args)`` on ``world`` processes; return the per-rank results.
+    Raises RuntimeError with the worker's traceback if any rank fails, or on timeout."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    fd, init_file = tempfile.mkstemp(prefix="distattn_pg_")
+    os.close(fd)
+    os.unlink(init_file)  # the FileStore creates it
+    procs = [ctx.Process(target=_worker, args=(r, world, init_file, fn, args, queue))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results, errors = {}, []
+    try:
+        for _ in range(world):
+            rank, ok, payload = queue.get(timeout=timeout)
+            if ok:
+                results[rank] = payload
+            else:
+                errors.append(f"rank {rank}:\n{payload}")
+                break  # other ranks may now hang in a collective; stop waiting for them
+    except Exception as exc:  # queue.Empty on timeout
+        errors.append(f"timed out after {timeout}s waiting for ranks "
+                      f"{sorted(set(range(world)) - set(results))}: {exc!r}")
+    finally:
+        for p in procs:
+            p.join(timeout=5 if not errors else 0.5)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+        if os.path.exists(init_file):
+            os.unlink(init_file)
+    if errors:
+        raise RuntimeError("distributed worker failed: " + "\n".join(errors))
+    return [results[r] for r in range(world)]
