@@ -1,0 +1,305 @@
+"""Sequence parallelism for Hugging Face transformers models (``import ... as dtf``).
+
+A transformers model keeps its own modelling code; only its attention function is swapped::
+
+    import distattn
+    from distattn.integrations import transformers as dtf
+
+    mesh = distattn.SPMesh.build(ulysses_degree=1)             # all ranks: a ring
+    dtf.register(mesh, layout="zigzag")                        # attn_implementation "distattn"
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="distattn")
+    dtf.checkpoint_layers(model)                               # optional
+    local = dtf.shard_batch({"input_ids": ids}, mesh, layout="zigzag")
+    out = model(input_ids=local["input_ids"], position_ids=local["position_ids"],
+                use_cache=False)
+    loss = dtf.sp_loss(out.logits, local["shift_labels"], mesh)
+    loss.backward()   # then SUM gradients over the SP group (see sp_loss)
+
+Every rank of the SP group holds the same full batch, keeps only its tokens (``shard_batch``),
+and runs the model on them; attention is the only place where tokens meet, and there the
+distributed attention sees the whole sequence. Everything here checks its arguments before
+any communication, so a bad call fails the same way on every rank.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..layout import check_layout, positions, seq_multiple, shard
+from ..mesh import as_mesh
+from . import checkpoint as _ckpt
+
+IGNORE_INDEX = -100
+_BUILTIN_NAMES = ("eager", "sdpa", "flash_attention_2", "flash_attention_3",
+                  "flash_attention_4", "flex_attention", "paged|eager")
+# Attention kwargs some models pass that change the attention computation itself.
+_UNSUPPORTED_KWARGS = {
+    "sliding_window": "sliding-window attention",
+    "softcap": "logit soft-capping",
+    "s_aux": "attention sinks",
+    "sinks": "attention sinks",
+    "position_bias": "additive position bias",
+    "cache": "paged KV caches",
+}
+
+
+def _transformers():
+    try:
+        import transformers  # noqa: F401
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("distattn.integrations.transformers needs transformers: "
+                          "pip install 'distattn[transformers]'") from exc
+    return AttentionInterface, AttentionMaskInterface
+
+
+# ---------------------------------------------------------------------------------------------
+# the attention function
+# ---------------------------------------------------------------------------------------------
+def _refuse_unsupported(name, module, query, key, attention_mask, dropout, kwargs) -> None:
+    """Raise (before any communication) for what the distributed attention cannot do yet."""
+    if attention_mask is not None:
+        raise ValueError(
+            f"attn_implementation={name!r} (distattn) does not support attention masks yet "
+            f"(got attention_mask of shape {tuple(attention_mask.shape)}): padding and custom "
+            f"masks are not implemented. Pass unpadded sequences with attention_mask=None (a "
+            f"2-D all-ones attention_mask is accepted) and use dtf.shard_batch")
+    if dropout is not None and dropout > 0:
+        raise NotImplementedError(
+            f"attn_implementation={name!r} (distattn) does not support attention dropout "
+            f"(dropout={dropout}); set config.attention_dropout=0.0")
+    for arg, what in _UNSUPPORTED_KWARGS.items():
+        if kwargs.get(arg) is not None:
+            raise NotImplementedError(
+                f"attn_implementation={name!r} (distattn) does not support {what} yet "
+                f"({arg}={kwargs[arg]!r})")
+    if "sliding_window" not in kwargs and getattr(module, "sliding_window", None) is not None:
+        raise NotImplementedError(
+            f"attn_implementation={name!r} (distattn) does not support sliding-window "
+            f"attention yet (module.sliding_window={module.sliding_window!r})")
+    config = getattr(module, "config", None)
+    if kwargs.get("output_attentions") or getattr(config, "output_attentions", False):
+        raise NotImplementedError(
+            f"attn_implementation={name!r} (distattn) never materialises attention weights: "
+            f"output_attentions=True is not supported")
+    if query.shape[2] != key.shape[2]:
+        raise NotImplementedError(
+            f"attn_implementation={name!r} (distattn) needs queries and keys over the same "
+            f"local tokens (got {query.shape[2]} queries, {key.shape[2]} keys): KV-cache "
+            f"decoding and cross-attention are not supported; call the model with "
+            f"use_cache=False")
+
+
+def _make_attention(name, mesh, layout, schedule, backend):
+    def distattn_attention(module, query, key, value, attention_mask, scaling=None,
+                           dropout=0.0, **kwargs):
+        """transformers attention function: query [B, Hq, S_local, D], key/value [B, Hkv,
+        S_local, D] (this rank's tokens, sharded with the registered layout) ->
+        ([B, S_local, Hq, D], None)."""
+        _refuse_unsupported(name, module, query, key, attention_mask, dropout, kwargs)
+        is_causal = kwargs.get("is_causal")
+        if is_causal is None:
+            is_causal = getattr(module, "is_causal", True)
+        out = _ckpt.remat_attention(
+            module, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+            mesh=mesh, causal=bool(is_causal), softmax_scale=scaling, layout=layout,
+            schedule=schedule, backend=backend)
+        return out, None
+
+    distattn_attention.mesh = mesh
+    distattn_attention.layout = layout
+    return distattn_attention
+
+
+def _make_mask(name):
+    def distattn_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
+                      mask_function=None, attention_mask=None, **kwargs):
+        """transformers mask function: the distributed attention applies causality itself,
+        so no [S, S] mask is ever built. A padding mask is refused unless it masks nothing."""
+        if attention_mask is None:
+            return None
+        if (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+                and attention_mask.shape[-1] == kv_length and bool(attention_mask.all())):
+            return None
+        raise ValueError(
+            f"attn_implementation={name!r} (distattn) does not support padding masks yet: "
+            f"the attention_mask passed to the model masks some tokens. Pass unpadded "
+            f"sequences (attention_mask=None) sharded with dtf.shard_batch")
+
+    return distattn_mask
+
+
+def register(mesh, layout: str = "zigzag", name: str = "distattn", schedule: str = "auto",
+             backend: str = "auto") -> str:
+    """Register ``name`` as a transformers attention implementation running
+    ``distattn.dist_flash_attn`` over ``mesh`` for tokens sharded with ``layout``.
+
+    Select it with ``from_config(..., attn_implementation=name)`` (or
+    ``model.set_attn_implementation(name)``). The function honours the module's ``scaling``
+    and ``is_causal``, passes GQA/MQA K/V unexpanded, and raises for what it cannot do yet:
+    padding or custom attention masks, sliding windows, attention dropout > 0 in training,
+    soft-capping, sinks, ``output_attentions`` and KV-cache decoding. A mask function is
+    registered under the same name so transformers never builds an [S, S] mask.
+
+    The registration is global in transformers (by ``name``): use one name per mesh/layout.
+    The input ids must be sharded with the same ``layout`` (``shard_batch``). Returns ``name``.
+    """
+    mesh = as_mesh(mesh)
+    check_layout(layout)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+    if name in _BUILTIN_NAMES:
+        raise ValueError(f"name={name!r} would replace transformers' own {name!r} attention; "
+                         f"pick another name (the default is 'distattn')")
+    attention_interface, mask_interface = _transformers()
+    attention_interface.register(name, _make_attention(name, mesh, layout, schedule, backend))
+    mask_interface.register(name, _make_mask(name))
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# data and loss
+# ---------------------------------------------------------------------------------------------
+def shard_batch(batch: dict, mesh, layout: str = "zigzag") -> dict:
+    """This rank's part of a full batch, ready for a causal LM.
+
+    ``batch``: ``input_ids`` [B, S] (the whole sequences, the same on every rank of the SP
+    group), optionally ``labels`` [B, S] (default: ``input_ids``; -100 = ignore), an
+    ``attention_mask`` that must be all ones (padding is not supported) and ``position_ids``
+    [B or 1, S] (default: 0..S-1). S must be a multiple of what the mesh and layout need.
+
+    Returns ``{"input_ids", "position_ids", "shift_labels"}``, each [B, S_local]: this rank's
+    tokens, their global positions (for RoPE), and the label of the *next* token, computed
+    on the full sequence before sharding (so the prediction across a shard boundary is kept;
+    -100 for the last token, which has no next one). No communication.
+    """
+    mesh = as_mesh(mesh)
+    check_layout(layout)
+    if not isinstance(batch, dict) or "input_ids" not in batch:
+        raise ValueError("batch must be a dict with 'input_ids' [batch, seq_len]")
+    unknown = set(batch) - {"input_ids", "labels", "attention_mask", "position_ids"}
+    if unknown:
+        raise ValueError(f"shard_batch does not know how to shard {sorted(unknown)}; it takes "
+                         f"input_ids, labels, attention_mask (all ones) and position_ids")
+    ids = batch["input_ids"]
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise ValueError(f"input_ids must be a 2-D tensor [batch, seq_len], got "
+                         f"{getattr(ids, 'shape', type(ids).__name__)}")
+    bsz, seq_len = ids.shape
+    multiple = seq_multiple(layout, mesh.ring_degree, mesh.ulysses_degree)
+    if seq_len % multiple:
+        raise ValueError(
+            f"input_ids has seq_len={seq_len}, but layout={layout!r} over ring_degree="
+            f"{mesh.ring_degree} x ulysses_degree={mesh.ulysses_degree} needs a multiple of "
+            f"{multiple}: pad or crop the sequences to a multiple of {multiple}")
+    labels = batch.get("labels")
+    if labels is None:
+        labels = ids
+    if labels.shape != ids.shape:
+        raise ValueError(f"labels must have the shape of input_ids {tuple(ids.shape)}, got "
+                         f"{tuple(labels.shape)}")
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask must have the shape of input_ids "
+                             f"{tuple(ids.shape)}, got {tuple(mask.shape)}")
+        if not bool(mask.all()):
+            raise ValueError("attention_mask masks some tokens: padding is not supported by "
+                             "the distributed attention yet; pass unpadded sequences")
+    pos = batch.get("position_ids")
+    if pos is None:
+        local_pos = positions(seq_len, mesh, layout=layout, device=ids.device)
+        local_pos = local_pos.unsqueeze(0).expand(bsz, -1).contiguous()
+    else:
+        if pos.dim() != 2 or pos.shape[1] != seq_len or pos.shape[0] not in (1, bsz):
+            raise ValueError(f"position_ids must be [batch or 1, {seq_len}], got "
+                             f"{tuple(pos.shape)}")
+        local_pos = shard(pos.expand(bsz, -1), mesh, dim=1, layout=layout).contiguous()
+    shifted = torch.full_like(labels, IGNORE_INDEX)
+    shifted[:, :-1] = labels[:, 1:]
+    return {
+        "input_ids": shard(ids, mesh, dim=1, layout=layout).contiguous(),
+        "position_ids": local_pos,
+        "shift_labels": shard(shifted, mesh, dim=1, layout=layout).contiguous(),
+    }
+
+
+def _sp_all_reduce(t: torch.Tensor, mesh) -> None:
+    """In-place SUM over the whole SP group: over the Ulysses group, then the ring group."""
+    for group, degree in ((mesh.ulysses_group, mesh.ulysses_degree),
+                          (mesh.ring_group, mesh.ring_degree)):
+        if degree > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+
+
+def sp_loss(logits: torch.Tensor, shift_labels: torch.Tensor, mesh) -> torch.Tensor:
+    """The single-device token-mean next-token cross entropy, from sharded logits.
+
+    ``logits`` [B, S_local, V] (any float dtype; the loss is computed in float32) and
+    ``shift_labels`` [B, S_local] from ``shard_batch`` (-100 = ignore). Returns a float32
+    scalar: the mean over every labelled token of the global batch, bit-identical on every
+    rank of the SP group (0 if no token is labelled). Its gradient on this rank is only this
+    rank's share (local loss sum / global token count), so **summing a parameter's gradient
+    over the SP group gives the single-device gradient**. One all-reduce of two numbers per
+    mesh subgroup; every rank of the mesh must call it.
+
+    With DDP/FSDP spanning the SP ranks too (the usual setup: every rank is a data-parallel
+    rank, SP ranks of one replica see the same sequences), the wrapper *averages* gradients
+    over all ``dp * sp`` ranks; backpropagate ``loss * mesh.size`` to turn that average into
+    the mean over data-parallel replicas of the summed SP gradients.
+    """
+    mesh = as_mesh(mesh)
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [batch, seq_local, vocab], got {tuple(logits.shape)}")
+    if shift_labels.shape != logits.shape[:2]:
+        raise ValueError(f"shift_labels {tuple(shift_labels.shape)} must match logits' "
+                         f"[batch, seq_local] {tuple(logits.shape[:2])}")
+    local_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                shift_labels.reshape(-1).to(logits.device),
+                                ignore_index=IGNORE_INDEX, reduction="sum")
+    count = (shift_labels != IGNORE_INDEX).sum()
+    stats = torch.stack([local_sum.detach().double(), count.to(local_sum.device).double()])
+    _sp_all_reduce(stats, mesh)
+    total, n = stats[0].float(), stats[1].clamp(min=1).float()
+    # value: global sum / global count (identical everywhere); gradient: local part only.
+    return total / n + (local_sum - local_sum.detach()) / n
+
+
+def checkpoint_layers(model) -> "torch.nn.Module":
+    """Enable rematerialization-aware activation checkpointing on every decoder layer of a
+    transformers model (every ``GradientCheckpointingLayer``; see
+    ``distattn.integrations.checkpoint``).
+
+    Like ``model.gradient_checkpointing_enable()`` it applies in training mode only, but the
+    recomputation in backward reuses each layer's saved attention output and lse, so the
+    distributed attention forward and its communication run once per step. Extra memory over
+    plain checkpointing: one attention output and one float32 lse per layer. Layers whose
+    attention is not the registered distattn function are checkpointed plainly. Returns
+    ``model``.
+    """
+    _transformers()
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no GradientCheckpointingLayer (decoder "
+                         f"layers); wrap layers with "
+                         f"distattn.integrations.checkpoint.checkpoint_module instead")
+    for layer in layers:
+        slot = _ckpt.install_slot(layer)
+        layer._gradient_checkpointing_func = _RematCheckpoint(slot)
+        layer.gradient_checkpointing = True
+    return model
+
+
+class _RematCheckpoint:
+    """The per-layer ``_gradient_checkpointing_func`` transformers calls as
+    ``func(partial(forward, layer, **kwargs), *args)``."""
+
+    def __init__(self, slot):
+        self.slot = slot
+
+    def __call__(self, function, *args, **kwargs):
+        return _ckpt.checkpoint_with_remat(function, *args, slot=self.slot, **kwargs)
