@@ -1,0 +1,231 @@
+"""Worker-side code of the distributed tests: runs inside each spawned rank (see spawn.py).
+
+Each function takes (rank, world, ...) and returns plain data (errors, messages) that the
+pytest process asserts on. References are computed on every rank from the full tensors, in
+float64, with autograd through the reference math: independent of the hand-written backward.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+import distattn
+from distattn.kernels import reference_attention
+
+DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Case:
+    world: int
+    ulysses: int
+    ring: int
+    placement: str
+    layout: str
+    causal: bool
+    hq: int
+    hkv: int
+    head_dim: int
+    batch: int
+    dtype: str
+    backend: str
+
+    @property
+    def id(self) -> str:
+        return (f"w{self.world}-u{self.ulysses}r{self.ring}-{self.placement}-{self.layout}-"
+                f"{'causal' if self.causal else 'full'}-h{self.hq}kv{self.hkv}-d{self.head_dim}"
+                f"-b{self.batch}-{self.dtype}-{self.backend}")
+
+    @property
+    def seq_len(self) -> int:
+        # 3 tokens per zigzag chunk (odd on purpose): a multiple of every layout's need.
+        return 2 * self.world * 3
+
+
+def mesh_shapes(world: int):
+    """Every (ulysses, ring, placement) for a world; both placements only where they differ."""
+    for u in range(1, world + 1):
+        if world % u == 0:
+            r = world // u
+            yield u, r, "ulysses_inner"
+            if u > 1 and r > 1:
+                yield u, r, "ring_inner"
+
+
+def attention_cases(world: int) -> list[Case]:
+    """mesh x placement x layout x causal x heads fully crossed; head_dim, batch, dtype and
+    backend cycle through their values so each appears with every mesh."""
+    cases, i = [], 0
+    for u, r, placement in mesh_shapes(world):
+        for layout in ("contiguous", "zigzag", "stripe"):
+            for causal in (False, True):
+                for hkv in (8, 2, 1):
+                    cases.append(Case(world, u, r, placement, layout, causal, 8, hkv,
+                                      (32, 64)[i % 2], (1, 2)[(i // 2) % 2],
+                                      ("fp64", "fp32")[(i // 4) % 2],
+                                      ("torch", "reference")[(i // 3) % 2]))
+                    i += 1
+    return cases
+
+
+class Meshes:
+    """One SPMesh per (ulysses, placement) inside a worker: building groups is collective and
+    not free, so cases share them."""
+
+    def __init__(self):
+        self._meshes = {}
+
+    def get(self, ulysses: int, placement: str):
+        key = (ulysses, placement)
+        if key not in self._meshes:
+            self._meshes[key] = distattn.SPMesh.build(ulysses_degree=ulysses, placement=placement)
+        return self._meshes[key]
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.detach().double(), ref.detach().double()
+    finite = torch.isfinite(ref)
+    if not torch.equal(finite, torch.isfinite(a)):
+        return float("inf")
+    scale = ref[finite].abs().max().clamp_min(1e-30) if finite.any() else torch.tensor(1.0)
+    return float(((a - ref)[finite].abs().max() / scale) if finite.any() else 0.0)
+
+
+def run_case(case: Case, mesh) -> dict:
+    dtype = DTYPES[case.dtype]
+    # crc32, not hash(): str hashes differ between processes, and every rank needs the same data
+    gen = torch.Generator().manual_seed(zlib.crc32(case.id.encode()))
+    S, B, D = case.seq_len, case.batch, case.head_dim
+    q = torch.randn(B, S, case.hq, D, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, S, case.hkv, D, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, S, case.hkv, D, generator=gen, dtype=torch.float64)
+    dout = torch.randn(B, S, case.hq, D, generator=gen, dtype=torch.float64)
+    q, k, v, dout = (t.to(dtype) for t in (q, k, v, dout))
+
+    # float64 reference from the same (rounded) inputs, gradients by autograd.
+    ref_in = [t.to(torch.float64, copy=True).requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = reference_attention(*ref_in, causal=case.causal)
+    ref_grads = torch.autograd.grad(ref_out, ref_in, dout.double())
+
+    def local(t, dim=1):
+        return distattn.shard(t, mesh, dim=dim, layout=case.layout)
+
+    ql, kl, vl = (local(t).clone().requires_grad_() for t in (q, k, v))
+    out, lse = distattn.dist_flash_attn(ql, kl, vl, mesh=mesh, causal=case.causal,
+                                        layout=case.layout, backend=case.backend,
+                                        return_lse=True)
+    out.backward(local(dout))
+    return {
+        "dtype_ok": out.dtype == dtype and ql.grad.dtype == dtype and kl.grad.dtype == dtype,
+        "lse_dtype": str(lse.dtype),
+        "out": _rel(out, local(ref_out)),
+        "lse": _rel(lse, local(ref_lse, dim=2)),
+        "dq": _rel(ql.grad, local(ref_grads[0])),
+        "dk": _rel(kl.grad, local(ref_grads[1])),
+        "dv": _rel(vl.grad, local(ref_grads[2])),
+    }
+
+
+def run_attention_cases(rank: int, world: int, cases: list[Case]) -> dict:
+    meshes = Meshes()
+    return {c.id: run_case(c, meshes.get(c.ulysses, c.placement)) for c in cases}
+
+
+def run_layout_roundtrips(rank: int, world: int) -> dict:
+    """unshard(shard(x)) == x and positions == shard(arange) for every mesh and layout, on
+    dims 1 and 2 (sequence as in q and as in lse)."""
+    meshes, results = Meshes(), {}
+    for u, r, placement in mesh_shapes(world):
+        mesh = meshes.get(u, placement)
+        for layout in ("contiguous", "zigzag", "stripe"):
+            seq = 2 * world * 5
+            x = torch.arange(2 * seq * 3, dtype=torch.float64).reshape(2, seq, 3)
+            ok = True
+            for dim in (1, -2):
+                back = distattn.unshard(distattn.shard(x, mesh, dim=dim, layout=layout), mesh,
+                                        dim=dim, layout=layout)
+                ok &= torch.equal(back, x)
+            pos = distattn.positions(seq, mesh, layout=layout)
+            ok &= torch.equal(pos, distattn.shard(torch.arange(seq), mesh, dim=0, layout=layout))
+            results[f"u{u}r{r}-{placement}-{layout}"] = (ok, pos.tolist())
+    return results
+
+
+def _outcome(fn) -> tuple:
+    """('ok', '') or (exception type name, message)."""
+    try:
+        fn()
+        return ("ok", "")
+    except Exception as exc:  # the test asserts on the type and message
+        return (type(exc).__name__, str(exc))
+
+
+def run_error_cases(rank: int, world: int) -> dict:
+    """Every bad call of item 8 of the core issue, on every rank at once, followed by a good
+    call: if any check came after a collective, ranks would desynchronise and hang here."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = distattn.SPMesh.build(ulysses_degree=2)          # 2 x 2 on world 4
+    ring = distattn.SPMesh.from_group(None)                 # ring of 4
+    B, S, H, D = 1, 4, 4, 8
+    q = torch.randn(B, S, H, D)
+    k = torch.randn(B, S, 2, D)
+    v = torch.randn(B, S, 2, D)
+    call = lambda *a, **kw: (lambda: distattn.dist_flash_attn(*a, **kw))
+    cases = {
+        "q_not_tensor": call(q.numpy(), k, v, mesh=ring),
+        "q_3d": call(q[0], k, v, mesh=ring),
+        "int_dtype": call(q.long(), k.long(), v.long(), mesh=ring),
+        "mixed_dtype": call(q.double(), k, v, mesh=ring),
+        "kv_shape": call(q, k, v[:, :, :1], mesh=ring),
+        "batch": call(q.expand(2, -1, -1, -1), k, v, mesh=ring),
+        "seq": call(q[:, :2], k, v, mesh=ring),
+        "head_dim": call(q[..., :4], k, v, mesh=ring),
+        "gqa_ratio": call(q[:, :, :3], k, v, mesh=ring),
+        "ulysses_heads": call(torch.randn(B, S, 6, D), torch.randn(B, S, 3, D),
+                              torch.randn(B, S, 3, D), mesh=mesh),
+        "zigzag_odd_local": call(q[:, :3], k[:, :3], v[:, :3], mesh=ring, layout="zigzag"),
+        "layout": call(q, k, v, mesh=ring, layout="snake"),
+        "schedule": call(q, k, v, mesh=ring, schedule="fastest"),
+        "helper_not_yet": call(q, k, v, mesh=ring, schedule="helper", causal=True),
+        "backend": call(q, k, v, mesh=ring, backend="triton"),
+        "scale": call(q, k, v, mesh=ring, softmax_scale=-1.0),
+        "causal_type": call(q, k, v, mesh=ring, causal="yes"),
+        "mesh_type": call(q, k, v, mesh="world"),
+        "cuda_missing": call(q, k, v, mesh=ring, backend="cuda"),
+        "build_bad_degree": lambda: distattn.SPMesh.build(ulysses_degree=3),
+        "build_bad_product": lambda: distattn.SPMesh.build(ulysses_degree=2, ring_degree=4),
+        "build_bad_placement": lambda: distattn.SPMesh.build(ulysses_degree=2,
+                                                             placement="diagonal"),
+        "device_mesh_bad_dim": lambda: distattn.SPMesh.from_device_mesh(
+            init_device_mesh("cpu", (2, 2), mesh_dim_names=("a", "b")), "sp_u", "b"),
+    }
+    results = {name: _outcome(fn) for name, fn in cases.items()}
+    # The group must still be in step: a good call on both meshes, then a barrier.
+    out = distattn.dist_flash_attn(q, k, v, mesh=mesh, causal=True)
+    out = distattn.dist_flash_attn(q, k, v, mesh=ring, causal=True)
+    dist.barrier()
+    results["good_call_after_errors"] = ("ok" if out.shape == q.shape else "bad shape", "")
+    return results
+
+
+def run_mesh_checks(rank: int, world: int) -> dict:
+    """Coordinates of both placements, and from_device_mesh agreeing with build."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    res = {}
+    for placement in ("ulysses_inner", "ring_inner"):
+        m = distattn.SPMesh.build(ulysses_degree=2, placement=placement)
+        res[placement] = (m.ulysses_rank, m.ring_rank, list(m.ulysses_ranks), list(m.ring_ranks),
+                          m.ring_prev, m.ring_next)
+    dm = init_device_mesh("cpu", (2, 2), mesh_dim_names=("sp_r", "sp_u"))
+    m = distattn.SPMesh.from_device_mesh(dm, ulysses_dim="sp_u", ring_dim="sp_r")
+    res["device_mesh"] = (m.ulysses_rank, m.ring_rank, list(m.ulysses_ranks), list(m.ring_ranks),
+                          m.ring_prev, m.ring_next, m.placement)
+    # The device-mesh mesh computes the same attention as the built one.
+    case = Case(world, 2, 2, "ulysses_inner", "zigzag", True, 8, 2, 32, 1, "fp64", "torch")
+    res["device_mesh_attention"] = run_case(case, m)
+    return res

@@ -1,0 +1,69 @@
+"""Argument checking (raised on every rank before any communication) and SPMesh."""
+import pytest
+
+from dist_cases import run_error_cases, run_mesh_checks
+from spawn import run_world
+
+# name -> (exception type, words the message must contain)
+EXPECTED = {
+    "q_not_tensor": ("TypeError", ["q", "torch.Tensor"]),
+    "q_3d": ("ValueError", ["q", "4-D"]),
+    "int_dtype": ("TypeError", ["q", "int64", "float16"]),
+    "mixed_dtype": ("TypeError", ["same dtype"]),
+    "kv_shape": ("ValueError", ["k and v", "same shape"]),
+    "batch": ("ValueError", ["batch"]),
+    "seq": ("ValueError", ["local tokens", "same layout"]),
+    "head_dim": ("ValueError", ["head_dim"]),
+    "gqa_ratio": ("ValueError", ["multiple of k/v heads"]),
+    "ulysses_heads": ("ValueError", ["ulysses_degree=2", "Hkv=3", "[1, 3, 6]"]),
+    "zigzag_odd_local": ("ValueError", ["zigzag", "multiple of 2", "pad"]),
+    "layout": ("ValueError", ["layout", "'snake'"]),
+    "schedule": ("ValueError", ["schedule", "'fastest'"]),
+    "helper_not_yet": ("NotImplementedError", ["helper"]),
+    "backend": ("ValueError", ["backend", "'triton'"]),
+    "scale": ("ValueError", ["softmax_scale"]),
+    "causal_type": ("TypeError", ["causal"]),
+    "mesh_type": ("TypeError", ["mesh"]),
+    "cuda_missing": ("RuntimeError", ["backend='cuda'", "not available"]),
+    "build_bad_degree": ("ValueError", ["ulysses_degree=3", "divisor of 4"]),
+    "build_bad_product": ("ValueError", ["2 * 4 != 4"]),
+    "build_bad_placement": ("ValueError", ["placement", "'diagonal'"]),
+    "device_mesh_bad_dim": ("ValueError", ["ulysses_dim='sp_u'"]),
+    "good_call_after_errors": ("ok", []),
+}
+
+
+@pytest.fixture(scope="module")
+def error_results():
+    return run_world(4, run_error_cases)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_bad_argument_raises_clearly_on_every_rank(error_results, name):
+    kind, words = EXPECTED[name]
+    for rank, res in enumerate(error_results):
+        got_kind, msg = res[name]
+        assert got_kind == kind, f"rank {rank}: {name} raised {got_kind}: {msg}"
+        for w in words:
+            assert w in msg, f"rank {rank}: {name} message lacks {w!r}: {msg}"
+
+
+def test_every_error_case_is_expected(error_results):
+    assert set(error_results[0]) == set(EXPECTED)
+
+
+def test_mesh_placements_and_device_mesh():
+    res = run_world(4, run_mesh_checks)
+    # ulysses_inner: u = g % 2, r = g // 2; ring_inner: r = g % 2, u = g // 2
+    for g, r in enumerate(res):
+        assert r["ulysses_inner"][:2] == (g % 2, g // 2)
+        assert r["ulysses_inner"][2] == [g - g % 2, g - g % 2 + 1]
+        assert r["ulysses_inner"][3] == [g % 2, g % 2 + 2]
+        assert r["ring_inner"][:2] == (g // 2, g % 2)
+        assert r["ring_inner"][2] == [g % 2, g % 2 + 2]
+        assert r["ring_inner"][3] == [g - g % 2, g - g % 2 + 1]
+        # a (sp_r, sp_u) device mesh has sp_u fastest: the same as ulysses_inner
+        assert r["device_mesh"][:6] == r["ulysses_inner"]
+        assert r["device_mesh"][6] == "ulysses_inner"
+        errs = r["device_mesh_attention"]
+        assert all(errs[n] <= 1e-10 for n in ("out", "lse", "dq", "dk", "dv")), errs
