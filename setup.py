@@ -38,18 +38,22 @@ def _cuda_extension():
     include_dirs = [os.path.abspath("csrc")]
     try:
         import cutlass_library
-        include_dirs.append(os.path.join(os.path.dirname(cutlass_library.__file__),
-                                         "source", "include"))
     except ImportError:
-        pass
+        print("distattn: the CUTLASS/CuTe headers are missing (pip install nvidia-cutlass); "
+              "building without the cuda backend", file=sys.stderr)
+        return [], {}
+    include_dirs.append(os.path.join(os.path.dirname(cutlass_library.__file__),
+                                     "source", "include"))
     ext = cpp_extension.CUDAExtension(
         name="distattn._C",
         sources=sources,
         include_dirs=include_dirs,
+        # No -std flag: torch's extension machinery picks the C++ standard its headers need
+        # (the kernels themselves need C++17 or later).
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--use_fast_math",
-                     "-lineinfo"] + gencode,
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "--expt-relaxed-constexpr", "--use_fast_math", "-lineinfo"]
+                    + gencode,
         },
     )
     return [ext], {"build_ext": cpp_extension.BuildExtension}

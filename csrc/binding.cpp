@@ -1,0 +1,286 @@
+// distattn._C: the Python binding of distattn's CUDA kernels (the only file that includes
+// torch headers). Each function validates its arguments with TORCH_CHECK (a Python
+// RuntimeError/ValueError/TypeError, never a crash), fills a plain params struct
+// (distattn/params.h), re-validates it with distattn/checks.h and launches on the current
+// CUDA stream of the tensors' device. Outputs are written into tensors the caller allocated,
+// which may be strided views (slices of larger buffers).
+//
+// Tensor layouts: q/out/dout/dq [B, Sq, Hq, D]; k/v/dk/dv [B, Sk, Hkv, D]; lse [B, Hq, Sq].
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "distattn/api.h"
+#include "distattn/checks.h"
+
+namespace {
+
+using distattn::DType;
+using distattn::index_t;
+
+DType dtype_of(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kFloat: return DType::kFloat32;
+    default:
+      TORCH_CHECK_TYPE(false, name, " must be float16, bfloat16 or float32, got ",
+                       t.scalar_type());
+  }
+  return DType::kFloat32;
+}
+
+void check_cuda(const at::Tensor& t, const char* name, const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " is on ", t.device(), " but q is on ",
+                    ref.device());
+}
+
+// [B, S, H, D] with a contiguous last dimension.
+distattn::SeqStrides seq_strides(const at::Tensor& t, const char* name,
+                                 std::vector<int64_t> shape) {
+  TORCH_CHECK_VALUE(t.dim() == 4, name, " must be 4-D [B, S, H, D], got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.sizes().vec() == shape, name, " has shape ", t.sizes(), ", expected ",
+                    at::IntArrayRef(shape));
+  TORCH_CHECK_VALUE(t.stride(3) == 1 || t.size(3) == 1, name,
+                    " must have a contiguous last (head_dim) dimension; pass .contiguous()");
+  return {t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// [B, H, S] float32, any strides.
+distattn::RowStrides row_strides(const at::Tensor& t, const char* name,
+                                 std::vector<int64_t> shape) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 3 && t.sizes().vec() == shape, name, " has shape ", t.sizes(),
+                    ", expected [B, H, S] = ", at::IntArrayRef(shape));
+  return {t.stride(0), t.stride(1), t.stride(2)};
+}
+
+void check_float32(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got ",
+                   t.scalar_type());
+}
+
+// Shapes of q/k/v and the Problem they describe.
+distattn::Problem problem_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             double scale, bool causal, int64_t offset) {
+  TORCH_CHECK_VALUE(q.is_cuda(), "q must be a CUDA tensor, got device ", q.device());
+  check_cuda(k, "k", q);
+  check_cuda(v, "v", q);
+  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+                    "q, k, v must be 4-D [B, S, H, D]");
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+                   "q must be float16 or bfloat16, got ", q.scalar_type());
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+                   "k and v must have q's dtype ", q.scalar_type());
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "k and v must have the same shape, got ",
+                    k.sizes(), " and ", v.sizes());
+  TORCH_CHECK_VALUE(k.size(0) == q.size(0) && k.size(3) == q.size(3),
+                    "k must be [B, Sk, Hkv, D] with q's B and D; q ", q.sizes(), ", k ",
+                    k.sizes());
+  TORCH_CHECK_VALUE(k.size(2) > 0 && q.size(2) % k.size(2) == 0, "heads of q (", q.size(2),
+                    ") must be a multiple of heads of k/v (", k.size(2), ")");
+  TORCH_CHECK_VALUE(q.size(1) < (int64_t(1) << 31) && k.size(1) < (int64_t(1) << 31),
+                    "sequence lengths must be < 2^31");
+  distattn::Problem p;
+  p.batch = int(q.size(0));
+  p.seqlen_q = int(q.size(1));
+  p.heads_q = int(q.size(2));
+  p.head_dim = int(q.size(3));
+  p.seqlen_k = int(k.size(1));
+  p.heads_kv = int(k.size(2));
+  p.causal = causal;
+  p.causal_offset = offset;
+  p.scale = float(scale);
+  TORCH_CHECK_VALUE(distattn::head_dim_supported(p.head_dim), "head_dim ", p.head_dim,
+                    " has no compiled cuda kernel (distattn._C.head_dims() lists the "
+                    "compiled ones)");
+  return p;
+}
+
+bool is_empty(const distattn::Problem& p) {
+  return p.batch == 0 || p.seqlen_q == 0 || p.heads_q == 0;
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "distattn ", what, " launch failed: ",
+              cudaGetErrorString(err));
+}
+
+// out, lse <- attention(q, k, v) for this block.
+void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+         at::Tensor& lse, double scale, bool causal, int64_t offset) {
+  distattn::Problem pr = problem_of(q, k, v, scale, causal, offset);
+  check_cuda(out, "out", q);
+  check_cuda(lse, "lse", q);
+  TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type(), "out must have q's dtype ",
+                   q.scalar_type(), ", got ", out.scalar_type());
+  distattn::FwdParams p;
+  p.prob = pr;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_stride = seq_strides(q, "q", q.sizes().vec());
+  p.k_stride = seq_strides(k, "k", k.sizes().vec());
+  p.v_stride = seq_strides(v, "v", v.sizes().vec());
+  p.out = out.data_ptr();
+  p.out_stride = seq_strides(out, "out", q.sizes().vec());
+  p.lse = lse.data_ptr<float>();
+  p.lse_stride = row_strides(lse, "lse", {q.size(0), q.size(2), q.size(1)});
+  if (is_empty(pr)) return;
+  if (pr.seqlen_k == 0) {  // nothing to see: out = 0, lse = -inf
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return;
+  }
+  const std::string err = distattn::check_fwd(p, dtype_of(q, "q"));
+  TORCH_CHECK_VALUE(err.empty(), "distattn fwd: ", err);
+  const c10::cuda::CUDAGuard guard(q.device());
+  check_launch(distattn::launch_fwd(p, dtype_of(q, "q"), c10::cuda::getCurrentCUDAStream().stream()),
+               "fwd");
+}
+
+// (out_acc, lse_acc) <- merge((out_acc, lse_acc), attention(q, k, v)): the fused ring step.
+void fwd_acc(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+             at::Tensor& out_acc, at::Tensor& lse_acc, double scale, bool causal,
+             int64_t offset) {
+  distattn::Problem pr = problem_of(q, k, v, scale, causal, offset);
+  check_cuda(out_acc, "out_acc", q);
+  check_cuda(lse_acc, "lse_acc", q);
+  check_float32(out_acc, "out_acc");
+  distattn::FwdParams p;
+  p.prob = pr;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_stride = seq_strides(q, "q", q.sizes().vec());
+  p.k_stride = seq_strides(k, "k", k.sizes().vec());
+  p.v_stride = seq_strides(v, "v", v.sizes().vec());
+  p.accumulate = true;
+  p.out_acc = out_acc.data_ptr<float>();
+  p.out_acc_stride = seq_strides(out_acc, "out_acc", q.sizes().vec());
+  p.lse_acc = lse_acc.data_ptr<float>();
+  p.lse_acc_stride = row_strides(lse_acc, "lse_acc", {q.size(0), q.size(2), q.size(1)});
+  if (is_empty(pr) || pr.seqlen_k == 0) return;
+  const std::string err = distattn::check_fwd(p, dtype_of(q, "q"));
+  TORCH_CHECK_VALUE(err.empty(), "distattn fwd_acc: ", err);
+  const c10::cuda::CUDAGuard guard(q.device());
+  check_launch(distattn::launch_fwd(p, dtype_of(q, "q"), c10::cuda::getCurrentCUDAStream().stream()),
+               "fwd_acc");
+}
+
+// dq, dk, dv (float32) <- (or +=, when accumulate) the gradients of this block.
+void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+         const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk,
+         at::Tensor& dv, double scale, bool causal, int64_t offset, bool accumulate) {
+  distattn::Problem pr = problem_of(q, k, v, scale, causal, offset);
+  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{dout, "dout"}, {out, "out"},
+                         {lse, "lse"}, {dq, "dq"}, {dk, "dk"}, {dv, "dv"}})
+    check_cuda(t, name, q);
+  TORCH_CHECK_TYPE(dout.scalar_type() == q.scalar_type(), "dout must have q's dtype ",
+                   q.scalar_type(), ", got ", dout.scalar_type());
+  TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type() || out.scalar_type() == at::kFloat,
+                   "out must have q's dtype or float32, got ", out.scalar_type());
+  check_float32(dq, "dq");
+  check_float32(dk, "dk");
+  check_float32(dv, "dv");
+  distattn::BwdParams p;
+  p.prob = pr;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.dout = dout.data_ptr();
+  p.out_is_fp32 = out.scalar_type() == at::kFloat;
+  p.q_stride = seq_strides(q, "q", q.sizes().vec());
+  p.k_stride = seq_strides(k, "k", k.sizes().vec());
+  p.v_stride = seq_strides(v, "v", v.sizes().vec());
+  p.out_stride = seq_strides(out, "out", q.sizes().vec());
+  p.dout_stride = seq_strides(dout, "dout", q.sizes().vec());
+  p.lse = lse.data_ptr<float>();
+  p.lse_stride = row_strides(lse, "lse", {q.size(0), q.size(2), q.size(1)});
+  p.accumulate = accumulate;
+  p.dq_acc = dq.data_ptr<float>();
+  p.dq_stride = seq_strides(dq, "dq", q.sizes().vec());
+  p.dk_acc = dk.data_ptr<float>();
+  p.dk_stride = seq_strides(dk, "dk", k.sizes().vec());
+  p.dv_acc = dv.data_ptr<float>();
+  p.dv_stride = seq_strides(dv, "dv", k.sizes().vec());
+  if (is_empty(pr) || pr.seqlen_k == 0 || k.size(0) == 0) {
+    if (!accumulate) {
+      dq.zero_();
+      dk.zero_();
+      dv.zero_();
+    }
+    return;
+  }
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor delta = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  p.delta = delta.data_ptr<float>();
+  const std::string err = distattn::check_bwd(p, dtype_of(q, "q"));
+  TORCH_CHECK_VALUE(err.empty(), "distattn bwd: ", err);
+  check_launch(distattn::launch_bwd(p, dtype_of(q, "q"), c10::cuda::getCurrentCUDAStream().stream()),
+               "bwd");
+}
+
+// (out_acc, lse_acc) <- merge((out_acc, lse_acc), (out_blk, lse_blk)).
+void merge(at::Tensor& out_acc, at::Tensor& lse_acc, const at::Tensor& out_blk,
+           const at::Tensor& lse_blk) {
+  TORCH_CHECK_VALUE(out_acc.is_cuda(), "out_acc must be a CUDA tensor");
+  check_cuda(lse_acc, "lse_acc", out_acc);
+  check_cuda(out_blk, "out_blk", out_acc);
+  check_cuda(lse_blk, "lse_blk", out_acc);
+  check_float32(out_acc, "out_acc");
+  TORCH_CHECK_VALUE(out_acc.dim() == 4, "out_acc must be 4-D [B, S, H, D]");
+  const auto shape = out_acc.sizes().vec();
+  distattn::MergeParams p;
+  p.batch = int(shape[0]);
+  p.seqlen = int(shape[1]);
+  p.heads = int(shape[2]);
+  p.head_dim = int(shape[3]);
+  p.out_acc = out_acc.data_ptr<float>();
+  p.out_acc_stride = seq_strides(out_acc, "out_acc", shape);
+  p.lse_acc = lse_acc.data_ptr<float>();
+  p.lse_acc_stride = row_strides(lse_acc, "lse_acc", {shape[0], shape[2], shape[1]});
+  p.out_blk = out_blk.data_ptr();
+  p.out_blk_stride = seq_strides(out_blk, "out_blk", shape);
+  p.lse_blk = lse_blk.data_ptr<float>();
+  p.lse_blk_stride = row_strides(lse_blk, "lse_blk", {shape[0], shape[2], shape[1]});
+  if (out_acc.numel() == 0) return;
+  const std::string err = distattn::check_merge(p);
+  TORCH_CHECK_VALUE(err.empty(), "distattn merge: ", err);
+  const c10::cuda::CUDAGuard guard(out_acc.device());
+  check_launch(distattn::launch_merge(p, dtype_of(out_blk, "out_blk"),
+                                      c10::cuda::getCurrentCUDAStream().stream()),
+               "merge");
+}
+
+std::vector<int64_t> head_dims() {
+  std::vector<int64_t> dims;
+  for (int d : {64, 128, 256})
+    if (distattn::head_dim_supported(d)) dims.push_back(d);
+  return dims;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "distattn CUDA kernels: block attention forward/backward with LSE, fused ring step";
+  m.def("fwd", &fwd, "out, lse <- attention(q, k, v)", py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("causal"), py::arg("offset"));
+  m.def("fwd_acc", &fwd_acc, "(out_acc, lse_acc) <- merge(acc, attention(q, k, v))",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out_acc"), py::arg("lse_acc"),
+        py::arg("scale"), py::arg("causal"), py::arg("offset"));
+  m.def("bwd", &bwd, "dq, dk, dv (float32) <- or += block gradients", py::arg("dout"),
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"),
+        py::arg("dk"), py::arg("dv"), py::arg("scale"), py::arg("causal"), py::arg("offset"),
+        py::arg("accumulate"));
+  m.def("merge", &merge, "(out_acc, lse_acc) <- merge(acc, (out_blk, lse_blk))",
+        py::arg("out_acc"), py::arg("lse_acc"), py::arg("out_blk"), py::arg("lse_blk"));
+  m.def("head_dims", &head_dims, "head dims with compiled kernels");
+}

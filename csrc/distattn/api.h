@@ -1,0 +1,31 @@
+// Launchers of distattn's kernels: the only entry points the binding calls.
+//
+// Each launcher takes a plain params struct (params.h), validated beforehand with checks.h,
+// and a CUDA stream, enqueues its kernels and returns the launch status. None of them
+// synchronises or allocates; `BwdParams::delta` is a workspace the caller provides.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "params.h"
+
+namespace distattn {
+
+// Forward of one block (plain or accumulating, see FwdParams). q/k/v dtype: kFloat16 or
+// kBFloat16. Returns cudaErrorInvalidValue for a (dtype, head_dim) without a compiled kernel.
+cudaError_t launch_fwd(const FwdParams& params, DType dtype, cudaStream_t stream);
+
+// Backward of one block: delta preprocessing, then the dK/dV kernel and the dQ kernel.
+// Deterministic: no atomics; every gradient element is owned by exactly one thread.
+cudaError_t launch_bwd(const BwdParams& params, DType dtype, cudaStream_t stream);
+
+// Standalone merge; `blk_dtype` is the dtype of out_blk (any of the three).
+cudaError_t launch_merge(const MergeParams& params, DType blk_dtype, cudaStream_t stream);
+
+// Per-(dtype, head_dim) entry points, explicitly instantiated in csrc/kernels/*.cu.
+template <typename T, int D>
+cudaError_t run_fwd(const FwdParams& params, cudaStream_t stream);
+template <typename T, int D>
+cudaError_t run_bwd(const BwdParams& params, cudaStream_t stream);
+
+}  // namespace distattn

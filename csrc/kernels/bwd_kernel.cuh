@@ -1,0 +1,297 @@
+// Backward of block attention, deterministic (no atomics), in three kernels:
+//
+// 1. delta_kernel  delta[b, h, i] = sum_d dO[b, i, h, d] * O[b, i, h, d]   (float32)
+// 2. bwd_kv_kernel CTA = (key tile, kv head, batch), 4 warps x 16 key rows. It loops over the
+//                  Hq/Hkv query heads of its group and over the query tiles that see its keys,
+//                  and keeps dK, dV for its rows in registers:
+//                    S^T = K Q^T, P^T = exp(S^T*scale - lse), dP^T = V dO^T,
+//                    dS^T = P^T * (dP^T - delta), dV += P^T dO, dK += dS^T Q
+//                  Computing the transposed tiles directly keeps P^T and dS^T in registers
+//                  as the A operand of the next MMA (no shared-memory transpose).
+// 3. bwd_q_kernel  CTA = (query tile, q head, batch), 4 warps x 16 query rows, loops over key
+//                  tiles: S = Q K^T, P, dP = dO V^T, dS, dQ += dS K.
+// Every gradient row is owned by exactly one CTA, which adds (or writes) it once with plain
+// loads and stores, so results are bitwise reproducible. The price is recomputing S and dP
+// in kernel 3 (7 instead of 5 GEMMs); an atomic-dQ variant is future work (docs/KERNELS.md).
+//
+// `lse` is the final lse of the queries. Rows with lse = -inf (they see nothing anywhere)
+// and out-of-bounds query rows get probability exactly 0: their lse is replaced by +inf.
+#pragma once
+
+#include "mma.cuh"
+
+namespace distattn {
+namespace kern {
+
+// ---- 1. delta = rowsum(dO * O) ---------------------------------------------------------------
+template <typename T, typename TO>
+__global__ void __launch_bounds__(kRowKernelThreads) delta_kernel(const BwdParams p) {
+  const Problem& pr = p.prob;
+  const int lane = threadIdx.x % 32;
+  const index_t idx = index_t(blockIdx.x) * (kRowKernelThreads / 32) + threadIdx.x / 32;
+  const index_t rows = index_t(pr.batch) * pr.heads_q * pr.seqlen_q;
+  if (idx >= rows) return;
+  const index_t i = idx % pr.seqlen_q;
+  const index_t h = (idx / pr.seqlen_q) % pr.heads_q;
+  const index_t b = idx / (index_t(pr.seqlen_q) * pr.heads_q);
+  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_stride.batch +
+                  i * p.dout_stride.seq + h * p.dout_stride.head;
+  const TO* out = static_cast<const TO*>(p.out) + b * p.out_stride.batch +
+                  i * p.out_stride.seq + h * p.out_stride.head;
+  float acc = 0.f;
+  for (int d = lane; d < pr.head_dim; d += 32) acc += load_as_float(dout + d) * load_as_float(out + d);
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (lane == 0) p.delta[idx] = acc;  // [B, Hq, Sq] contiguous: idx = (b*Hq + h)*Sq + i
+}
+
+// Write or add a float accumulator row pair (float2) into a float32 gradient.
+__device__ __forceinline__ void store_grad(float* dst, float x, float y, bool accumulate) {
+  float2* d2 = reinterpret_cast<float2*>(dst);
+  if (accumulate) {
+    float2 cur = *d2;
+    cur.x += x;
+    cur.y += y;
+    *d2 = cur;
+  } else {
+    *d2 = make_float2(x, y);
+  }
+}
+
+// ---- 2. dK, dV -------------------------------------------------------------------------------
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) bwd_kv_kernel(const BwdParams p) {
+  constexpr int BN = bwd_kv_block_n(D), BM = bwd_kv_block_m(D), PITCH = smem_pitch(D);
+  static_assert(D % 16 == 0 && BM % 16 == 0 && BN == 16 * kWarps, "tile shape");
+  constexpr int MT = BM / 8;  // 8-column (query) tiles of S^T
+  constexpr int DT = D / 8;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + BN * PITCH;
+  T* sQ = sV + BN * PITCH;
+  T* sdO = sQ + BM * PITCH;
+  float* sLse = reinterpret_cast<float*>(sdO + BM * PITCH);  // log2 units, +inf = "P is 0"
+  float* sDelta = sLse + BM;
+
+  const Problem& pr = p.prob;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int g = lane / 4, t = lane % 4;
+  const index_t n0 = index_t(blockIdx.x) * BN;
+  const int hk = blockIdx.y, b = blockIdx.z;
+  const int group = pr.heads_q / pr.heads_kv;
+  const float scale_log2 = pr.scale * kLog2e;
+  const TileRange range = query_tiles_for_key_tile(n0, BN, BM, pr.seqlen_q, pr.seqlen_k,
+                                                   pr.causal, pr.causal_offset);
+
+  float dk[DT][4], dv[DT][4];
+  zero(dk);
+  zero(dv);
+
+  if (range.first < range.last) {
+    const T* k = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
+    const T* v = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
+    load_tile_async<T, D, BN>(sK, k, p.k_stride.seq, n0, pr.seqlen_k);
+    load_tile_async<T, D, BN>(sV, v, p.v_stride.seq, n0, pr.seqlen_k);
+    cp_async_commit();
+
+    for (int gi = 0; gi < group; ++gi) {
+      const int h = hk * group + gi;
+      const T* q = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
+      const T* dout =
+          static_cast<const T*>(p.dout) + b * p.dout_stride.batch + h * p.dout_stride.head;
+      const float* lse = p.lse + b * p.lse_stride.batch + h * p.lse_stride.head;
+      const float* delta = p.delta + (index_t(b) * pr.heads_q + h) * pr.seqlen_q;
+
+      for (index_t mt = range.first; mt < range.last; ++mt) {
+        const index_t m0 = mt * BM;
+        load_tile_async<T, D, BM>(sQ, q, p.q_stride.seq, m0, pr.seqlen_q);
+        load_tile_async<T, D, BM>(sdO, dout, p.dout_stride.seq, m0, pr.seqlen_q);
+        cp_async_commit();
+        if (threadIdx.x < BM) {
+          const index_t row = m0 + threadIdx.x;
+          const bool in_bounds = row < pr.seqlen_q;
+          sLse[threadIdx.x] = in_bounds ? lse_for_exp2(lse[row * p.lse_stride.seq]) : INFINITY;
+          sDelta[threadIdx.x] = in_bounds ? delta[row] : 0.f;
+        }
+        cp_async_wait_all();
+        __syncthreads();  // K, V, Q, dO, lse, delta are in shared memory
+
+        float st[MT][4], dpt[MT][4];  // S^T and dP^T: rows = this warp's 16 keys, cols = queries
+        zero(st);
+        zero(dpt);
+        gemm_smem_a_nmajor_b<T, PITCH, D, MT>(st, sK, 16 * warp, sQ);
+        gemm_smem_a_nmajor_b<T, PITCH, D, MT>(dpt, sV, 16 * warp, sdO);
+
+        const bool partial = classify_tile(m0, BM, n0, BN, pr.seqlen_q, pr.seqlen_k, pr.causal,
+                                           pr.causal_offset) != kFull;
+#pragma unroll
+        for (int j = 0; j < MT; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int qc = 8 * j + 2 * t + (e % 2);  // query column within the tile
+            const index_t key = n0 + 16 * warp + g + 8 * (e / 2);
+            const index_t query = m0 + qc;
+            float s = st[j][e];
+            // Out-of-bounds queries already have sLse = +inf; bound keys and apply causality.
+            if (partial && (key >= pr.seqlen_k || (pr.causal && key > query + pr.causal_offset)))
+              s = -INFINITY;
+            const float prob = exp2f(fmaf(s, scale_log2, -sLse[qc]));
+            st[j][e] = prob;
+            dpt[j][e] = prob * (dpt[j][e] - sDelta[qc]);
+          }
+
+        uint32_t pf[MT / 2][4], dsf[MT / 2][4];
+        acc_to_a<T, MT>(pf, st);
+        acc_to_a<T, MT>(dsf, dpt);
+        gemm_rega_kmajor_b<T, PITCH, MT / 2, DT>(dv, pf, sdO);  // dV += P^T dO
+        gemm_rega_kmajor_b<T, PITCH, MT / 2, DT>(dk, dsf, sQ);  // dK += dS^T Q
+        __syncthreads();  // every warp is done with Q, dO before the next tile overwrites them
+      }
+    }
+  }
+
+  // ---- epilogue: rows of this warp; zeros when the tile saw no query (plain mode) --------
+  if (p.accumulate && range.first >= range.last) return;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const index_t key = n0 + 16 * warp + g + 8 * r;
+    if (key >= pr.seqlen_k) continue;
+    float* dk_row = p.dk_acc + b * p.dk_stride.batch + key * p.dk_stride.seq + hk * p.dk_stride.head;
+    float* dv_row = p.dv_acc + b * p.dv_stride.batch + key * p.dv_stride.seq + hk * p.dv_stride.head;
+#pragma unroll
+    for (int d = 0; d < DT; ++d) {
+      store_grad(dk_row + 8 * d + 2 * t, dk[d][2 * r] * pr.scale, dk[d][2 * r + 1] * pr.scale,
+                 p.accumulate);
+      store_grad(dv_row + 8 * d + 2 * t, dv[d][2 * r], dv[d][2 * r + 1], p.accumulate);
+    }
+  }
+}
+
+// ---- 3. dQ -----------------------------------------------------------------------------------
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) bwd_q_kernel(const BwdParams p) {
+  constexpr int BM = bwd_q_block_m(D), BN = bwd_q_block_n(D), PITCH = smem_pitch(D);
+  static_assert(D % 16 == 0 && BN % 16 == 0 && BM == 16 * kWarps, "tile shape");
+  constexpr int NT = BN / 8;
+  constexpr int DT = D / 8;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sdO = sQ + BM * PITCH;
+  T* sK = sdO + BM * PITCH;
+  T* sV = sK + BN * PITCH;
+
+  const Problem& pr = p.prob;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int g = lane / 4, t = lane % 4;
+  const index_t m_block = pr.causal ? index_t(gridDim.x) - 1 - blockIdx.x : index_t(blockIdx.x);
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / (pr.heads_q / pr.heads_kv);
+  const index_t m0 = m_block * BM;
+  const float scale_log2 = pr.scale * kLog2e;
+  const index_t n_tiles = key_tiles_for_query_tile(m0, BM, BN, pr.seqlen_q, pr.seqlen_k,
+                                                   pr.causal, pr.causal_offset);
+
+  float row_lse[2], row_delta[2];  // rows g and g + 8 of this warp
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const index_t row = m0 + 16 * warp + g + 8 * r;
+    const bool in_bounds = row < pr.seqlen_q;
+    row_lse[r] = in_bounds ? lse_for_exp2(p.lse[b * p.lse_stride.batch + h * p.lse_stride.head +
+                                                row * p.lse_stride.seq])
+                           : INFINITY;
+    row_delta[r] = in_bounds ? p.delta[(index_t(b) * pr.heads_q + h) * pr.seqlen_q + row] : 0.f;
+  }
+
+  float dq[DT][4];
+  zero(dq);
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
+  if (n_tiles > 0) {
+    const T* q = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
+    const T* dout =
+        static_cast<const T*>(p.dout) + b * p.dout_stride.batch + h * p.dout_stride.head;
+    load_tile_async<T, D, BM>(sQ, q, p.q_stride.seq, m0, pr.seqlen_q);
+    load_tile_async<T, D, BM>(sdO, dout, p.dout_stride.seq, m0, pr.seqlen_q);
+  }
+
+  for (index_t it = 0; it < n_tiles; ++it) {
+    const index_t n0 = it * BN;
+    load_tile_async<T, D, BN>(sK, k, p.k_stride.seq, n0, pr.seqlen_k);
+    load_tile_async<T, D, BN>(sV, v, p.v_stride.seq, n0, pr.seqlen_k);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();  // Q, dO (first time) and K_it, V_it are in shared memory
+
+    float s[NT][4], dp[NT][4];
+    zero(s);
+    zero(dp);
+    gemm_smem_a_nmajor_b<T, PITCH, D, NT>(s, sQ, 16 * warp, sK);   // S = Q K^T
+    gemm_smem_a_nmajor_b<T, PITCH, D, NT>(dp, sdO, 16 * warp, sV);  // dP = dO V^T
+
+    const bool partial = classify_tile(m0, BM, n0, BN, pr.seqlen_q, pr.seqlen_k, pr.causal,
+                                       pr.causal_offset) != kFull;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e / 2;
+        const index_t row = m0 + 16 * warp + g + 8 * r;
+        const index_t col = n0 + 8 * j + 2 * t + (e % 2);
+        float x = s[j][e];
+        if (partial && (col >= pr.seqlen_k || (pr.causal && col > row + pr.causal_offset)))
+          x = -INFINITY;
+        const float prob = exp2f(fmaf(x, scale_log2, -row_lse[r]));
+        s[j][e] = prob * (dp[j][e] - row_delta[r]);  // dS
+      }
+
+    uint32_t dsf[NT / 2][4];
+    acc_to_a<T, NT>(dsf, s);
+    gemm_rega_kmajor_b<T, PITCH, NT / 2, DT>(dq, dsf, sK);  // dQ += dS K
+    __syncthreads();  // every warp is done with K, V before the next tile overwrites them
+  }
+
+  if (p.accumulate && n_tiles == 0) return;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const index_t row = m0 + 16 * warp + g + 8 * r;
+    if (row >= pr.seqlen_q) continue;
+    float* dq_row = p.dq_acc + b * p.dq_stride.batch + row * p.dq_stride.seq + h * p.dq_stride.head;
+#pragma unroll
+    for (int d = 0; d < DT; ++d)
+      store_grad(dq_row + 8 * d + 2 * t, dq[d][2 * r] * pr.scale, dq[d][2 * r + 1] * pr.scale,
+                 p.accumulate);
+  }
+}
+
+// ---- launcher --------------------------------------------------------------------------------
+template <typename Kernel>
+cudaError_t launch_tiled(Kernel kernel, const LaunchConfig& cfg, const BwdParams& p,
+                         cudaStream_t stream) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         cfg.smem_bytes);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(unsigned(cfg.grid_x), unsigned(cfg.grid_y), unsigned(cfg.grid_z));
+  kernel<<<grid, cfg.threads, cfg.smem_bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, int D>
+cudaError_t launch_bwd_kernels(const BwdParams& p, cudaStream_t stream) {
+  const Problem& pr = p.prob;
+  const LaunchConfig rows =
+      row_launch_config(index_t(pr.batch) * pr.heads_q * pr.seqlen_q);
+  if (p.out_is_fp32)
+    delta_kernel<T, float><<<unsigned(rows.grid_x), rows.threads, 0, stream>>>(p);
+  else
+    delta_kernel<T, T><<<unsigned(rows.grid_x), rows.threads, 0, stream>>>(p);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  err = launch_tiled(bwd_kv_kernel<T, D>, bwd_kv_launch_config(pr, int(sizeof(T))), p, stream);
+  if (err != cudaSuccess) return err;
+  return launch_tiled(bwd_q_kernel<T, D>, bwd_q_launch_config(pr, int(sizeof(T))), p, stream);
+}
+
+}  // namespace kern
+}  // namespace distattn

@@ -1,0 +1,66 @@
+// Host-side dispatch from (dtype, head_dim) to the per-TU entry points. Head dims come from
+// the DISTATTN_HD<D> switches in distattn/tiling.h.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "distattn/api.h"
+#include "distattn/checks.h"
+
+namespace distattn {
+
+namespace {
+
+template <template <typename> class Run, typename Params>
+cudaError_t by_dtype_and_head_dim(const Params& p, DType dtype, cudaStream_t stream) {
+  const int d = p.prob.head_dim;
+#define DISTATTN_CASE(T, D) \
+  if (d == D) return Run<T>::template go<D>(p, stream);
+  if (dtype == DType::kFloat16) {
+#if DISTATTN_HD64
+    DISTATTN_CASE(__half, 64)
+#endif
+#if DISTATTN_HD128
+    DISTATTN_CASE(__half, 128)
+#endif
+#if DISTATTN_HD256
+    DISTATTN_CASE(__half, 256)
+#endif
+  } else if (dtype == DType::kBFloat16) {
+#if DISTATTN_HD64
+    DISTATTN_CASE(__nv_bfloat16, 64)
+#endif
+#if DISTATTN_HD128
+    DISTATTN_CASE(__nv_bfloat16, 128)
+#endif
+#if DISTATTN_HD256
+    DISTATTN_CASE(__nv_bfloat16, 256)
+#endif
+  }
+#undef DISTATTN_CASE
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+struct RunFwd {
+  template <int D>
+  static cudaError_t go(const FwdParams& p, cudaStream_t s) { return run_fwd<T, D>(p, s); }
+};
+template <typename T>
+struct RunBwd {
+  template <int D>
+  static cudaError_t go(const BwdParams& p, cudaStream_t s) { return run_bwd<T, D>(p, s); }
+};
+
+}  // namespace
+
+cudaError_t launch_fwd(const FwdParams& p, DType dtype, cudaStream_t stream) {
+  if (!check_fwd(p, dtype).empty()) return cudaErrorInvalidValue;
+  return by_dtype_and_head_dim<RunFwd>(p, dtype, stream);
+}
+
+cudaError_t launch_bwd(const BwdParams& p, DType dtype, cudaStream_t stream) {
+  if (!check_bwd(p, dtype).empty()) return cudaErrorInvalidValue;
+  return by_dtype_and_head_dim<RunBwd>(p, dtype, stream);
+}
+
+}  // namespace distattn

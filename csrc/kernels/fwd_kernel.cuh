@@ -1,0 +1,205 @@
+// Forward block attention with LSE, plain or accumulating ("fused ring step").
+//
+// One CTA per (query tile of BM rows, query head, batch); 4 warps, each owning 16 query rows.
+// The CTA loops over the key tiles its rows can see (tiling.h: key_tiles_for_query_tile),
+// with FlashAttention-2's online softmax:
+//
+//   S = Q K^T (fp32) -> mask (partial tiles only) -> running row max m (log2 units)
+//   P = exp2(S * scale * log2(e) - m); rescale O and the row sums l; O += P V (P in T)
+//
+// Pipeline (cp.async, single buffer per operand): V_j is loaded while S_j is computed, and
+// K_{j+1} while P_j V_j is computed. Empty rows (no visible key) end with l = 0 and get
+// out = 0, lse = -inf. In accumulate mode the epilogue merges (out, lse) of this block into
+// the float32 running (out_acc, lse_acc) instead of writing out/lse.
+#pragma once
+
+#include "mma.cuh"
+
+namespace distattn {
+namespace kern {
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
+  constexpr int BM = fwd_block_m(D), BN = fwd_block_n(D), PITCH = smem_pitch(D);
+  static_assert(D % 16 == 0 && BN % 16 == 0 && BM == 16 * kWarps, "tile shape");
+  constexpr int NT = BN / 8;  // 8-column tiles of S
+  constexpr int DT = D / 8;   // 8-column tiles of O
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + BM * PITCH;
+  T* sV = sK + BN * PITCH;
+
+  const Problem& pr = p.prob;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int g = lane / 4, t = lane % 4;
+  // Causal: the last query tiles see the most keys; launch them first.
+  const index_t m_block = pr.causal ? index_t(gridDim.x) - 1 - blockIdx.x : index_t(blockIdx.x);
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / (pr.heads_q / pr.heads_kv);  // GQA: index mapping, K/V never expanded
+  const index_t m0 = m_block * BM;
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
+
+  const index_t n_tiles = key_tiles_for_query_tile(m0, BM, BN, pr.seqlen_q, pr.seqlen_k,
+                                                   pr.causal, pr.causal_offset);
+  const float scale_log2 = pr.scale * kLog2e;
+
+  float o[DT][4];
+  zero(o);
+  float row_max[2] = {-INFINITY, -INFINITY};  // log2 units, already scaled
+  float row_sum[2] = {0.f, 0.f};              // this thread's partial sums (quad-reduced at end)
+  uint32_t qf[D / 16][4];                     // this warp's Q rows as A fragments
+
+  if (n_tiles > 0) {
+    load_tile_async<T, D, BM>(sQ, q, p.q_stride.seq, m0, pr.seqlen_q);
+    load_tile_async<T, D, BN>(sK, k, p.k_stride.seq, 0, pr.seqlen_k);
+    cp_async_commit();
+  }
+
+  for (index_t it = 0; it < n_tiles; ++it) {
+    const index_t n0 = it * BN;
+    cp_async_wait_all();
+    __syncthreads();  // K_it (and Q) landed; every warp is done with V_{it-1}
+    if (it == 0) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) ldsm_a<T, PITCH>(qf[kk], sQ, 16 * warp, 16 * kk);
+    }
+    load_tile_async<T, D, BN>(sV, v, p.v_stride.seq, n0, pr.seqlen_k);
+    cp_async_commit();
+
+    // S = Q K^T for this warp's 16 rows.
+    float s[NT][4];
+    zero(s);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+      for (int nn = 0; nn < NT / 2; ++nn) {
+        uint32_t bf[4];
+        ldsm_b_nmajor<T, PITCH>(bf, sK, 16 * nn, 16 * kk);
+        mma<T>(s[2 * nn], qf[kk], bf[0], bf[1]);
+        mma<T>(s[2 * nn + 1], qf[kk], bf[2], bf[3]);
+      }
+    }
+
+    if (classify_tile(m0, BM, n0, BN, pr.seqlen_q, pr.seqlen_k, pr.causal, pr.causal_offset) !=
+        kFull) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const index_t row = m0 + 16 * warp + g + 8 * (e / 2);
+          const index_t col = n0 + 8 * j + 2 * t + (e % 2);
+          // Rows >= Sq are never written; only keys are bounds-checked here.
+          if (col >= pr.seqlen_k || (pr.causal && col > row + pr.causal_offset))
+            s[j][e] = -INFINITY;
+        }
+    }
+
+    // Online softmax. r = 0: row g, r = 1: row g + 8.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
+      const float new_max = fmaxf(row_max[r], quad_max(mx) * scale_log2);
+      // A row that has seen nothing yet keeps max -inf; shift by 0 so exp2(-inf) = 0.
+      const float shift = new_max == -INFINITY ? 0.f : new_max;
+      const float alpha = exp2f(row_max[r] - shift);  // 0 when row_max was -inf
+      row_max[r] = new_max;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 2 * r; e < 2 * r + 2; ++e) {
+          s[j][e] = exp2f(fmaf(s[j][e], scale_log2, -shift));
+          sum += s[j][e];
+        }
+      row_sum[r] = row_sum[r] * alpha + sum;
+#pragma unroll
+      for (int d = 0; d < DT; ++d) {
+        o[d][2 * r] *= alpha;
+        o[d][2 * r + 1] *= alpha;
+      }
+    }
+
+    cp_async_wait_all();
+    __syncthreads();  // V_it landed; every warp is done with K_it
+    if (it + 1 < n_tiles) {
+      load_tile_async<T, D, BN>(sK, k, p.k_stride.seq, n0 + BN, pr.seqlen_k);
+      cp_async_commit();
+    }
+
+    // O += P V.
+    uint32_t pf[NT / 2][4];
+    acc_to_a<T, NT>(pf, s);
+    gemm_rega_kmajor_b<T, PITCH, NT / 2, DT>(o, pf, sV);
+  }
+
+  // ---- epilogue ----------------------------------------------------------------------------
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float l = quad_sum(row_sum[r]);
+    const float lse = l > 0.f ? row_max[r] * kLn2 + logf(l) : -INFINITY;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const index_t row = m0 + 16 * warp + g + 8 * r;
+    const bool in_bounds = row < pr.seqlen_q;
+    if (!p.accumulate) {
+      if (in_bounds) {
+        T* out = static_cast<T*>(p.out) + b * p.out_stride.batch + row * p.out_stride.seq +
+                 h * p.out_stride.head;
+#pragma unroll
+        for (int d = 0; d < DT; ++d)
+          *reinterpret_cast<uint32_t*>(out + 8 * d + 2 * t) =
+              Elem<T>::pack(o[d][2 * r] * inv, o[d][2 * r + 1] * inv);
+        if (t == 0)
+          p.lse[b * p.lse_stride.batch + h * p.lse_stride.head + row * p.lse_stride.seq] = lse;
+      }
+    } else {
+      // Fused ring step: fold this block into the running result. A row of this block that
+      // saw nothing (lse = -inf) leaves the accumulators untouched.
+      float* lse_acc = nullptr;
+      float old_lse = -INFINITY;
+      if (in_bounds) {
+        lse_acc = p.lse_acc + b * p.lse_acc_stride.batch + h * p.lse_acc_stride.head +
+                  row * p.lse_acc_stride.seq;
+        old_lse = *lse_acc;
+      }
+      __syncwarp();  // the quad has read lse_acc before lane t == 0 overwrites it
+      if (in_bounds && lse != -INFINITY) {
+        float w_old, w_new;
+        const float merged = merge_lse(old_lse, lse, w_old, w_new);
+        float* acc = p.out_acc + b * p.out_acc_stride.batch + row * p.out_acc_stride.seq +
+                     h * p.out_acc_stride.head;
+        w_new *= inv;  // o holds the unnormalised sum P V
+#pragma unroll
+        for (int d = 0; d < DT; ++d) {
+          float2* a2 = reinterpret_cast<float2*>(acc + 8 * d + 2 * t);
+          float2 cur = make_float2(0.f, 0.f);
+          if (w_old != 0.f) cur = *a2;  // never read a dead accumulator (0 * NaN = NaN)
+          cur.x = cur.x * w_old + o[d][2 * r] * w_new;
+          cur.y = cur.y * w_old + o[d][2 * r + 1] * w_new;
+          *a2 = cur;
+        }
+        if (t == 0) *lse_acc = merged;
+      }
+    }
+  }
+}
+
+template <typename T, int D>
+cudaError_t launch_fwd_kernel(const FwdParams& p, cudaStream_t stream) {
+  const LaunchConfig cfg = fwd_launch_config(p.prob, int(sizeof(T)));
+  auto kernel = fwd_kernel<T, D>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         cfg.smem_bytes);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(unsigned(cfg.grid_x), unsigned(cfg.grid_y), unsigned(cfg.grid_z));
+  kernel<<<grid, cfg.threads, cfg.smem_bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace kern
+}  // namespace distattn

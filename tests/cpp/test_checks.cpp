@@ -1,0 +1,186 @@
+// Parameter checks (csrc/distattn/checks.h) and launch configuration (tiling.h):
+//   * valid forward / accumulate / backward / merge parameters pass;
+//   * each kind of bad parameter is refused with a message naming the argument;
+//   * grids cover every query / key row, CTAs have 128 threads, shared memory fits sm_80's
+//     opt-in limit for every head dim (64, 128 and the prepared 256), tile shapes are what
+//     the MMA code assumes (multiples of 16, 16 rows per warp).
+#include <string>
+#include <vector>
+
+#include "distattn/checks.h"
+#include "harness.h"
+
+using namespace distattn;
+
+namespace {
+
+bool mentions(const std::string& msg, const std::string& word) {
+  return msg.find(word) != std::string::npos;
+}
+
+// A 16-byte-aligned fake address (never dereferenced).
+alignas(16) char g_buffer[1 << 12];
+void* addr(size_t offset_bytes = 0) { return g_buffer + offset_bytes; }
+
+Problem good_problem() {
+  Problem p;
+  p.batch = 2;
+  p.seqlen_q = 1000;
+  p.seqlen_k = 4097;
+  p.heads_q = 8;
+  p.heads_kv = 2;
+  p.head_dim = 128;
+  p.causal = true;
+  p.causal_offset = -3;
+  p.scale = 0.088f;
+  return p;
+}
+
+SeqStrides contiguous(const Problem& p, int s, int h) {
+  return {index_t(s) * h * p.head_dim, index_t(h) * p.head_dim, p.head_dim};
+}
+
+FwdParams good_fwd() {
+  FwdParams f;
+  f.prob = good_problem();
+  f.q = f.k = f.v = addr();
+  f.q_stride = contiguous(f.prob, f.prob.seqlen_q, f.prob.heads_q);
+  f.k_stride = f.v_stride = contiguous(f.prob, f.prob.seqlen_k, f.prob.heads_kv);
+  f.out = addr();
+  f.out_stride = f.q_stride;
+  f.lse = reinterpret_cast<float*>(addr());
+  return f;
+}
+
+BwdParams good_bwd() {
+  BwdParams b;
+  const FwdParams f = good_fwd();
+  b.prob = f.prob;
+  b.q = b.k = b.v = b.out = b.dout = addr();
+  b.q_stride = b.out_stride = b.dout_stride = b.dq_stride = f.q_stride;
+  b.k_stride = b.v_stride = b.dk_stride = b.dv_stride = f.k_stride;
+  b.lse = reinterpret_cast<const float*>(addr());
+  b.delta = b.dq_acc = b.dk_acc = b.dv_acc = reinterpret_cast<float*>(addr());
+  return b;
+}
+
+void test_checks() {
+  CHECK(check_fwd(good_fwd(), DType::kFloat16).empty()) << check_fwd(good_fwd(), DType::kFloat16);
+  CHECK(check_fwd(good_fwd(), DType::kBFloat16).empty());
+  CHECK(check_bwd(good_bwd(), DType::kBFloat16).empty()) << check_bwd(good_bwd(), DType::kBFloat16);
+  {
+    FwdParams f = good_fwd();
+    f.accumulate = true;
+    f.out = nullptr;
+    f.lse = nullptr;
+    CHECK(mentions(check_fwd(f, DType::kFloat16), "out_acc"));
+    f.out_acc = reinterpret_cast<float*>(addr());
+    f.out_acc_stride = f.q_stride;
+    f.lse_acc = reinterpret_cast<float*>(addr());
+    CHECK(check_fwd(f, DType::kFloat16).empty()) << check_fwd(f, DType::kFloat16);
+    f.out_acc = reinterpret_cast<float*>(addr(4));  // not 8-byte aligned
+    CHECK(mentions(check_fwd(f, DType::kFloat16), "out_acc"));
+  }
+
+  struct Bad {
+    const char* what;
+    void (*edit)(FwdParams&);
+    const char* expect;
+  };
+  const Bad bad[] = {
+      {"fp32 inputs", [](FwdParams&) {}, "float16"},
+      {"head_dim 96", [](FwdParams& f) { f.prob.head_dim = 96; }, "head_dim"},
+      {"head_dim 256 (off)", [](FwdParams& f) { f.prob.head_dim = 256; }, "head_dim"},
+      {"GQA ratio", [](FwdParams& f) { f.prob.heads_kv = 3; }, "heads_kv"},
+      {"zero batch", [](FwdParams& f) { f.prob.batch = 0; }, "positive"},
+      {"negative scale", [](FwdParams& f) { f.prob.scale = -1.f; }, "scale"},
+      {"NaN scale", [](FwdParams& f) { f.prob.scale = NAN; }, "scale"},
+      {"too many heads", [](FwdParams& f) { f.prob.heads_q = 70000; f.prob.heads_kv = 1; }, "65535"},
+      {"q misaligned", [](FwdParams& f) { f.q = addr(2); }, "q must be 16-byte"},
+      {"k seq stride", [](FwdParams& f) { f.k_stride.seq = 130; }, "k must be 16-byte"},
+      {"v head stride", [](FwdParams& f) { f.v_stride.head = 4; }, "v must be 16-byte"},
+      {"null v", [](FwdParams& f) { f.v = nullptr; }, "v is null"},
+      {"out odd stride", [](FwdParams& f) { f.out_stride.seq = 1025; }, "out must be"},
+      {"null lse", [](FwdParams& f) { f.lse = nullptr; }, "lse is null"},
+  };
+  for (const Bad& b : bad) {
+    FwdParams f = good_fwd();
+    b.edit(f);
+    const DType dt = std::string(b.what) == "fp32 inputs" ? DType::kFloat32 : DType::kFloat16;
+    const std::string msg = check_fwd(f, dt);
+    CHECK(mentions(msg, b.expect)) << b.what << ": got '" << msg << "'";
+  }
+
+  BwdParams b = good_bwd();
+  b.dout = addr(8);
+  CHECK(mentions(check_bwd(b, DType::kFloat16), "dout")) << check_bwd(b, DType::kFloat16);
+  b = good_bwd();
+  b.dk_stride.seq = 3;
+  CHECK(mentions(check_bwd(b, DType::kFloat16), "dk")) << check_bwd(b, DType::kFloat16);
+  b = good_bwd();
+  b.delta = nullptr;
+  CHECK(mentions(check_bwd(b, DType::kFloat16), "delta"));
+  b = good_bwd();
+  b.out = nullptr;
+  CHECK(mentions(check_bwd(b, DType::kFloat16), "out is null"));
+
+  MergeParams m;
+  m.batch = 1;
+  m.seqlen = 3;
+  m.heads = 2;
+  m.head_dim = 5;  // any head_dim
+  m.out_acc = m.lse_acc = reinterpret_cast<float*>(addr());
+  m.out_blk = addr();
+  m.lse_blk = reinterpret_cast<const float*>(addr());
+  CHECK(check_merge(m).empty()) << check_merge(m);
+  m.lse_blk = nullptr;
+  CHECK(mentions(check_merge(m), "null"));
+}
+
+void test_launch_config() {
+  for (int d : {64, 128, 256}) {
+    CHECK(fwd_block_m(d) % 16 == 0 && fwd_block_n(d) % 16 == 0 && d % 16 == 0);
+    CHECK(fwd_block_m(d) == 16 * kWarps && bwd_q_block_m(d) == 16 * kWarps &&
+          bwd_kv_block_n(d) == 16 * kWarps) << "one 16-row MMA block per warp";
+    CHECK(bwd_kv_block_m(d) % 16 == 0 && bwd_q_block_n(d) % 16 == 0);
+    // ldmatrix needs 16-byte aligned rows; the padding must keep that.
+    CHECK((smem_pitch(d) * 2) % 16 == 0 && smem_pitch(d) > d);
+    for (int sq : {1, 17, 64, 65, 1000, 4097})
+      for (int sk : {1, 63, 4097}) {
+        Problem p = good_problem();
+        p.head_dim = d;
+        p.seqlen_q = sq;
+        p.seqlen_k = sk;
+        for (int eb : {2}) {
+          const LaunchConfig f = fwd_launch_config(p, eb);
+          CHECK(f.grid_x * fwd_block_m(d) >= sq && (f.grid_x - 1) * fwd_block_m(d) < sq)
+              << "fwd grid covers Sq exactly once, sq " << sq << " d " << d;
+          CHECK(f.grid_y == p.heads_q && f.grid_z == p.batch && f.threads == kThreads);
+          CHECK(f.smem_bytes == (fwd_block_m(d) + 2 * fwd_block_n(d)) * smem_pitch(d) * eb);
+          CHECK(f.smem_bytes <= kMaxSmemBytesSm80) << "fwd smem " << f.smem_bytes << " d " << d;
+
+          const LaunchConfig kv = bwd_kv_launch_config(p, eb);
+          CHECK(kv.grid_x * bwd_kv_block_n(d) >= sk && (kv.grid_x - 1) * bwd_kv_block_n(d) < sk);
+          CHECK(kv.grid_y == p.heads_kv && kv.grid_z == p.batch && kv.threads == kThreads);
+          CHECK(kv.smem_bytes <= kMaxSmemBytesSm80) << "bwd kv smem " << kv.smem_bytes;
+
+          const LaunchConfig qc = bwd_q_launch_config(p, eb);
+          CHECK(qc.grid_x * bwd_q_block_m(d) >= sq && (qc.grid_x - 1) * bwd_q_block_m(d) < sq);
+          CHECK(qc.grid_y == p.heads_q && qc.smem_bytes <= kMaxSmemBytesSm80);
+        }
+      }
+  }
+  for (index_t rows : {index_t(1), index_t(8), index_t(9), index_t(3) * 4097 * 16}) {
+    const LaunchConfig r = row_launch_config(rows);
+    CHECK(r.grid_x * (r.threads / 32) >= rows && (r.grid_x - 1) * (r.threads / 32) < rows);
+    CHECK(r.grid_x <= kMaxGridX);
+  }
+}
+
+}  // namespace
+
+int main() {
+  test_checks();
+  test_launch_config();
+  return harness::finish("test_checks");
+}
