@@ -40,6 +40,10 @@ void check_cuda(const at::Tensor& t, const char* name, const at::Tensor& ref) {
                     ref.device());
 }
 
+int64_t stride_or_zero(const at::Tensor& t, int dim) {
+  return t.size(dim) == 1 ? 0 : t.stride(dim);
+}
+
 // [B, S, H, D] with a contiguous last dimension.
 distattn::SeqStrides seq_strides(const at::Tensor& t, const char* name,
                                  std::vector<int64_t> shape) {
@@ -48,7 +52,9 @@ distattn::SeqStrides seq_strides(const at::Tensor& t, const char* name,
                     at::IntArrayRef(shape));
   TORCH_CHECK_VALUE(t.stride(3) == 1 || t.size(3) == 1, name,
                     " must have a contiguous last (head_dim) dimension; pass .contiguous()");
-  return {t.stride(0), t.stride(1), t.stride(2)};
+  // A dimension of size 1 is never stepped over: report stride 0 so that whatever stride
+  // torch gave it cannot fail the alignment checks.
+  return {stride_or_zero(t, 0), stride_or_zero(t, 1), stride_or_zero(t, 2)};
 }
 
 // [B, H, S] float32, any strides.
