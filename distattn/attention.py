@@ -10,11 +10,11 @@ import math
 
 import torch
 
-from .hybrid import usp_attention
+from .hybrid import USPAttention, usp_backward
 from .kernels import BACKENDS, get_backend
-from .layout import LAYOUTS, check_layout, seq_multiple
+from .layout import check_layout, seq_multiple
 from .mesh import as_mesh
-from .plan import ring_plan
+from .plan import helper_plan, ring_plan
 from .ring import RingConfig
 from .ulysses import check_heads
 
@@ -23,8 +23,8 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @functools.lru_cache(maxsize=128)
-def _plan(world: int, layout: str, causal: bool):
-    return ring_plan(world, layout, causal)
+def _plan(world: int, layout: str, causal: bool, schedule: str):
+    return helper_plan(world) if schedule == "helper" else ring_plan(world, layout, causal)
 
 
 def _check_tensors(q, k, v) -> None:
@@ -61,34 +61,37 @@ def _check_tensors(q, k, v) -> None:
                          f"use a k/v head count that divides {hq}")
 
 
-def dist_flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mesh=None,
-                    causal: bool = False, softmax_scale: float | None = None,
-                    layout: str = "contiguous", schedule: str = "auto",
-                    backend: str = "auto", return_lse: bool = False):
-    """Exact softmax attention over a sequence sharded across the ranks of ``mesh``.
+def _resolve_schedule(schedule: str, layout: str, causal: bool, part_len: int, R: int) -> str:
+    """"auto" -> "helper" for contiguous causal attention over a ring (when the ring part
+    splits in the halves its last step needs), else "ring". An explicit "helper" is checked."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    needs_even = R % 2 == 0 and R > 1
+    if schedule == "auto":
+        usable = layout == "contiguous" and causal and R > 1 and not (needs_even and part_len % 2)
+        return "helper" if usable else "ring"
+    if schedule == "helper":
+        if layout != "contiguous" or not causal:
+            raise ValueError(
+                f"schedule='helper' balances causal attention on the contiguous layout; got "
+                f"layout={layout!r}, causal={causal}. Use schedule='ring' (zigzag and stripe "
+                f"balance by layout; non-causal work is balanced already)")
+        if needs_even and part_len % 2:
+            raise ValueError(
+                f"schedule='helper' with an even ring_degree={R} splits each ring rank's "
+                f"{part_len} tokens in halves: make the local length even, or use "
+                f"schedule='ring'")
+    return schedule
 
-    q [B, S_local, Hq, D]; k, v [B, S_local, Hkv, D] with Hq % Hkv == 0: this rank's tokens,
-    sharded by ``layout`` ("contiguous", "zigzag" or "stripe"; see ``distattn.shard``).
-    ``mesh``: an SPMesh, a ProcessGroup (pure ring) or None (pure ring over the default
-    group). Returns out [B, S_local, Hq, D] in q's dtype, differentiable in q, k and v, and
-    with ``return_lse`` also lse [B, Hq, S_local] (natural log; float32, or float64 for
-    float64 inputs; not differentiable).
 
-    ``schedule``: "auto" or "ring" (the layout's own balance). ``backend``: "auto", "cuda",
-    "torch" or "reference" (see ``distattn.kernels``).
-    """
+def prepare(q, k, v, *, mesh=None, causal=False, softmax_scale=None, layout="contiguous",
+            schedule="auto", backend="auto", profiler=None) -> RingConfig:
+    """Check every argument of ``dist_flash_attn`` (raising before any communication) and
+    return the execution config: mesh, plan, block backend, scale."""
     _check_tensors(q, k, v)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
     check_layout(layout)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if schedule == "helper":
-        raise NotImplementedError(
-            "schedule='helper' (the DistFlashAttn helper schedule) is not implemented yet; "
-            "use schedule='auto' or 'ring', or layout='zigzag'/'stripe' for causal balance")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if softmax_scale is None:
@@ -97,6 +100,8 @@ def dist_flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mesh=N
           or not math.isfinite(softmax_scale) or softmax_scale <= 0):
         raise ValueError(f"softmax_scale must be a positive finite float or None (for "
                          f"1/sqrt(head_dim)), got {softmax_scale!r}")
+    if profiler is not None and not callable(getattr(profiler, "span", None)):
+        raise TypeError("profiler must be a distattn.profile.StepProfiler (or None)")
     mesh = as_mesh(mesh)
     U, R = mesh.ulysses_degree, mesh.ring_degree
     if U > 1:
@@ -109,7 +114,43 @@ def dist_flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mesh=N
             f"q has {s_local} local tokens; layout={layout!r} over ring_degree={R} x "
             f"ulysses_degree={U} needs a multiple of {local_multiple} per rank (a global "
             f"length multiple of {multiple}); pad the sequence")
+    schedule = _resolve_schedule(schedule, layout, causal, s_local * U, R)
     block_backend = get_backend(backend, q, k, v)
-    cfg = RingConfig(mesh, _plan(R, layout, causal), block_backend, float(softmax_scale))
-    out, lse = usp_attention(q, k, v, cfg)
+    return RingConfig(mesh, _plan(R, layout, causal, schedule), block_backend,
+                      float(softmax_scale), profiler)
+
+
+def dist_flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mesh=None,
+                    causal: bool = False, softmax_scale: float | None = None,
+                    layout: str = "contiguous", schedule: str = "auto",
+                    backend: str = "auto", return_lse: bool = False, profiler=None):
+    """Exact softmax attention over a sequence sharded across the ranks of ``mesh``.
+
+    q [B, S_local, Hq, D]; k, v [B, S_local, Hkv, D] with Hq % Hkv == 0: this rank's tokens,
+    sharded by ``layout`` ("contiguous", "zigzag" or "stripe"; see ``distattn.shard``).
+    ``mesh``: an SPMesh, a ProcessGroup (pure ring) or None (pure ring over the default
+    group). Returns out [B, S_local, Hq, D] in q's dtype, differentiable in q, k and v, and
+    with ``return_lse`` also lse [B, Hq, S_local] (natural log; float32, or float64 for
+    float64 inputs; not differentiable).
+
+    ``schedule``: "ring" (the layout's own balance), "helper" (DistFlashAttn's schedule:
+    contiguous layout, causal) or "auto" (helper where it applies, else ring).
+    ``backend``: "auto", "cuda", "torch" or "reference" (see ``distattn.kernels``).
+    ``profiler``: a ``distattn.profile.StepProfiler`` to record per-step compute and
+    communication-wait times.
+    """
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+    cfg = prepare(q, k, v, mesh=mesh, causal=causal, softmax_scale=softmax_scale,
+                  layout=layout, schedule=schedule, backend=backend, profiler=profiler)
+    out, lse = USPAttention.apply(q, k, v, cfg)
     return (out, lse) if return_lse else out
+
+
+def dist_flash_attn_backward(dout, q, k, v, out, lse, **kwargs):
+    """(dq, dk, dv) of ``dist_flash_attn(q, k, v, **kwargs)`` given what it returned (``out``
+    and, with ``return_lse=True``, ``lse``) and the gradient ``dout`` of ``out``. Runs the
+    backward's communication and kernels only, never the forward (rematerialization-aware
+    checkpointing uses this). Every rank of the mesh must call it."""
+    cfg = prepare(q, k, v, **kwargs)
+    return usp_backward(dout, q, k, v, out, lse, cfg)

@@ -1,30 +1,82 @@
-"""USP: Ulysses inside, ring across (pure ring and pure Ulysses are its edge cases).
+"""USP: Ulysses inside, ring (or helper schedule) across; pure ring and pure Ulysses are its
+edge cases.
 
 Each rank holds n tokens of its ring part with all heads. The Ulysses all-to-all turns that
-into the whole ring part (U*n tokens) with H/U heads; ring attention over the ring group then
-runs on those; the inverse all-to-all returns the output (and lse) to sequence shards. With
-U = 1 there is no all-to-all; with R = 1 the ring is a single local step.
+into the whole ring part (U*n tokens) with H/U heads; the ring-group schedule (a ``RingPlan``
+or a ``HelperPlan``) runs on those; the inverse all-to-all returns the output (and lse) to
+sequence shards. With U = 1 there is no all-to-all; with R = 1 the schedule is one local
+step.
+
+``usp_forward`` and ``usp_backward`` are plain functions (no autograd) so that callers with
+a saved result, like rematerialization-aware checkpointing, can run the backward alone;
+``USPAttention`` ties them together for autograd.
 """
 from __future__ import annotations
 
 import torch
 
 from .comm import all_to_all
-from .ring import RingAttention, RingConfig
-from .ulysses import heads_to_seq, repeat_kv_heads, seq_to_heads
+from .helper import helper_backward, helper_forward
+from .plan import HelperPlan
+from .ring import RingConfig, ring_backward, ring_forward
+from .ulysses import repeat_kv_heads
 
 
-def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: RingConfig):
-    """(out [B, n, Hq, D], lse [B, Hq, n]) for this rank's n tokens."""
-    mesh = cfg.mesh
-    U, group = mesh.ulysses_degree, mesh.ulysses_group
+def _schedule(cfg: RingConfig):
+    if isinstance(cfg.plan, HelperPlan):
+        return helper_forward, helper_backward
+    return ring_forward, ring_backward
+
+
+def usp_forward(q, k, v, cfg: RingConfig):
+    """(out [B, n, Hq, D] in q's dtype, lse [B, Hq, n]) for this rank's n tokens."""
+    forward, _ = _schedule(cfg)
+    U, group = cfg.mesh.ulysses_degree, cfg.mesh.ulysses_group
     if U == 1:
-        return RingAttention.apply(q, k, v, cfg)
+        return forward(q, k, v, cfg)
     # K and V share one all-to-all: [2, B, n, Hkv, D], heads on dim 3, sequence on dim 2.
-    kv = repeat_kv_heads(torch.stack([k, v]), U, head_dim=3)
-    kv = seq_to_heads(kv, group, U, head_dim=3, seq_dim=2)
-    q = seq_to_heads(q, group, U)
-    out, lse = RingAttention.apply(q, kv[0], kv[1], cfg)
-    out = heads_to_seq(out, group, U)
-    lse = all_to_all(lse, group, U, scatter_dim=2, gather_dim=1)
-    return out, lse
+    kv = all_to_all(repeat_kv_heads(torch.stack([k, v]), U, head_dim=3), group, U,
+                    scatter_dim=3, gather_dim=2)
+    qh = all_to_all(q, group, U, scatter_dim=2, gather_dim=1)
+    out, lse = forward(qh, kv[0], kv[1], cfg)
+    return (all_to_all(out, group, U, scatter_dim=1, gather_dim=2),
+            all_to_all(lse, group, U, scatter_dim=2, gather_dim=1))
+
+
+def usp_backward(dout, q, k, v, out, lse, cfg: RingConfig):
+    """(dq, dk, dv) of ``usp_forward`` given its result (out, lse) and the gradient dout."""
+    _, backward = _schedule(cfg)
+    U, group = cfg.mesh.ulysses_degree, cfg.mesh.ulysses_group
+    dout = dout.contiguous()
+    if U == 1:
+        return backward(dout, q, k, v, out, lse, cfg)
+    hkv = k.shape[2]
+    # q, out and dout share one all-to-all; k and v another (repeated heads as in forward).
+    qod = all_to_all(torch.stack([q, out, dout]), group, U, scatter_dim=3, gather_dim=2)
+    kv = all_to_all(repeat_kv_heads(torch.stack([k, v]), U, head_dim=3), group, U,
+                    scatter_dim=3, gather_dim=2)
+    lse_h = all_to_all(lse.contiguous(), group, U, scatter_dim=1, gather_dim=2)
+    dq, dk, dv = backward(qod[2], qod[0], kv[0], kv[1], qod[1], lse_h, cfg)
+    dq = all_to_all(dq, group, U, scatter_dim=1, gather_dim=2)
+    dkv = all_to_all(torch.stack([dk, dv]), group, U, scatter_dim=2, gather_dim=3)
+    if dkv.shape[3] != hkv:   # sum the gradients of repeated K/V heads
+        dkv = dkv.unflatten(3, (hkv, dkv.shape[3] // hkv)).sum(4)
+    return dq, dkv[0], dkv[1]
+
+
+class USPAttention(torch.autograd.Function):
+    """(q, k, v) -> (out, lse); lse is not differentiable."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cfg: RingConfig):
+        out, lse = usp_forward(q, k, v, cfg)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.cfg = cfg
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = usp_backward(dout, q, k, v, out, lse, ctx.cfg)
+        return dq, dk, dv, None

@@ -15,6 +15,7 @@ next step's compute, so it overlaps too.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -24,6 +25,7 @@ from .kernels.mask import accumulation_dtype
 from .merge import new_accumulators
 from .mesh import SPMesh
 from .plan import RingPlan, token_slices
+from .profile import span
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class RingConfig:
     plan: RingPlan
     backend: BlockAttention
     scale: float
+    profiler: Optional[object] = None  # a profile.StepProfiler, or None
 
 
 def _blocks(cfg: RingConfig, step: int, local_len: int):
@@ -40,6 +43,12 @@ def _blocks(cfg: RingConfig, step: int, local_len: int):
     for blk in cfg.plan.blocks[cfg.mesh.ring_rank][step]:
         qs, ks = token_slices(blk, local_len, cfg.plan.chunks)
         yield qs, ks, blk.mask
+
+
+def _start_profile(cfg: RingConfig, pass_name: str):
+    if cfg.profiler is not None:
+        cfg.profiler.pass_name = pass_name
+    return cfg.profiler
 
 
 def _lse_rows(lse: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -55,15 +64,19 @@ def ring_forward(q, k, v, cfg: RingConfig):
     if R > 1:
         kv[1] = torch.empty_like(kv[0])
         ring = RingExchange(cfg.mesh)
+    prof = _start_profile(cfg, "forward")
     for t in range(R):
         cur = kv[t % 2]
         if t + 1 < R:
             handle = ring.start(cur, kv[(t + 1) % 2])
-        for qs, ks, mask in _blocks(cfg, t, n):
-            cfg.backend.forward_into(q[:, qs], cur[0][:, ks], cur[1][:, ks], out_acc[:, qs],
-                                     _lse_rows(lse_acc, qs), scale=cfg.scale, mask=mask)
+        with span(prof, "compute", t, q.device):
+            for qs, ks, mask in _blocks(cfg, t, n):
+                cfg.backend.forward_into(q[:, qs], cur[0][:, ks], cur[1][:, ks],
+                                         out_acc[:, qs], _lse_rows(lse_acc, qs),
+                                         scale=cfg.scale, mask=mask)
         if t + 1 < R:
-            ring.wait(handle)
+            with span(prof, "wait", t, q.device):
+                ring.wait(handle)
     return out_acc.to(q.dtype), lse_acc
 
 
@@ -79,45 +92,31 @@ def ring_backward(dout, q, k, v, out, lse, cfg: RingConfig):
         dkv_in = torch.empty_like(dkv[0])
         ring = RingExchange(cfg.mesh)
     grad_handle = None
+    prof = _start_profile(cfg, "backward")
     for t in range(R):
         cur = kv[t % 2]
         if t + 1 < R:
             kv_handle = ring.start(cur, kv[(t + 1) % 2])
         mine = dkv[t % 2]
-        mine.zero_()
-        for qs, ks, mask in _blocks(cfg, t, n):
-            cfg.backend.backward_into(
-                dout[:, qs], q[:, qs], cur[0][:, ks], cur[1][:, ks], out[:, qs],
-                _lse_rows(lse, qs), dq_acc[:, qs], mine[0][:, ks], mine[1][:, ks],
-                scale=cfg.scale, mask=mask)
-        if grad_handle is not None:       # partial sum for the K/V held now, from prev rank
-            ring.wait(grad_handle)
-            mine.add_(dkv_in)
-        if R > 1:                         # pass it on (after the last step: to its owner)
-            grad_handle = ring.start(mine, dkv_in)
-        if t + 1 < R:
-            ring.wait(kv_handle)
+        with span(prof, "compute", t, q.device):
+            mine.zero_()
+            for qs, ks, mask in _blocks(cfg, t, n):
+                cfg.backend.backward_into(
+                    dout[:, qs], q[:, qs], cur[0][:, ks], cur[1][:, ks], out[:, qs],
+                    _lse_rows(lse, qs), dq_acc[:, qs], mine[0][:, ks], mine[1][:, ks],
+                    scale=cfg.scale, mask=mask)
+        with span(prof, "wait", t, q.device):
+            if grad_handle is not None:   # partial sum for the K/V held now, from prev rank
+                ring.wait(grad_handle)
+                mine.add_(dkv_in)
+            if R > 1:                     # pass it on (after the last step: to its owner)
+                grad_handle = ring.start(mine, dkv_in)
+            if t + 1 < R:
+                ring.wait(kv_handle)
     if R > 1:
-        ring.wait(grad_handle)
+        with span(prof, "wait", R, q.device):
+            ring.wait(grad_handle)
         total = dkv_in
     else:
         total = dkv[0]
     return dq_acc.to(q.dtype), total[0].to(k.dtype), total[1].to(v.dtype)
-
-
-class RingAttention(torch.autograd.Function):
-    """(q, k, v) -> (out, lse) over the ring of ``cfg.mesh``; lse is not differentiable."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cfg: RingConfig):
-        out, lse = ring_forward(q, k, v, cfg)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.cfg = cfg
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, ctx.cfg)
-        return dq, dk, dv, None

@@ -1,45 +1,17 @@
-"""Ulysses: all-to-all between sequence shards and head shards, as autograd-aware collectives.
+"""Ulysses head bookkeeping: which degrees can split the heads, and K/V head repetition.
 
-A rank of a Ulysses group of U holds [B, n, H, D]: n tokens, all heads. After
-``seq_to_heads`` it holds [B, U*n, H/U, D]: the group's U*n tokens (in group-rank order),
-H/U heads (rank u gets heads [u*H/U, (u+1)*H/U)). ``heads_to_seq`` is the inverse. The
-backward of each is the other.
+A rank of a Ulysses group of U holds [B, n, H, D]: n tokens, all heads. After the all-to-all
+(``comm.all_to_all``, scattering heads and gathering the sequence; see ``hybrid``) it holds
+[B, U*n, H/U, D]: the group's U*n tokens in group-rank order and heads [u*H/U, (u+1)*H/U).
 
 GQA/MQA: K/V heads must split over U too. When U > Hkv and U is a multiple of Hkv, each K/V
 head is repeated U/Hkv times (``repeat_kv_heads``, just enough for one head per rank) before
-the all-to-all; autograd sums the copies' gradients back. Query head h of rank u then still
+the all-to-all; ``hybrid.usp_backward`` sums the copies' gradients back. Query head h of rank u then still
 reads the K/V head it reads on one device.
 """
 from __future__ import annotations
 
 import torch
-
-from .comm import all_to_all
-
-
-class AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, world: int, scatter_dim: int, gather_dim: int):
-        ctx.args = (group, world, gather_dim, scatter_dim)
-        return all_to_all(x, group, world, scatter_dim, gather_dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        group, world, scatter_dim, gather_dim = ctx.args
-        return all_to_all(grad.contiguous(), group, world, scatter_dim, gather_dim), \
-            None, None, None, None
-
-
-def seq_to_heads(x: torch.Tensor, group, world: int, head_dim: int = 2,
-                 seq_dim: int = 1) -> torch.Tensor:
-    """[.., n (seq_dim), H (head_dim), ..] -> [.., world*n, H/world, ..]"""
-    return AllToAll.apply(x, group, world, head_dim, seq_dim)
-
-
-def heads_to_seq(x: torch.Tensor, group, world: int, head_dim: int = 2,
-                 seq_dim: int = 1) -> torch.Tensor:
-    """Inverse of ``seq_to_heads``."""
-    return AllToAll.apply(x, group, world, seq_dim, head_dim)
 
 
 def valid_ulysses_degrees(hq: int, hkv: int, limit: int = 64) -> list[int]:

@@ -31,12 +31,13 @@ class Case:
     batch: int
     dtype: str
     backend: str
+    schedule: str = "auto"
 
     @property
     def id(self) -> str:
         return (f"w{self.world}-u{self.ulysses}r{self.ring}-{self.placement}-{self.layout}-"
                 f"{'causal' if self.causal else 'full'}-h{self.hq}kv{self.hkv}-d{self.head_dim}"
-                f"-b{self.batch}-{self.dtype}-{self.backend}")
+                f"-b{self.batch}-{self.dtype}-{self.backend}-{self.schedule}")
 
     @property
     def seq_len(self) -> int:
@@ -56,18 +57,29 @@ def mesh_shapes(world: int):
 
 def attention_cases(world: int) -> list[Case]:
     """mesh x placement x layout x causal x heads fully crossed; head_dim, batch, dtype and
-    backend cycle through their values so each appears with every mesh."""
+    backend cycle through their values so each appears with every mesh. Contiguous causal
+    cases run twice: schedule "auto" (the helper schedule where the ring has > 1 rank) and
+    the plain ring."""
     cases, i = [], 0
     for u, r, placement in mesh_shapes(world):
         for layout in ("contiguous", "zigzag", "stripe"):
             for causal in (False, True):
+                schedules = ("auto", "ring") if layout == "contiguous" and causal else ("auto",)
                 for hkv in (8, 2, 1):
-                    cases.append(Case(world, u, r, placement, layout, causal, 8, hkv,
-                                      (32, 64)[i % 2], (1, 2)[(i // 2) % 2],
-                                      ("fp64", "fp32")[(i // 4) % 2],
-                                      ("torch", "reference")[(i // 3) % 2]))
-                    i += 1
+                    for schedule in schedules:
+                        cases.append(Case(world, u, r, placement, layout, causal, 8, hkv,
+                                          (32, 64)[i % 2], (1, 2)[(i // 2) % 2],
+                                          ("fp64", "fp32")[(i // 4) % 2],
+                                          ("torch", "reference")[(i // 3) % 2], schedule))
+                        i += 1
     return cases
+
+
+def helper_cases(world: int) -> list[Case]:
+    """The helper schedule on a pure ring of any size (odd too), fp64, MHA/GQA/MQA."""
+    return [Case(world, 1, world, "ulysses_inner", "contiguous", True, 8, hkv, 32, b, "fp64",
+                 backend, "helper")
+            for hkv in (8, 2, 1) for b, backend in ((1, "torch"), (2, "reference"))]
 
 
 class Meshes:
@@ -115,7 +127,7 @@ def run_case(case: Case, mesh) -> dict:
     ql, kl, vl = (local(t).clone().requires_grad_() for t in (q, k, v))
     out, lse = distattn.dist_flash_attn(ql, kl, vl, mesh=mesh, causal=case.causal,
                                         layout=case.layout, backend=case.backend,
-                                        return_lse=True)
+                                        schedule=case.schedule, return_lse=True)
     out.backward(local(dout))
     return {
         "dtype_ok": out.dtype == dtype and ql.grad.dtype == dtype and kl.grad.dtype == dtype,
@@ -190,7 +202,12 @@ def run_error_cases(rank: int, world: int) -> dict:
         "zigzag_odd_local": call(q[:, :3], k[:, :3], v[:, :3], mesh=ring, layout="zigzag"),
         "layout": call(q, k, v, mesh=ring, layout="snake"),
         "schedule": call(q, k, v, mesh=ring, schedule="fastest"),
-        "helper_not_yet": call(q, k, v, mesh=ring, schedule="helper", causal=True),
+        "helper_zigzag": call(q, k, v, mesh=ring, schedule="helper", causal=True,
+                              layout="zigzag"),
+        "helper_full": call(q, k, v, mesh=ring, schedule="helper", causal=False),
+        "helper_odd_local": call(q[:, :3], k[:, :3], v[:, :3], mesh=ring, schedule="helper",
+                                 causal=True),
+        "profiler_type": call(q, k, v, mesh=ring, profiler="yes"),
         "backend": call(q, k, v, mesh=ring, backend="triton"),
         "scale": call(q, k, v, mesh=ring, softmax_scale=-1.0),
         "causal_type": call(q, k, v, mesh=ring, causal="yes"),
@@ -228,4 +245,20 @@ def run_mesh_checks(rank: int, world: int) -> dict:
     # The device-mesh mesh computes the same attention as the built one.
     case = Case(world, 2, 2, "ulysses_inner", "zigzag", True, 8, 2, 32, 1, "fp64", "torch")
     res["device_mesh_attention"] = run_case(case, m)
+    return res
+
+
+def run_profile_check(rank: int, world: int) -> dict:
+    """A StepProfiler records compute and wait for every step of both passes and schedules,
+    without changing the result."""
+    from distattn.profile import StepProfiler
+
+    res = {}
+    for schedule in ("ring", "helper"):
+        prof = StepProfiler()
+        q = torch.randn(1, 4, 2, 8, dtype=torch.float64, requires_grad=True)
+        out = distattn.dist_flash_attn(q, q, q, causal=True, schedule=schedule, profiler=prof)
+        plain = distattn.dist_flash_attn(q, q, q, causal=True, schedule=schedule)
+        out.sum().backward()
+        res[schedule] = {"rows": prof.summary(), "same": torch.equal(out, plain)}
     return res

@@ -6,10 +6,17 @@ One spawned world per world size runs all of its cases; each case is its own tes
 """
 import pytest
 
-from dist_cases import attention_cases, run_attention_cases, run_layout_roundtrips
+from dist_cases import attention_cases, helper_cases, run_attention_cases, run_layout_roundtrips
 from spawn import run_world
 
 WORLDS = (1, 2, 4, 8)
+HELPER_WORLDS = (2, 3, 4, 8)
+
+
+def cases_for(world):
+    """Everything one spawned world runs: the matrix and the explicit helper-schedule cases."""
+    return (attention_cases(world) if world in WORLDS else []) + \
+        (helper_cases(world) if world in HELPER_WORLDS else [])
 TOL = {"fp64": 1e-10, "fp32": 1e-5}
 
 
@@ -19,12 +26,12 @@ def world_results():
 
     def get(world):
         if world not in cache:
-            cache[world] = run_world(world, run_attention_cases, attention_cases(world))
+            cache[world] = run_world(world, run_attention_cases, cases_for(world))
         return cache[world]
     return get
 
 
-ALL_CASES = [c for w in WORLDS for c in attention_cases(w)]
+ALL_CASES = [c for w in sorted(set(WORLDS) | set(HELPER_WORLDS)) for c in cases_for(w)]
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=[c.id for c in ALL_CASES])
@@ -43,8 +50,8 @@ def test_case_matrix_covers_the_issue():
     """The matrix itself: every mesh shape, both placements, layouts, masks, head layouts,
     head dims, batches, dtypes and backends appear."""
     seen = lambda attr: {getattr(c, attr) for c in ALL_CASES}
-    assert seen("world") == set(WORLDS)
-    assert {(c.world, c.ulysses, c.ring) for c in ALL_CASES} == {
+    assert seen("world") == set(WORLDS) | set(HELPER_WORLDS)
+    assert {(c.world, c.ulysses, c.ring) for c in ALL_CASES if c.world in WORLDS} == {
         (w, u, w // u) for w in WORLDS for u in range(1, w + 1) if w % u == 0}
     assert seen("placement") == {"ulysses_inner", "ring_inner"}
     assert seen("layout") == {"contiguous", "zigzag", "stripe"}
@@ -52,6 +59,8 @@ def test_case_matrix_covers_the_issue():
     assert seen("hkv") == {8, 2, 1}
     assert seen("head_dim") == {32, 64} and seen("batch") == {1, 2}
     assert seen("dtype") == {"fp64", "fp32"} and seen("backend") == {"torch", "reference"}
+    assert seen("schedule") == {"auto", "ring", "helper"}
+    assert {c.world for c in ALL_CASES if c.schedule == "helper"} == set(HELPER_WORLDS)
 
 
 @pytest.mark.parametrize("world", (2, 4, 8))

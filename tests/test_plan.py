@@ -50,3 +50,34 @@ def test_bad_plan_arguments():
         ring_plan(2, "spiral")
     with pytest.raises(ValueError, match="world"):
         ring_plan(0)
+
+
+def test_helper_plan_coverage_balance_and_steps():
+    from distattn.plan import balance, helper_plan
+    for world in range(1, 65):
+        plan = helper_plan(world)
+        assert plan.steps == world // 2 + 1
+        counts = visible_pairs(plan, chunk_len=1)
+        seq = world * plan.chunks
+        assert len(counts) == seq * (seq + 1) // 2, world
+        assert all(q >= k for q, k in counts) and set(counts.values()) == {1}, world
+        assert balance(plan, chunk_len=4)["max_over_mean"] <= 1 + 1 / world
+        # every inbound message has a matching outbound one at the same step
+        for r in range(world):
+            for t in range(plan.steps):
+                for kind, src, rows in plan.inbound(r, t):
+                    assert (kind, r, rows) in plan.outbound(src, t)
+
+
+def test_balance_report_of_every_schedule():
+    from distattn.plan import balance, helper_plan
+    world = 8
+    report = {name: balance(p, chunk_len=16) for name, p in {
+        "ring-contiguous": ring_plan(world, "contiguous", True),
+        "ring-zigzag": ring_plan(world, "zigzag", True),
+        "ring-stripe": ring_plan(world, "stripe", True),
+        "helper": helper_plan(world)}.items()}
+    assert report["helper"]["steps"] == 5 and report["ring-zigzag"]["steps"] == 8
+    assert report["helper"]["max_over_mean"] == 1.0 == report["ring-zigzag"]["max_over_mean"]
+    assert report["ring-stripe"]["max_over_mean"] < 1.1
+    assert report["ring-contiguous"]["max_over_mean"] > 1.8
