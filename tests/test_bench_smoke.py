@@ -1,0 +1,79 @@
+"""The benchmarks' smoke modes run end to end on CPU and write complete tables.
+
+Each benchmark runs as a subprocess (as a user would start it), with a timeout. Only exit
+codes and the presence of every expected row are asserted: timings are never checked here.
+"""
+import csv
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCHEDULES = ["contiguous/ring", "zigzag/ring", "stripe/ring", "contiguous/helper"]
+
+
+def _run(args, tmp_path, timeout):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, *args, "--out", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def _csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_schedule_smoke(tmp_path):
+    out = _run(["bench/schedule.py", "--smoke"], tmp_path, timeout=120)
+    assert "plot" in out   # written, or an explicit note that it was skipped
+    eff = _csv(tmp_path / "schedule_efficiency.csv")
+    got = {(int(r["P"]), r["schedule"], r["pass"]) for r in eff}
+    assert got == {(P, s, p) for P in (2, 4, 8) for s in SCHEDULES for p in ("fwd", "bwd")}
+    for r in eff:
+        assert float(r["busiest ms"]) > 0 and float(r["no-comm ms"]) > 0
+        assert float(r["predicted ms"]) > 0
+        if r["schedule"] in ("zigzag/ring", "contiguous/helper"):
+            assert float(r["max/mean work"]) == 1.0
+    helper_steps = {int(r["P"]): int(r["steps"]) for r in eff
+                    if r["schedule"] == "contiguous/helper"}
+    assert helper_steps == {2: 2, 4: 3, 8: 5}
+
+    splits = _csv(tmp_path / "schedule_splits.csv")
+    got = {(int(r["gpus"]), int(r["ulysses"]), int(r["ring"]), r["schedule"]) for r in splits}
+    # smoke heads: Hq 4, Hkv 2 -> Ulysses degrees 1, 2, 4
+    expected = {(g, u, g // u, s) for g in (8, 64) for u in (1, 2, 4) for s in SCHEDULES}
+    assert got == expected
+    for r in splits:
+        assert float(r["fwd+bwd it/s"]) > 0
+        assert (float(r["a2a fwd ms"]) > 0) == (int(r["ulysses"]) > 1)
+    steps = _csv(tmp_path / "schedule_steps.csv")
+    assert {(int(r["P"]), r["schedule"]) for r in steps} == {
+        (P, s) for P in (2, 4, 8) for s in SCHEDULES}
+    for name in ("schedule_efficiency.md", "schedule_splits.md"):
+        text = (tmp_path / name).read_text()
+        assert "CPU run (smoke test)" in text and "contiguous/helper" in text
+
+
+def test_throughput_smoke(tmp_path):
+    out = _run(["bench/throughput.py", "--nproc", "4", "--smoke", "--profile"], tmp_path,
+               timeout=180)
+    rows = _csv(tmp_path / "throughput.csv")
+    got = {(r["schedule"], r["ring_degree x ulysses_degree"]) for r in rows}
+    expected = {(s, split) for s in SCHEDULES for split in ("4x1", "2x2", "1x4")}
+    assert got == expected | {("no-comm bound", "1 GPU / 4")}
+    for r in rows:
+        assert r["note"] == "", r
+        assert float(r["fwd it/s"]) > 0 and float(r["fwd+bwd it/s"]) > 0
+        assert float(r["fwd+bwd % of no-comm"]) > 0
+    assert "ring_degree x ulysses_degree" in (tmp_path / "throughput.md").read_text()
+    # measured overlap: per-step compute and wait of every rank, both passes
+    prof = _csv(tmp_path / "throughput_profile.csv")
+    assert {(r["schedule"], r["ring_degree x ulysses_degree"]) for r in prof} == expected
+    assert {r["rank"] for r in prof} == {"0", "1", "2", "3"}
+    assert {r["pass"] for r in prof} == {"forward", "backward"}
+    helper_4 = {int(r["step"]) for r in prof if r["schedule"] == "contiguous/helper"
+                and r["ring_degree x ulysses_degree"] == "4x1" and r["pass"] == "forward"}
+    assert len(helper_4) >= 3   # floor(4/2) + 1 compute steps
+    assert "wait ms" in out
