@@ -73,10 +73,10 @@ class _Counter:
     """Counts calls of the core's ring forward and backward executors in this process."""
 
     def __init__(self):
-        import distattn.integrations.checkpoint as ckpt_mod
-        import distattn.ring as ring
+        import distattn.hybrid
+        import distattn.ring
         self.forward = self.backward = 0
-        plain_fwd, plain_bwd = ring.ring_forward, ring.ring_backward
+        plain_fwd, plain_bwd = distattn.ring.ring_forward, distattn.ring.ring_backward
 
         def fwd(*a, **k):
             self.forward += 1
@@ -86,8 +86,12 @@ class _Counter:
             self.backward += 1
             return plain_bwd(*a, **k)
 
-        ring.ring_forward = fwd
-        ring.ring_backward = ckpt_mod.ring_backward = bwd
+        # wherever the executors are looked up by name
+        for module in (distattn.ring, distattn.hybrid):
+            if getattr(module, "ring_forward", None) is plain_fwd:
+                module.ring_forward = fwd
+            if getattr(module, "ring_backward", None) is plain_bwd:
+                module.ring_backward = bwd
 
     def reset(self):
         self.forward = self.backward = 0

@@ -29,58 +29,19 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import distattn
-from ..comm import all_to_all
-from ..kernels import get_backend
-from ..mesh import as_mesh
-from ..plan import ring_plan
-from ..ring import RingConfig, ring_backward
-from ..ulysses import repeat_kv_heads
+import distattn.attention
 
 SLOT_ATTR = "_distattn_remat"
 
 
-def attention_backward(dout, q, k, v, out, lse, *, mesh=None, causal=False,
-                       softmax_scale=None, layout="contiguous", schedule="auto",
-                       backend="auto"):
-    """Gradients (dq, dk, dv) of ``dist_flash_attn`` given its saved result.
-
-    ``q``, ``k``, ``v`` [B, S_local, H(kv), D] and the keyword arguments are exactly those
-    of the forward call; ``out`` [B, S_local, Hq, D] and ``lse`` [B, Hq, S_local] are what
-    that call returned (with ``return_lse=True``); ``dout`` is the gradient of ``out``. Runs
-    the same communication and block kernels as the backward of ``dist_flash_attn`` and
-    never the forward. Every rank of the mesh must call it.
-
-    Built on the core's ring executor (``distattn.ring.ring_backward``) and the Ulysses
-    all-to-all; it mirrors how ``dist_flash_attn`` plans the computation, so it only supports
-    the schedules that exist today ("auto" and "ring").
+def attention_backward(dout, q, k, v, out, lse, **kwargs):
+    """Gradients (dq, dk, dv) of ``dist_flash_attn(q, k, v, **kwargs)`` given its saved
+    result: ``out`` [B, S_local, Hq, D] and ``lse`` [B, Hq, S_local] as that call returned
+    them (``return_lse=True``), and ``dout``, the gradient of ``out``. The core's
+    ``dist_flash_attn_backward``: the backward's communication and kernels only, never the
+    forward, with the same schedule the forward resolved. Every rank of the mesh must call it.
     """
-    if schedule not in ("auto", "ring"):
-        raise NotImplementedError(
-            f"rematerialization-aware checkpointing supports schedule='auto' or 'ring', got "
-            f"schedule={schedule!r}")
-    mesh = as_mesh(mesh)
-    U, R = mesh.ulysses_degree, mesh.ring_degree
-    scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
-    dout = dout.contiguous()
-    if U == 1:
-        cfg = RingConfig(mesh, ring_plan(R, layout, causal), get_backend(backend, q, k, v), scale)
-        return ring_backward(dout, q, k, v, out, lse, cfg)
-    # Ulysses: move everything the ring backward reads from sequence shards to head shards
-    # (q, out and dout share one all-to-all, k and v another), run the ring backward there,
-    # and move the gradients back. K/V heads repeated for the all-to-all sum back.
-    group, hkv = mesh.ulysses_group, k.shape[2]
-    qod = all_to_all(torch.stack([q, out, dout]), group, U, scatter_dim=3, gather_dim=2)
-    kv = repeat_kv_heads(torch.stack([k, v]), U, head_dim=3)
-    kv = all_to_all(kv, group, U, scatter_dim=3, gather_dim=2)
-    lse_h = all_to_all(lse.contiguous(), group, U, scatter_dim=1, gather_dim=2)
-    cfg = RingConfig(mesh, ring_plan(R, layout, causal),
-                     get_backend(backend, qod[0], kv[0], kv[1]), scale)
-    dq, dk, dv = ring_backward(qod[2], qod[0], kv[0], kv[1], qod[1], lse_h, cfg)
-    dq = all_to_all(dq, group, U, scatter_dim=1, gather_dim=2)
-    dkv = all_to_all(torch.stack([dk, dv]), group, U, scatter_dim=2, gather_dim=3)
-    if dkv.shape[3] != hkv:
-        dkv = dkv.unflatten(3, (hkv, dkv.shape[3] // hkv)).sum(4)
-    return dq, dkv[0], dkv[1]
+    return distattn.attention.dist_flash_attn_backward(dout, q, k, v, out, lse, **kwargs)
 
 
 class _SavedAttention(torch.autograd.Function):
