@@ -9,7 +9,7 @@ itself, so much of the text can only be predicted by attending far back, across 
     python examples/train.py                      # 4 CPU processes over gloo (or all GPUs)
     python examples/train.py --nproc 2 --ulysses 2 --checkpoint remat
     torchrun --nproc-per-node 8 examples/train.py --ulysses 2 --seq-len 16384
-    python examples/train.py --check              # also compare with a one-process model
+    python examples/train.py --check              # 20 steps, compared with a one-process model
 
 With ``--check``, rank 0 also runs an ordinary single-process copy of the model on the full
 sequences (transformers' own attention and loss) at the same weights every step, prints the
@@ -319,7 +319,8 @@ def parse_args(argv=None):
     p.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous", "stripe"])
     p.add_argument("--checkpoint", default="remat", choices=["none", "remat", "torch"],
                    help="activation checkpointing: rematerialization-aware, plain, or none")
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (default: 200, or 20 with --check)")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--hidden", type=int, default=128)
@@ -337,7 +338,10 @@ def parse_args(argv=None):
     p.add_argument("--check", action="store_true",
                    help="compare every step with a single-process model; exit 1 if they differ")
     p.add_argument("--gloo", action="store_true", help="use CPU processes even with GPUs")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.steps is None:
+        args.steps = 20 if args.check else 200
+    return args
 
 
 def main(argv=None) -> int:

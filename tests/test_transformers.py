@@ -89,6 +89,7 @@ def _refusals(mesh, ids, dtf):
         "output_attentions": _error(lambda: run(build_model("llama"), output_attentions=True)),
         "builtin_name": _error(lambda: dtf.register(mesh, name="sdpa")),
         "bad_layout": _error(lambda: dtf.register(mesh, layout="diagonal")),
+        "bad_schedule": _error(lambda: dtf.register(mesh, schedule="fastest")),
         "seq_len": _error(lambda: dtf.shard_batch({"input_ids": ids[:, :SEQ - 2]}, mesh)),
         "padded_batch": _error(lambda: dtf.shard_batch(
             {"input_ids": ids, "attention_mask": torch.zeros_like(ids)}, mesh)),
@@ -239,6 +240,7 @@ def test_all_ones_mask_is_accepted(world_results):
     ("output_attentions", "NotImplementedError", "output_attentions"),
     ("builtin_name", "ValueError", "'sdpa'"),
     ("bad_layout", "ValueError", "layout"),
+    ("bad_schedule", "ValueError", "schedule"),
     ("seq_len", "ValueError", "seq_len=30"),
     ("padded_batch", "ValueError", "padding"),
     ("unknown_key", "ValueError", "pixel_values"),

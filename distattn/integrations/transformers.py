@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..attention import SCHEDULES
+from ..kernels import BACKENDS
 from ..layout import check_layout, positions, seq_multiple, shard
 from ..mesh import as_mesh
 from . import checkpoint as _ckpt
@@ -148,6 +150,10 @@ def register(mesh, layout: str = "zigzag", name: str = "distattn", schedule: str
     """
     mesh = as_mesh(mesh)
     check_layout(layout)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")
     if name in _BUILTIN_NAMES:
