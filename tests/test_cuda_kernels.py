@@ -181,7 +181,10 @@ def test_backend_api_and_strided_views(dtype):
     qkv = _rand((b, s, 3, h, d), dtype, gen)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     be = get_backend("cuda", q, k, v)
-    assert be.name == "cuda" and get_backend("auto", q, k, v).name == "cuda"
+    from distattn.kernels import CUDA_KERNELS_VERIFIED
+    assert be.name == "cuda"
+    # auto picks the kernels once they are marked verified on hardware (issue 3)
+    assert (get_backend("auto", q, k, v).name == "cuda") == CUDA_KERNELS_VERIFIED
     mask = Mask.causal(3)
     out, lse = be.forward(q, k, v, scale=0.1, mask=mask)
     out_c, lse_c = be.forward(q.contiguous(), k.contiguous(), v.contiguous(), scale=0.1,
