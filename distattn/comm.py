@@ -40,7 +40,7 @@ def all_to_all(x: torch.Tensor, group, world: int, scatter_dim: int,
                gather_dim: int) -> torch.Tensor:
     """Split ``x`` into ``world`` equal parts along ``scatter_dim``; part i goes to group rank
     i; the parts received are concatenated in rank order along ``gather_dim``. Not
-    differentiable: ``hybrid.USPAttention`` calls it in both directions explicitly."""
+    differentiable (see ``ulysses.seq_to_heads`` for the autograd-aware form)."""
     if world == 1:
         return x
     scatter_dim %= x.dim()

@@ -262,3 +262,23 @@ def run_profile_check(rank: int, world: int) -> dict:
         out.sum().backward()
         res[schedule] = {"rows": prof.summary(), "same": torch.equal(out, plain)}
     return res
+
+
+def run_ulysses_collectives(rank: int, world: int) -> dict:
+    """seq_to_heads / heads_to_seq: layout of the result, inverse of each other, and their
+    gradients (by autograd through the collectives) equal the single-process ones."""
+    from distattn.ulysses import heads_to_seq, seq_to_heads
+
+    mesh = distattn.SPMesh.build(ulysses_degree=world)
+    gen = torch.Generator().manual_seed(5)
+    full = torch.randn(2, 3 * world, 2 * world, 4, generator=gen, dtype=torch.float64)
+    weight = torch.randn(full.shape, generator=gen, dtype=torch.float64)
+    x = distattn.shard(full, mesh, dim=1).clone().requires_grad_()
+    h = seq_to_heads(x, mesh)
+    heads = slice(rank * 2, rank * 2 + 2)
+    layout_ok = torch.equal(h, full[:, :, heads])
+    back = heads_to_seq(h, mesh)
+    # a loss that depends on the head shard; its gradient w.r.t. x is weight on our tokens' heads
+    (h * weight[:, :, heads]).sum().backward()
+    return {"layout": layout_ok, "inverse": torch.equal(back, x),
+            "grad": torch.equal(x.grad, distattn.shard(weight, mesh, dim=1))}

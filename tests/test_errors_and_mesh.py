@@ -70,3 +70,9 @@ def test_mesh_placements_and_device_mesh():
         assert r["device_mesh"][6] == "ulysses_inner"
         errs = r["device_mesh_attention"]
         assert all(errs[n] <= 1e-10 for n in ("out", "lse", "dq", "dk", "dv")), errs
+
+
+def test_ulysses_all_to_all_is_differentiable():
+    from dist_cases import run_ulysses_collectives
+    for res in run_world(4, run_ulysses_collectives):
+        assert res == {"layout": True, "inverse": True, "grad": True}
