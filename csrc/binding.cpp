@@ -118,22 +118,29 @@ void check_launch(cudaError_t err, const char* what) {
               cudaGetErrorString(err));
 }
 
-// out, lse <- attention(q, k, v) for this block.
-void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-         at::Tensor& lse, double scale, bool causal, int64_t offset) {
-  distattn::Problem pr = problem_of(q, k, v, scale, causal, offset);
-  check_cuda(out, "out", q);
-  check_cuda(lse, "lse", q);
-  TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type(), "out must have q's dtype ",
-                   q.scalar_type(), ", got ", out.scalar_type());
+// The part of FwdParams both forward entry points share: the checked problem and q/k/v.
+distattn::FwdParams fwd_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               double scale, bool causal, int64_t offset) {
   distattn::FwdParams p;
-  p.prob = pr;
+  p.prob = problem_of(q, k, v, scale, causal, offset);
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
   p.q_stride = seq_strides(q, "q", q.sizes().vec());
   p.k_stride = seq_strides(k, "k", k.sizes().vec());
   p.v_stride = seq_strides(v, "v", v.sizes().vec());
+  return p;
+}
+
+// out, lse <- attention(q, k, v) for this block.
+void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+         at::Tensor& lse, double scale, bool causal, int64_t offset) {
+  distattn::FwdParams p = fwd_inputs(q, k, v, scale, causal, offset);
+  const distattn::Problem& pr = p.prob;
+  check_cuda(out, "out", q);
+  check_cuda(lse, "lse", q);
+  TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type(), "out must have q's dtype ",
+                   q.scalar_type(), ", got ", out.scalar_type());
   p.out = out.data_ptr();
   p.out_stride = seq_strides(out, "out", q.sizes().vec());
   p.lse = lse.data_ptr<float>();
@@ -155,18 +162,11 @@ void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tens
 void fwd_acc(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
              at::Tensor& out_acc, at::Tensor& lse_acc, double scale, bool causal,
              int64_t offset) {
-  distattn::Problem pr = problem_of(q, k, v, scale, causal, offset);
+  distattn::FwdParams p = fwd_inputs(q, k, v, scale, causal, offset);
+  const distattn::Problem& pr = p.prob;
   check_cuda(out_acc, "out_acc", q);
   check_cuda(lse_acc, "lse_acc", q);
   check_float32(out_acc, "out_acc");
-  distattn::FwdParams p;
-  p.prob = pr;
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.q_stride = seq_strides(q, "q", q.sizes().vec());
-  p.k_stride = seq_strides(k, "k", k.sizes().vec());
-  p.v_stride = seq_strides(v, "v", v.sizes().vec());
   p.accumulate = true;
   p.out_acc = out_acc.data_ptr<float>();
   p.out_acc_stride = seq_strides(out_acc, "out_acc", q.sizes().vec());

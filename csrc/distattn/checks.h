@@ -63,13 +63,19 @@ inline std::string check_problem(const Problem& p) {
   return {};
 }
 
+// Problem shape plus the q/k/v pointers and strides, which forward and backward share.
+template <typename Params>
+inline std::string check_problem_and_qkv(const Params& p, int elem_bytes) {
+  std::string e = check_problem(p.prob);
+  if (e.empty()) e = detail::check_vector_input("q", p.q, p.q_stride, elem_bytes);
+  if (e.empty()) e = detail::check_vector_input("k", p.k, p.k_stride, elem_bytes);
+  if (e.empty()) e = detail::check_vector_input("v", p.v, p.v_stride, elem_bytes);
+  return e;
+}
+
 inline std::string check_fwd(const FwdParams& p, DType dtype) {
   if (dtype == DType::kFloat32) return "q/k/v must be float16 or bfloat16";
-  std::string e = check_problem(p.prob);
-  const int eb = dtype_size(dtype);
-  if (e.empty()) e = detail::check_vector_input("q", p.q, p.q_stride, eb);
-  if (e.empty()) e = detail::check_vector_input("k", p.k, p.k_stride, eb);
-  if (e.empty()) e = detail::check_vector_input("v", p.v, p.v_stride, eb);
+  std::string e = check_problem_and_qkv(p, dtype_size(dtype));
   if (!e.empty()) return e;
   if (p.accumulate) {
     if (e.empty()) e = detail::check_acc("out_acc", p.out_acc, p.out_acc_stride);
@@ -86,11 +92,8 @@ inline std::string check_fwd(const FwdParams& p, DType dtype) {
 
 inline std::string check_bwd(const BwdParams& p, DType dtype) {
   if (dtype == DType::kFloat32) return "q/k/v must be float16 or bfloat16";
-  std::string e = check_problem(p.prob);
   const int eb = dtype_size(dtype);
-  if (e.empty()) e = detail::check_vector_input("q", p.q, p.q_stride, eb);
-  if (e.empty()) e = detail::check_vector_input("k", p.k, p.k_stride, eb);
-  if (e.empty()) e = detail::check_vector_input("v", p.v, p.v_stride, eb);
+  std::string e = check_problem_and_qkv(p, eb);
   if (e.empty()) e = detail::check_vector_input("dout", p.dout, p.dout_stride, eb);
   if (e.empty() && p.out == nullptr) e = "out is null";
   if (e.empty() && p.lse == nullptr) e = "lse is null";
