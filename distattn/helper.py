@@ -84,7 +84,9 @@ def _drive(cfg: RingConfig, device, pass_name, post_inputs, post_returns, comput
         ex.post()
         if t < steps:
             with span(prof, "compute", t, device):
-                results[t] = compute(t)
+                result = compute(t)
+            if t >= 1:                     # step 0 (the diagonal) returns nothing
+                results[t] = result
         with span(prof, "wait", t, device):
             ex.wait()
         if t - 1 >= 1:

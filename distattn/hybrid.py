@@ -28,15 +28,21 @@ def _schedule(cfg: RingConfig):
     return ring_forward, ring_backward
 
 
+def _kv_to_heads(k, v, mesh):
+    """K and V in one all-to-all: [2, B, n, Hkv, D] (heads on dim 3, sequence on dim 2) ->
+    [2, B, U*n, max(Hkv, U)/U, D], K/V heads repeated first where Hkv < U."""
+    U = mesh.ulysses_degree
+    return all_to_all(repeat_kv_heads(torch.stack([k, v]), U, head_dim=3), mesh.ulysses_group,
+                      U, scatter_dim=3, gather_dim=2)
+
+
 def usp_forward(q, k, v, cfg: RingConfig):
     """(out [B, n, Hq, D] in q's dtype, lse [B, Hq, n]) for this rank's n tokens."""
     forward, _ = _schedule(cfg)
     U, group = cfg.mesh.ulysses_degree, cfg.mesh.ulysses_group
     if U == 1:
         return forward(q, k, v, cfg)
-    # K and V share one all-to-all: [2, B, n, Hkv, D], heads on dim 3, sequence on dim 2.
-    kv = all_to_all(repeat_kv_heads(torch.stack([k, v]), U, head_dim=3), group, U,
-                    scatter_dim=3, gather_dim=2)
+    kv = _kv_to_heads(k, v, cfg.mesh)
     qh = all_to_all(q, group, U, scatter_dim=2, gather_dim=1)
     out, lse = forward(qh, kv[0], kv[1], cfg)
     return (all_to_all(out, group, U, scatter_dim=1, gather_dim=2),
@@ -53,8 +59,7 @@ def usp_backward(dout, q, k, v, out, lse, cfg: RingConfig):
     hkv = k.shape[2]
     # q, out and dout share one all-to-all; k and v another (repeated heads as in forward).
     qod = all_to_all(torch.stack([q, out, dout]), group, U, scatter_dim=3, gather_dim=2)
-    kv = all_to_all(repeat_kv_heads(torch.stack([k, v]), U, head_dim=3), group, U,
-                    scatter_dim=3, gather_dim=2)
+    kv = _kv_to_heads(k, v, cfg.mesh)
     lse_h = all_to_all(lse.contiguous(), group, U, scatter_dim=1, gather_dim=2)
     dq, dk, dv = backward(qod[2], qod[0], kv[0], kv[1], qod[1], lse_h, cfg)
     dq = all_to_all(dq, group, U, scatter_dim=1, gather_dim=2)

@@ -30,7 +30,8 @@ from .profile import span
 
 @dataclass(frozen=True)
 class RingConfig:
-    """Everything a ring execution needs besides the tensors."""
+    """Everything an executor needs besides the tensors; ``plan`` is a ``RingPlan`` or a
+    ``HelperPlan`` (``hybrid`` picks the executor by its type)."""
     mesh: SPMesh
     plan: RingPlan
     backend: BlockAttention

@@ -1,6 +1,6 @@
 """Rematerialization-aware checkpointing on a real gloo world of 4 CPU processes.
 
-- ``attention_backward`` (the distributed attention backward from a saved out/lse) gives the
+- ``dist_flash_attn_backward`` (the distributed attention backward from a saved out/lse) gives the
   same dq, dk, dv as autograd through ``dist_flash_attn`` (fp64, every mesh shape of 4 ranks,
   layouts, causal or not, GQA and MQA);
 - in a checkpointed training step the distributed attention forward runs once per layer
@@ -40,7 +40,7 @@ def _rel(a, b):
 
 def _backward_cases(meshes):
     import distattn
-    from distattn.integrations.checkpoint import attention_backward
+    from distattn.attention import dist_flash_attn_backward
 
     errors = {}
     for mesh_name, layout, causal, hkv in BACKWARD_CASES:
@@ -53,7 +53,7 @@ def _backward_cases(meshes):
         kw = dict(mesh=mesh, causal=causal, layout=layout, softmax_scale=0.3)
         out, lse = distattn.dist_flash_attn(q, k, v, return_lse=True, **kw)
         out.backward(dout)
-        mine = attention_backward(dout, q.detach(), k.detach(), v.detach(), out.detach(), lse,
+        mine = dist_flash_attn_backward(dout, q.detach(), k.detach(), v.detach(), out.detach(), lse,
                                   **kw)
         errors[(mesh_name, layout, causal, hkv)] = {
             name: _rel(a, ref.grad) for name, a, ref in zip("qkv", mine, (q, k, v))}

@@ -34,16 +34,6 @@ import distattn.attention
 SLOT_ATTR = "_distattn_remat"
 
 
-def attention_backward(dout, q, k, v, out, lse, **kwargs):
-    """Gradients (dq, dk, dv) of ``dist_flash_attn(q, k, v, **kwargs)`` given its saved
-    result: ``out`` [B, S_local, Hq, D] and ``lse`` [B, Hq, S_local] as that call returned
-    them (``return_lse=True``), and ``dout``, the gradient of ``out``. The core's
-    ``dist_flash_attn_backward``: the backward's communication and kernels only, never the
-    forward, with the same schedule the forward resolved. Every rank of the mesh must call it.
-    """
-    return distattn.attention.dist_flash_attn_backward(dout, q, k, v, out, lse, **kwargs)
-
-
 class _SavedAttention(torch.autograd.Function):
     """(q, k, v, out, lse) -> out, with the distributed attention backward as its backward.
 
@@ -59,7 +49,8 @@ class _SavedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, **ctx.params)
+        dq, dk, dv = distattn.attention.dist_flash_attn_backward(dout, q, k, v, out, lse,
+                                                                 **ctx.params)
         return dq, dk, dv, None, None, None
 
 
