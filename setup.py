@@ -1,9 +1,11 @@
-"""Build script: the pure-Python package always; the CUDA extension `distattn._C` when the
-installed torch has CUDA and nvcc is found.
+"""Build script: the pure-Python package always; the host extension `distattn._emulate` (the
+CUDA kernels compiled for the CPU CTA emulator, backend "emulate") whenever torch is importable;
+the CUDA extension `distattn._C` when the installed torch has CUDA and nvcc is found.
 
 Environment:
-  DISTATTN_CUDA_ARCHS   e.g. "90a;80" (default) -- which SM architectures to compile for
-  DISTATTN_NO_CUDA=1    skip the extension even where it could be built
+  DISTATTN_CUDA_ARCHS     e.g. "90a;80" (default) -- which SM architectures to compile for
+  DISTATTN_NO_CUDA=1      skip the CUDA extension even where it could be built
+  DISTATTN_NO_EMULATE=1   skip the emulator extension
 """
 import glob
 import os
@@ -59,5 +61,35 @@ def _cuda_extension():
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 
-ext_modules, cmdclass = _cuda_extension()
+def _emulate_extension():
+    """Return ([ext], cmdclass) for distattn._emulate, or ([], {}) with the reason printed.
+
+    A plain C++ build (g++/clang++, no CUDA): the kernel translation units of csrc/kernels,
+    included by csrc/emulate/*.cpp and compiled with DISTATTN_EMULATE, the emulator runtime and
+    csrc/binding.cpp. Takes about a minute on two cores, most of it the torch binding."""
+    if os.environ.get("DISTATTN_NO_EMULATE") == "1":
+        print("distattn: DISTATTN_NO_EMULATE=1, building without the emulate backend",
+              file=sys.stderr)
+        return [], {}
+    try:
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("distattn: torch is not importable at build time (use --no-build-isolation); "
+              "building without the emulate backend", file=sys.stderr)
+        return [], {}
+    ext = cpp_extension.CppExtension(
+        name="distattn._emulate",
+        sources=sorted(glob.glob("csrc/emulate/*.cpp")),
+        include_dirs=[os.path.abspath("csrc")],
+        define_macros=[("DISTATTN_EMULATE", "1")],
+        # The kernels pun float/half storage through uint32_t and float2 as CUDA code does.
+        extra_compile_args=["-O2", "-fno-strict-aliasing", "-Wno-unknown-pragmas"],
+    )
+    return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+
+ext_modules, cmdclass = [], {}
+for _exts, _cmds in (_emulate_extension(), _cuda_extension()):
+    ext_modules += _exts
+    cmdclass.update(_cmds)
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -5,9 +5,16 @@
 // CUDA stream of the tensors' device. Outputs are written into tensors the caller allocated,
 // which may be strided views (slices of larger buffers).
 //
+// Built with DISTATTN_EMULATE (csrc/emulate/binding.cpp), the same file is distattn._emulate:
+// the same kernels compiled for the host CTA emulator, on CPU tensors.
+//
 // Tensor layouts: q/out/dout/dq [B, Sq, Hq, D]; k/v/dk/dv [B, Sk, Hkv, D]; lse [B, Hq, Sq].
+#if defined(DISTATTN_EMULATE)
+#include <ATen/Parallel.h>
+#else
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#endif
 #include <torch/extension.h>
 
 #include <limits>
@@ -22,6 +29,25 @@ namespace {
 using distattn::DType;
 using distattn::index_t;
 
+#if defined(DISTATTN_EMULATE)
+constexpr const char* kDeviceKind = "a CPU";
+bool on_device(const at::Tensor& t) { return t.is_cpu(); }
+// Launches run synchronously on the host, in parallel over torch's intra-op threads.
+struct LaunchScope {
+  explicit LaunchScope(const at::Tensor&) { distattn::emu::set_num_threads(at::get_num_threads()); }
+  cudaStream_t stream() const { return nullptr; }
+};
+#else
+constexpr const char* kDeviceKind = "a CUDA";
+bool on_device(const at::Tensor& t) { return t.is_cuda(); }
+// The tensors' device and its current stream.
+struct LaunchScope {
+  explicit LaunchScope(const at::Tensor& t) : guard(t.device()) {}
+  cudaStream_t stream() const { return c10::cuda::getCurrentCUDAStream().stream(); }
+  c10::cuda::CUDAGuard guard;
+};
+#endif
+
 DType dtype_of(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
     case at::kHalf: return DType::kFloat16;
@@ -34,8 +60,9 @@ DType dtype_of(const at::Tensor& t, const char* name) {
   return DType::kFloat32;
 }
 
-void check_cuda(const at::Tensor& t, const char* name, const at::Tensor& ref) {
-  TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
+void check_device(const at::Tensor& t, const char* name, const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(on_device(t), name, " must be ", kDeviceKind, " tensor, got device ",
+                    t.device());
   TORCH_CHECK_VALUE(t.device() == ref.device(), name, " is on ", t.device(), " but q is on ",
                     ref.device());
 }
@@ -75,9 +102,10 @@ void check_float32(const at::Tensor& t, const char* name) {
 // Shapes of q/k/v and the Problem they describe.
 distattn::Problem problem_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              double scale, bool causal, int64_t offset) {
-  TORCH_CHECK_VALUE(q.is_cuda(), "q must be a CUDA tensor, got device ", q.device());
-  check_cuda(k, "k", q);
-  check_cuda(v, "v", q);
+  TORCH_CHECK_VALUE(on_device(q), "q must be ", kDeviceKind, " tensor, got device ",
+                    q.device());
+  check_device(k, "k", q);
+  check_device(v, "v", q);
   TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
                     "q, k, v must be 4-D [B, S, H, D]");
   TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
@@ -104,7 +132,7 @@ distattn::Problem problem_of(const at::Tensor& q, const at::Tensor& k, const at:
   p.causal_offset = offset;
   p.scale = float(scale);
   TORCH_CHECK_VALUE(distattn::head_dim_supported(p.head_dim), "head_dim ", p.head_dim,
-                    " has no compiled cuda kernel (distattn._C.head_dims() lists the "
+                    " has no compiled kernel (head_dims() of the extension lists the "
                     "compiled ones)");
   return p;
 }
@@ -137,8 +165,8 @@ void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tens
          at::Tensor& lse, double scale, bool causal, int64_t offset) {
   distattn::FwdParams p = fwd_inputs(q, k, v, scale, causal, offset);
   const distattn::Problem& pr = p.prob;
-  check_cuda(out, "out", q);
-  check_cuda(lse, "lse", q);
+  check_device(out, "out", q);
+  check_device(lse, "lse", q);
   TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type(), "out must have q's dtype ",
                    q.scalar_type(), ", got ", out.scalar_type());
   p.out = out.data_ptr();
@@ -153,9 +181,8 @@ void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tens
   }
   const std::string err = distattn::check_fwd(p, dtype_of(q, "q"));
   TORCH_CHECK_VALUE(err.empty(), "distattn fwd: ", err);
-  const c10::cuda::CUDAGuard guard(q.device());
-  check_launch(distattn::launch_fwd(p, dtype_of(q, "q"), c10::cuda::getCurrentCUDAStream().stream()),
-               "fwd");
+  const LaunchScope scope(q);
+  check_launch(distattn::launch_fwd(p, dtype_of(q, "q"), scope.stream()), "fwd");
 }
 
 // (out_acc, lse_acc) <- merge((out_acc, lse_acc), attention(q, k, v)): the fused ring step.
@@ -164,8 +191,8 @@ void fwd_acc(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
              int64_t offset) {
   distattn::FwdParams p = fwd_inputs(q, k, v, scale, causal, offset);
   const distattn::Problem& pr = p.prob;
-  check_cuda(out_acc, "out_acc", q);
-  check_cuda(lse_acc, "lse_acc", q);
+  check_device(out_acc, "out_acc", q);
+  check_device(lse_acc, "lse_acc", q);
   check_float32(out_acc, "out_acc");
   p.accumulate = true;
   p.out_acc = out_acc.data_ptr<float>();
@@ -175,9 +202,8 @@ void fwd_acc(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   if (is_empty(pr) || pr.seqlen_k == 0) return;
   const std::string err = distattn::check_fwd(p, dtype_of(q, "q"));
   TORCH_CHECK_VALUE(err.empty(), "distattn fwd_acc: ", err);
-  const c10::cuda::CUDAGuard guard(q.device());
-  check_launch(distattn::launch_fwd(p, dtype_of(q, "q"), c10::cuda::getCurrentCUDAStream().stream()),
-               "fwd_acc");
+  const LaunchScope scope(q);
+  check_launch(distattn::launch_fwd(p, dtype_of(q, "q"), scope.stream()), "fwd_acc");
 }
 
 // dq, dk, dv (float32) <- (or +=, when accumulate) the gradients of this block.
@@ -187,7 +213,7 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
   distattn::Problem pr = problem_of(q, k, v, scale, causal, offset);
   for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{dout, "dout"}, {out, "out"},
                          {lse, "lse"}, {dq, "dq"}, {dk, "dk"}, {dv, "dv"}})
-    check_cuda(t, name, q);
+    check_device(t, name, q);
   TORCH_CHECK_TYPE(dout.scalar_type() == q.scalar_type(), "dout must have q's dtype ",
                    q.scalar_type(), ", got ", dout.scalar_type());
   TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type() || out.scalar_type() == at::kFloat,
@@ -225,22 +251,21 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
     }
     return;
   }
-  const c10::cuda::CUDAGuard guard(q.device());
+  const LaunchScope scope(q);
   at::Tensor delta = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
   p.delta = delta.data_ptr<float>();
   const std::string err = distattn::check_bwd(p, dtype_of(q, "q"));
   TORCH_CHECK_VALUE(err.empty(), "distattn bwd: ", err);
-  check_launch(distattn::launch_bwd(p, dtype_of(q, "q"), c10::cuda::getCurrentCUDAStream().stream()),
-               "bwd");
+  check_launch(distattn::launch_bwd(p, dtype_of(q, "q"), scope.stream()), "bwd");
 }
 
 // (out_acc, lse_acc) <- merge((out_acc, lse_acc), (out_blk, lse_blk)).
 void merge(at::Tensor& out_acc, at::Tensor& lse_acc, const at::Tensor& out_blk,
            const at::Tensor& lse_blk) {
-  TORCH_CHECK_VALUE(out_acc.is_cuda(), "out_acc must be a CUDA tensor");
-  check_cuda(lse_acc, "lse_acc", out_acc);
-  check_cuda(out_blk, "out_blk", out_acc);
-  check_cuda(lse_blk, "lse_blk", out_acc);
+  TORCH_CHECK_VALUE(on_device(out_acc), "out_acc must be ", kDeviceKind, " tensor");
+  check_device(lse_acc, "lse_acc", out_acc);
+  check_device(out_blk, "out_blk", out_acc);
+  check_device(lse_blk, "lse_blk", out_acc);
   check_float32(out_acc, "out_acc");
   TORCH_CHECK_VALUE(out_acc.dim() == 4, "out_acc must be 4-D [B, S, H, D]");
   const auto shape = out_acc.sizes().vec();
@@ -260,10 +285,8 @@ void merge(at::Tensor& out_acc, at::Tensor& lse_acc, const at::Tensor& out_blk,
   if (out_acc.numel() == 0) return;
   const std::string err = distattn::check_merge(p);
   TORCH_CHECK_VALUE(err.empty(), "distattn merge: ", err);
-  const c10::cuda::CUDAGuard guard(out_acc.device());
-  check_launch(distattn::launch_merge(p, dtype_of(out_blk, "out_blk"),
-                                      c10::cuda::getCurrentCUDAStream().stream()),
-               "merge");
+  const LaunchScope scope(out_acc);
+  check_launch(distattn::launch_merge(p, dtype_of(out_blk, "out_blk"), scope.stream()), "merge");
 }
 
 std::vector<int64_t> head_dims() {
@@ -276,7 +299,11 @@ std::vector<int64_t> head_dims() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#if defined(DISTATTN_EMULATE)
+  m.doc() = "distattn CUDA kernels compiled for the host CTA emulator (backend 'emulate')";
+#else
   m.doc() = "distattn CUDA kernels: block attention forward/backward with LSE, fused ring step";
+#endif
   m.def("fwd", &fwd, "out, lse <- attention(q, k, v)", py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("causal"), py::arg("offset"));
   m.def("fwd_acc", &fwd_acc, "(out_acc, lse_acc) <- merge(acc, attention(q, k, v))",

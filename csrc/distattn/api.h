@@ -5,7 +5,11 @@
 // synchronises or allocates; `BwdParams::delta` is a workspace the caller provides.
 #pragma once
 
+#if defined(DISTATTN_EMULATE)
+#include "emulate/cuda_runtime.h"  // host build: launches run on the CTA emulator
+#else
 #include <cuda_runtime_api.h>
+#endif
 
 #include "params.h"
 

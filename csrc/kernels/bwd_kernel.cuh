@@ -111,8 +111,9 @@ __global__ void __launch_bounds__(kThreads) bwd_kv_kernel(const BwdParams p) {
         if (threadIdx.x < BM) {
           const index_t row = m0 + threadIdx.x;
           const bool in_bounds = row < pr.seqlen_q;
-          sLse[threadIdx.x] = in_bounds ? lse_for_exp2(lse[row * p.lse_stride.seq]) : INFINITY;
-          sDelta[threadIdx.x] = in_bounds ? delta[row] : 0.f;
+          st_shared(sLse + threadIdx.x,
+                    in_bounds ? lse_for_exp2(lse[row * p.lse_stride.seq]) : INFINITY);
+          st_shared(sDelta + threadIdx.x, in_bounds ? delta[row] : 0.f);
         }
         cp_async_wait_all();
         __syncthreads();  // K, V, Q, dO, lse, delta are in shared memory
@@ -136,9 +137,9 @@ __global__ void __launch_bounds__(kThreads) bwd_kv_kernel(const BwdParams p) {
             // Out-of-bounds queries already have sLse = +inf; bound keys and apply causality.
             if (partial && (key >= pr.seqlen_k || (pr.causal && key > query + pr.causal_offset)))
               s = -INFINITY;
-            const float prob = exp2f(fmaf(s, scale_log2, -sLse[qc]));
+            const float prob = exp2f(fmaf(s, scale_log2, -ld_shared(sLse + qc)));
             st[j][e] = prob;
-            dpt[j][e] = prob * (dpt[j][e] - sDelta[qc]);
+            dpt[j][e] = prob * (dpt[j][e] - ld_shared(sDelta + qc));
           }
 
         uint32_t pf[MT / 2][4], dsf[MT / 2][4];
@@ -273,7 +274,7 @@ cudaError_t launch_tiled(Kernel kernel, const LaunchConfig& cfg, const BwdParams
                                          cfg.smem_bytes);
   if (err != cudaSuccess) return err;
   const dim3 grid(unsigned(cfg.grid_x), unsigned(cfg.grid_y), unsigned(cfg.grid_z));
-  kernel<<<grid, cfg.threads, cfg.smem_bytes, stream>>>(p);
+  DISTATTN_LAUNCH(kernel, grid, cfg.threads, cfg.smem_bytes, stream, p);
   return cudaGetLastError();
 }
 
@@ -282,10 +283,8 @@ cudaError_t launch_bwd_kernels(const BwdParams& p, cudaStream_t stream) {
   const Problem& pr = p.prob;
   const LaunchConfig rows =
       row_launch_config(index_t(pr.batch) * pr.heads_q * pr.seqlen_q);
-  if (p.out_is_fp32)
-    delta_kernel<T, float><<<unsigned(rows.grid_x), rows.threads, 0, stream>>>(p);
-  else
-    delta_kernel<T, T><<<unsigned(rows.grid_x), rows.threads, 0, stream>>>(p);
+  auto delta_fn = p.out_is_fp32 ? delta_kernel<T, float> : delta_kernel<T, T>;
+  DISTATTN_LAUNCH(delta_fn, unsigned(rows.grid_x), rows.threads, 0, stream, p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   err = launch_tiled(bwd_kv_kernel<T, D>, bwd_kv_launch_config(pr, int(sizeof(T))), p, stream);

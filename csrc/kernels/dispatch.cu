@@ -1,7 +1,11 @@
 // Host-side dispatch from (dtype, head_dim) to the per-TU entry points. Head dims come from
 // the DISTATTN_HD<D> switches in distattn/tiling.h.
+#if defined(DISTATTN_EMULATE)
+#include "emulate/device.h"  // the emulator's 16-bit types
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#endif
 
 #include "distattn/api.h"
 #include "distattn/checks.h"

@@ -197,7 +197,7 @@ cudaError_t launch_fwd_kernel(const FwdParams& p, cudaStream_t stream) {
                                          cfg.smem_bytes);
   if (err != cudaSuccess) return err;
   const dim3 grid(unsigned(cfg.grid_x), unsigned(cfg.grid_y), unsigned(cfg.grid_z));
-  kernel<<<grid, cfg.threads, cfg.smem_bytes, stream>>>(p);
+  DISTATTN_LAUNCH(kernel, grid, cfg.threads, cfg.smem_bytes, stream, p);
   return cudaGetLastError();
 }
 

@@ -50,13 +50,13 @@ cudaError_t launch_merge(const MergeParams& p, DType blk_dtype, cudaStream_t str
   const unsigned grid = unsigned(cfg.grid_x);
   switch (blk_dtype) {
     case DType::kFloat16:
-      kern::merge_kernel<__half><<<grid, cfg.threads, 0, stream>>>(p);
+      DISTATTN_LAUNCH(kern::merge_kernel<__half>, grid, cfg.threads, 0, stream, p);
       break;
     case DType::kBFloat16:
-      kern::merge_kernel<__nv_bfloat16><<<grid, cfg.threads, 0, stream>>>(p);
+      DISTATTN_LAUNCH(kern::merge_kernel<__nv_bfloat16>, grid, cfg.threads, 0, stream, p);
       break;
     case DType::kFloat32:
-      kern::merge_kernel<float><<<grid, cfg.threads, 0, stream>>>(p);
+      DISTATTN_LAUNCH(kern::merge_kernel<float>, grid, cfg.threads, 0, stream, p);
       break;
   }
   return cudaGetLastError();

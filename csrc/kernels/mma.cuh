@@ -15,13 +15,24 @@
 // Shared memory tiles are row-major [rows][pitch] with pitch = D + 8 elements (tiling.h).
 #pragma once
 
+#include <stdint.h>
+
+#if defined(DISTATTN_EMULATE)
+// The host build (backend "emulate"): host models of the CUDA types and intrinsics and of the
+// CuTe atoms below, running on the CTA emulator (csrc/emulate/). Everything else is this text.
+#include "emulate/device.h"
+#define DISTATTN_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ::distattn::emu::launch(kernel, grid, block, smem, stream, __VA_ARGS__)
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <stdint.h>
 
 #include <cute/arch/copy_sm75.hpp>
 #include <cute/arch/copy_sm80.hpp>
 #include <cute/arch/mma_sm80.hpp>
+#define DISTATTN_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif
 
 #include "distattn/fragments.h"
 #include "distattn/params.h"
@@ -61,6 +72,24 @@ __device__ __forceinline__ float load_as_float(const float* p) { return *p; }
 __device__ __forceinline__ float load_as_float(const __half* p) { return __half2float(*p); }
 __device__ __forceinline__ float load_as_float(const __nv_bfloat16* p) {
   return __bfloat162float(*p);
+}
+
+// ---- scalar shared-memory accesses -----------------------------------------------------------
+// Shared memory that is not written by cp.async or read by ldmatrix is accessed through these
+// two, so that the emulator's race check sees every shared-memory access.
+template <typename X>
+__device__ __forceinline__ X ld_shared(const X* p) {
+#if defined(DISTATTN_EMULATE)
+  emu::shared_read(p, sizeof(X));
+#endif
+  return *p;
+}
+template <typename X>
+__device__ __forceinline__ void st_shared(X* p, X value) {
+#if defined(DISTATTN_EMULATE)
+  emu::shared_write(p, sizeof(X));
+#endif
+  *p = value;
 }
 
 // ---- global -> shared tile copy --------------------------------------------------------------

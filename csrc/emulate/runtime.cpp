@@ -1,0 +1,865 @@
+// The CTA emulator (see runtime.h): fibers, the warp/CTA scheduler, the instruction models
+// and the shared-memory shadow that checks for races.
+#include "emulate/runtime.h"
+
+#include <cxxabi.h>
+#include <dlfcn.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <sstream>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "emulate/cuda_runtime.h"
+#include "emulate/float16.h"
+
+#if defined(__x86_64__) && defined(__ELF__) && !defined(DISTATTN_EMULATE_UCONTEXT)
+#define DISTATTN_EMU_ASM_SWITCH 1
+#else
+#include <ucontext.h>
+#endif
+
+#if DISTATTN_EMU_ASM_SWITCH
+// distattn_emu_switch(save, to): saves the callee-saved registers (and the SSE/x87 control
+// words) on the current stack, stores the stack pointer in *save, switches to `to` and
+// restores what is saved there. A new fiber's stack is prepared to look like a saved one.
+asm(R"(
+  .text
+  .globl distattn_emu_switch
+  .hidden distattn_emu_switch
+  .type distattn_emu_switch, @function
+distattn_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size distattn_emu_switch, .-distattn_emu_switch
+  .section .note.GNU-stack,"",@progbits
+  .text
+)");
+extern "C" void distattn_emu_switch(void** save, void* to);
+#endif
+
+namespace distattn {
+namespace kern {
+__thread __attribute__((aligned(16))) unsigned char smem_raw[emu::kMaxSmemBytes];
+}  // namespace kern
+
+namespace emu {
+
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr int kMaxThreads = 1024;
+constexpr std::size_t kStackBytes = 128 * 1024;
+constexpr std::size_t kGuardBytes = 4096;
+
+enum class State : uint8_t { kRunnable, kAtWarpOp, kAtBarrier, kExited };
+enum class Op : uint8_t { kNone, kMma, kLdsm, kShfl, kSyncwarp };
+enum class Kind : uint8_t { kNone, kCpAsync, kLdmatrix, kLdShared, kStShared };
+
+const char* op_name(Op op) {
+  switch (op) {
+    case Op::kMma: return "mma.sync";
+    case Op::kLdsm: return "ldmatrix";
+    case Op::kShfl: return "shfl.sync";
+    case Op::kSyncwarp: return "__syncwarp";
+    default: return "?";
+  }
+}
+
+const char* kind_name(Kind k) {
+  switch (k) {
+    case Kind::kCpAsync: return "cp.async";
+    case Kind::kLdmatrix: return "ldmatrix";
+    case Kind::kLdShared: return "ld.shared";
+    case Kind::kStShared: return "st.shared";
+    default: return "?";
+  }
+}
+
+// Operands a lane hands to a warp-collective instruction, and its results.
+struct LaneIO {
+  Op op = Op::kNone;
+  MmaType mma_type = MmaType::kF16;
+  bool trans = false;
+  unsigned member_mask = 0;
+  int lane_mask = 0;
+  int width = 0;
+  const unsigned char* addr = nullptr;
+  uint32_t a[4] = {};
+  uint32_t b[2] = {};
+  float c[4] = {};
+  uint32_t u[4] = {};
+  float d[4] = {};
+};
+
+struct AsyncCopy {
+  unsigned char* dst;
+  const unsigned char* src;
+  bool pred;
+  long group;  // -1 until committed
+};
+
+struct Fiber {
+#if DISTATTN_EMU_ASM_SWITCH
+  void* sp = nullptr;
+#else
+  ucontext_t ctx;
+#endif
+  unsigned char* stack = nullptr;  // lowest usable byte (a guard page lies below)
+  dim3 tid;
+  int id = 0;
+  State state = State::kExited;
+  LaneIO io;
+  std::vector<AsyncCopy> copies;
+  long committed = 0;
+  uint64_t cta_synced = 0;  // clock of the last __syncthreads it passed (or the CTA start)
+};
+
+// One access in the shadow of a 4-byte granule of shared memory.
+struct Access {
+  uint64_t time = 0;  // the clock when it happened; < cta_start: before this CTA
+  int32_t tid = -1;
+  Kind kind = Kind::kNone;
+};
+struct Cell {
+  Access w;       // last write (or the cp.async in flight to it)
+  Access r1, r2;  // last read, and the last read by a thread other than r1's
+  bool pending = false;
+};
+
+struct Runner;
+thread_local Runner* t_runner = nullptr;
+thread_local Fiber* t_fiber = nullptr;
+thread_local std::string t_last_message;
+thread_local cudaError_t t_last_error = cudaSuccess;
+
+std::string kernel_name(const void* kernel) {
+  Dl_info info;
+  if (dladdr(kernel, &info) && info.dli_sname) {
+    int status = 0;
+    char* d = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &status);
+    std::string name = status == 0 && d ? d : info.dli_sname;
+    std::free(d);
+    return name;
+  }
+  std::ostringstream s;
+  s << "kernel@" << kernel;
+  return s.str();
+}
+
+[[noreturn]] void fiber_main();
+
+// Everything one OS thread needs to run CTAs: the fibers and their stacks, the scheduler's
+// context, the shadow of shared memory and the CTA being run.
+struct Runner {
+  std::vector<Fiber> fibers;
+  unsigned char* stacks = nullptr;
+  std::size_t mapped_bytes = 0;
+#if DISTATTN_EMU_ASM_SWITCH
+  void* sched_sp = nullptr;
+#else
+  ucontext_t sched_ctx;
+#endif
+  std::vector<Cell> shadow;
+  std::vector<uint64_t> warp_synced;
+  uint64_t clock = 0, cta_start = 0;
+
+  // The CTA being run.
+  const void* kernel = nullptr;
+  const std::function<void()>* body = nullptr;
+  dim3 block_idx, block_dim, grid_dim;
+  int nthreads = 0;
+  std::size_t smem_bytes = 0;
+  unsigned char* smem = nullptr;
+  bool failed = false;
+  std::string error;
+
+  Runner() : fibers(kMaxThreads) {
+    const std::size_t per = kStackBytes + kGuardBytes;
+    mapped_bytes = per * kMaxThreads;
+    void* m = mmap(nullptr, mapped_bytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) {
+      std::fprintf(stderr, "distattn emulator: cannot map fiber stacks\n");
+      std::abort();
+    }
+    stacks = static_cast<unsigned char*>(m);
+    for (int i = 0; i < kMaxThreads; ++i) {
+      unsigned char* base = stacks + per * i;
+      mprotect(base, kGuardBytes, PROT_NONE);  // a stack overflow faults instead of corrupting
+      fibers[i].stack = base + kGuardBytes;
+      fibers[i].id = i;
+    }
+  }
+  ~Runner() { munmap(stacks, mapped_bytes); }
+
+  // -- context switches -----------------------------------------------------------------------
+  void prepare(Fiber& f) {
+#if DISTATTN_EMU_ASM_SWITCH
+    // A frame as distattn_emu_switch leaves it: control words, r15..rbp, return address =
+    // fiber_main, so that fiber_main starts with the stack aligned as after a call.
+    uintptr_t top = (reinterpret_cast<uintptr_t>(f.stack) + kStackBytes) & ~uintptr_t(15);
+    auto* frame = reinterpret_cast<uint64_t*>(top - 72);
+    uint32_t mxcsr;
+    uint16_t fpucw;
+    asm volatile("stmxcsr %0" : "=m"(mxcsr));
+    asm volatile("fnstcw %0" : "=m"(fpucw));
+    std::memset(frame, 0, 72);
+    std::memcpy(frame, &mxcsr, 4);
+    std::memcpy(reinterpret_cast<unsigned char*>(frame) + 4, &fpucw, 2);
+    frame[7] = reinterpret_cast<uint64_t>(&fiber_main);
+    f.sp = frame;
+#else
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack;
+    f.ctx.uc_stack.ss_size = kStackBytes;
+    f.ctx.uc_link = nullptr;
+    makecontext(&f.ctx, reinterpret_cast<void (*)()>(&fiber_main), 0);
+#endif
+  }
+
+  void resume(Fiber& f) {
+    t_fiber = &f;
+#if DISTATTN_EMU_ASM_SWITCH
+    distattn_emu_switch(&sched_sp, f.sp);
+#else
+    swapcontext(&sched_ctx, &f.ctx);
+#endif
+    t_fiber = nullptr;
+  }
+
+  void yield() {
+    Fiber& f = *t_fiber;
+#if DISTATTN_EMU_ASM_SWITCH
+    distattn_emu_switch(&f.sp, sched_sp);
+#else
+    swapcontext(&f.ctx, &sched_ctx);
+#endif
+  }
+
+  // -- errors ---------------------------------------------------------------------------------
+  std::string who(int tid) const {
+    std::ostringstream s;
+    s << "thread " << tid << " (warp " << tid / kWarpSize << ", lane " << tid % kWarpSize << ")";
+    return s.str();
+  }
+
+  void set_error(const std::string& what) {
+    if (failed) return;
+    failed = true;
+    std::ostringstream s;
+    s << "distattn emulator: " << kernel_name(kernel) << ", block (" << block_idx.x << ", "
+      << block_idx.y << ", " << block_idx.z << "): " << what;
+    error = s.str();
+  }
+
+  // From a fiber: record the error and never come back (the CTA is abandoned).
+  [[noreturn]] void fail(const std::string& what) {
+    set_error(what);
+    yield();
+    std::abort();  // unreachable: a failed CTA's fibers are never resumed
+  }
+
+  // -- shared-memory shadow -------------------------------------------------------------------
+  bool ordered(const Access& a, int q) const {
+    if (fibers[q].cta_synced > a.time) return true;
+    return a.tid / kWarpSize == q / kWarpSize && warp_synced[q / kWarpSize] > a.time;
+  }
+
+  std::size_t offset_of(const void* p, std::size_t bytes, const char* what, int tid) {
+    const auto* c = static_cast<const unsigned char*>(p);
+    if (c < smem || c + bytes > smem + smem_bytes) {
+      std::ostringstream s;
+      s << who(tid) << ": " << what << " of " << bytes << " bytes at " << p
+        << " lies outside the block's " << smem_bytes << " bytes of dynamic shared memory";
+      report(s.str());
+      return SIZE_MAX;
+    }
+    return std::size_t(c - smem);
+  }
+
+  // An error found either in a fiber (which then stops) or by the scheduler (which returns).
+  void report(const std::string& what) {
+    if (t_fiber) fail(what);
+    set_error(what);
+  }
+
+  // What an access found wrong with a granule (kOk: nothing).
+  enum class Hazard { kOk, kUninitialised, kInFlight, kRaw, kWaw, kWar };
+
+  Hazard check_read(const Cell& c, int q) const {
+    if (c.w.time < cta_start) return Hazard::kUninitialised;
+    if (c.pending) return Hazard::kInFlight;
+    if (c.w.tid != q && !ordered(c.w, q)) return Hazard::kRaw;
+    return Hazard::kOk;
+  }
+
+  Hazard check_write(const Cell& c, int q, const Access** war) const {
+    const bool written = c.w.time >= cta_start;
+    if (written && c.pending) return Hazard::kInFlight;
+    if (written && c.w.tid != q && !ordered(c.w, q)) return Hazard::kWaw;
+    for (const Access* r : {&c.r1, &c.r2})
+      if (r->time >= cta_start && r->tid != q && !ordered(*r, q)) {
+        *war = r;
+        return Hazard::kWar;
+      }
+    return Hazard::kOk;
+  }
+
+  void report_hazard(Hazard h, int q, bool is_write, Kind kind, std::size_t g, const Cell& c,
+                     const Access* war) {
+    std::ostringstream s;
+    const char* verb = is_write ? " writes (" : " reads (";
+    s << (h == Hazard::kRaw || h == Hazard::kWaw || h == Hazard::kWar ? "shared-memory race: "
+                                                                         : "")
+      << who(q) << verb << kind_name(kind) << ") shared bytes [" << 4 * g << ", " << 4 * g + 4
+      << ") ";
+    switch (h) {
+      case Hazard::kUninitialised:
+        s << "that no thread of this block has written (uninitialised shared memory)";
+        break;
+      case Hazard::kInFlight:
+        s << "while the cp.async that " << who(c.w.tid) << " issued to them is still in flight "
+          << "(missing cp.async wait, or a __syncthreads() after it)";
+        break;
+      case Hazard::kRaw:
+        s << "that " << who(c.w.tid) << " wrote (" << kind_name(c.w.kind) << ") with no barrier "
+          << "between the write and the read (missing __syncthreads()?)";
+        break;
+      case Hazard::kWaw:
+        s << "that " << who(c.w.tid) << " also wrote (" << kind_name(c.w.kind) << ") with no "
+          << "barrier in between (missing __syncthreads()?)";
+        break;
+      case Hazard::kWar:
+        s << "that " << who(war->tid) << " read (" << kind_name(war->kind) << ") with no "
+          << "barrier between the read and the write (missing __syncthreads()?)";
+        break;
+      case Hazard::kOk: break;
+    }
+    report(s.str());
+  }
+
+  // Returns false after reporting an error.
+  bool shadow_read(int q, std::size_t off, std::size_t bytes, Kind kind) {
+    for (std::size_t g = off / 4; g < (off + bytes + 3) / 4; ++g) {
+      Cell& c = shadow[g];
+      const Hazard h = check_read(c, q);
+      if (h != Hazard::kOk) {
+        report_hazard(h, q, false, kind, g, c, nullptr);
+        return false;
+      }
+      const Access now{clock, q, kind};
+      if (c.r1.time >= cta_start && c.r1.tid != q) c.r2 = c.r1;
+      c.r1 = now;
+    }
+    return true;
+  }
+
+  bool shadow_write(int q, std::size_t off, std::size_t bytes, Kind kind, bool pending) {
+    for (std::size_t g = off / 4; g < (off + bytes + 3) / 4; ++g) {
+      Cell& c = shadow[g];
+      const Access* war = nullptr;
+      const Hazard h = check_write(c, q, &war);
+      if (h != Hazard::kOk) {
+        report_hazard(h, q, true, kind, g, c, war);
+        return false;
+      }
+      c.w = Access{clock, q, kind};
+      c.pending = pending;
+    }
+    return true;
+  }
+
+  // -- asynchronous copies --------------------------------------------------------------------
+  void complete_copies(Fiber& f, int n) {
+    std::size_t kept = 0;
+    for (std::size_t i = 0; i < f.copies.size(); ++i) {
+      AsyncCopy& cp = f.copies[i];
+      const bool done = n == 0 || (cp.group >= 0 && cp.group < f.committed - n);
+      if (!done) {
+        f.copies[kept++] = cp;
+        continue;
+      }
+      if (cp.pred)
+        std::memcpy(cp.dst, cp.src, 16);
+      else
+        std::memset(cp.dst, 0, 16);
+      const std::size_t g0 = std::size_t(cp.dst - smem) / 4;
+      for (std::size_t g = g0; g < g0 + 4; ++g) {
+        shadow[g].pending = false;
+        shadow[g].w = Access{clock, f.id, Kind::kCpAsync};
+      }
+    }
+    f.copies.resize(kept);
+  }
+
+  // -- warp-collective instructions (run by the scheduler once the whole warp is there) -------
+  void exec_warp_op(int w) {
+    Fiber* lanes = &fibers[w * kWarpSize];
+    const LaneIO& io0 = lanes[0].io;
+    for (int l = 1; l < kWarpSize; ++l) {
+      const LaneIO& io = lanes[l].io;
+      if (io.op != io0.op || io.trans != io0.trans || io.mma_type != io0.mma_type) {
+        std::ostringstream s;
+        s << "warp " << w << " diverged at a warp-collective instruction: lane 0 is at "
+          << op_name(io0.op) << (io0.trans ? ".trans" : "") << ", lane " << l << " at "
+          << op_name(io.op) << (io.trans ? ".trans" : "");
+        return set_error(s.str());
+      }
+    }
+    switch (io0.op) {
+      case Op::kMma: exec_mma(lanes); break;
+      case Op::kLdsm: exec_ldmatrix(lanes, io0.trans); break;
+      case Op::kShfl: exec_shfl(lanes); break;
+      case Op::kSyncwarp:
+        for (int l = 0; l < kWarpSize; ++l)
+          if (lanes[l].io.member_mask != 0xffffffffu)
+            return set_error("__syncwarp with a partial member mask is not modelled");
+        warp_synced[w] = ++clock;
+        break;
+      default: return set_error("internal: unknown warp operation");
+    }
+  }
+
+  // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32, lane = 4g + t:
+  //   A[g + 8*(q%2)][2t + j + 8*(q/2)] = half j of a[q]   (q = 0..3, j = 0 low, 1 high)
+  //   B[2t + j + 8q][g]                = half j of b[q]   (q = 0..1)
+  //   C/D[g + 8*(e/2)][2t + e%2]       = c[e] / d[e]      (e = 0..3)
+  // Products of 16-bit floats are exact in float; they are summed in k order in float and
+  // added to C (the hardware's internal order and rounding of the sum is not specified).
+  void exec_mma(Fiber* lanes) {
+    const bool bf16 = lanes[0].io.mma_type == MmaType::kBF16;
+    auto cvt = [bf16](uint32_t reg, int j) {
+      const uint16_t h = uint16_t(j == 0 ? reg & 0xffffu : reg >> 16);
+      return bf16 ? bf16_to_float(h) : half_to_float(h);
+    };
+    float A[16][16], B[16][8];
+    for (int lane = 0; lane < kWarpSize; ++lane) {
+      const LaneIO& io = lanes[lane].io;
+      const int g = lane / 4, t = lane % 4;
+      for (int q = 0; q < 4; ++q)
+        for (int j = 0; j < 2; ++j) A[g + 8 * (q % 2)][2 * t + j + 8 * (q / 2)] = cvt(io.a[q], j);
+      for (int q = 0; q < 2; ++q)
+        for (int j = 0; j < 2; ++j) B[2 * t + j + 8 * q][g] = cvt(io.b[q], j);
+    }
+    for (int lane = 0; lane < kWarpSize; ++lane) {
+      LaneIO& io = lanes[lane].io;
+      const int g = lane / 4, t = lane % 4;
+      for (int e = 0; e < 4; ++e) {
+        const int row = g + 8 * (e / 2), col = 2 * t + e % 2;
+        float sum = 0.f;
+        for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
+        io.d[e] = io.c[e] + sum;
+      }
+    }
+  }
+
+  // ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane L gives the address of row L%8 of
+  // 8x8 matrix L/8 (16 bytes). Register i of lane l receives, from matrix i:
+  //   plain:  row l/4, elements 2(l%4) and 2(l%4)+1 (low, high half)
+  //   .trans: element l/4 of rows 2(l%4) and 2(l%4)+1
+  void exec_ldmatrix(Fiber* lanes, bool trans) {
+    const unsigned char* rows[kWarpSize];
+    for (int l = 0; l < kWarpSize; ++l) {
+      const int q = lanes[l].id;
+      const unsigned char* a = lanes[l].io.addr;
+      if (reinterpret_cast<uintptr_t>(a) % 16 != 0) {
+        std::ostringstream s;
+        s << who(q) << ": ldmatrix row address " << static_cast<const void*>(a)
+          << " is not 16-byte aligned";
+        return set_error(s.str());
+      }
+      const std::size_t off = offset_of(a, 16, "ldmatrix row", q);
+      if (off == SIZE_MAX || !shadow_read(q, off, 16, Kind::kLdmatrix)) return;
+      rows[l] = a;
+    }
+    auto elem = [&](int row, int i) {
+      uint16_t h;
+      std::memcpy(&h, rows[row] + 2 * i, 2);
+      return uint32_t(h);
+    };
+    for (int l = 0; l < kWarpSize; ++l) {
+      LaneIO& io = lanes[l].io;
+      for (int m = 0; m < 4; ++m) {
+        if (!trans) {
+          io.u[m] = elem(8 * m + l / 4, 2 * (l % 4)) | elem(8 * m + l / 4, 2 * (l % 4) + 1) << 16;
+        } else {
+          io.u[m] = elem(8 * m + 2 * (l % 4), l / 4) | elem(8 * m + 2 * (l % 4) + 1, l / 4) << 16;
+        }
+      }
+    }
+  }
+
+  void exec_shfl(Fiber* lanes) {
+    uint32_t in[kWarpSize];
+    for (int l = 0; l < kWarpSize; ++l) {
+      const LaneIO& io = lanes[l].io;
+      if (io.member_mask != 0xffffffffu || io.width != kWarpSize)
+        return set_error("shfl.sync with a partial member mask or a width below 32 is not "
+                         "modelled");
+      in[l] = io.u[0];
+    }
+    for (int l = 0; l < kWarpSize; ++l)
+      lanes[l].io.u[0] = in[(l ^ lanes[l].io.lane_mask) & (kWarpSize - 1)];
+  }
+
+  // -- the scheduler --------------------------------------------------------------------------
+  // Runs one CTA; false (with `error` set) when the kernel broke a rule the emulator checks.
+  bool run_cta(dim3 idx) {
+    block_idx = idx;
+    failed = false;
+    error.clear();
+    cta_start = ++clock;
+    std::memset(smem, 0xff, smem_bytes);  // poison: a stray read sees NaN, not zeros
+    if (shadow.size() < (smem_bytes + 3) / 4) shadow.resize((smem_bytes + 3) / 4);
+    const int warps = (nthreads + kWarpSize - 1) / kWarpSize;
+    warp_synced.assign(warps, cta_start);
+    for (int i = 0; i < nthreads; ++i) {
+      Fiber& f = fibers[i];
+      f.tid = dim3(i % block_dim.x, (i / block_dim.x) % block_dim.y,
+                   i / (block_dim.x * block_dim.y));
+      f.state = State::kRunnable;
+      f.io = LaneIO();
+      f.copies.clear();
+      f.committed = 0;
+      f.cta_synced = cta_start;
+      prepare(f);
+    }
+    for (;;) {
+      for (int w = 0; w < warps; ++w) {
+        const int lo = w * kWarpSize, hi = std::min(nthreads, lo + kWarpSize);
+        for (;;) {
+          bool ran = false;
+          for (int i = lo; i < hi; ++i)
+            if (fibers[i].state == State::kRunnable) {
+              resume(fibers[i]);
+              ran = true;
+              if (failed) return false;
+            }
+          if (!ran) break;
+          int at_op = -1, other = -1;  // a lane at a warp operation, and one that is not
+          for (int i = lo; i < hi; ++i) {
+            if (fibers[i].state == State::kAtWarpOp)
+              at_op = at_op < 0 ? i : at_op;
+            else
+              other = other < 0 ? i : other;
+          }
+          if (at_op < 0) break;  // the warp waits at __syncthreads() or has exited
+          if (other >= 0 || hi - lo != kWarpSize) {
+            std::ostringstream s;
+            s << "warp " << w << ": " << who(at_op) << " waits at the full-warp "
+              << op_name(fibers[at_op].io.op) << " while ";
+            if (other < 0)
+              s << "lanes " << hi - lo << "..31 do not exist (block size not a multiple of 32)";
+            else
+              s << who(other)
+                << (fibers[other].state == State::kExited ? " has exited" : " waits at __syncthreads()");
+            set_error(s.str());
+            return false;
+          }
+          exec_warp_op(w);
+          if (failed) return false;
+          for (int i = lo; i < hi; ++i) fibers[i].state = State::kRunnable;
+        }
+      }
+      // Every warp is at __syncthreads() or has exited.
+      int live = 0;
+      for (int i = 0; i < nthreads; ++i) live += fibers[i].state != State::kExited;
+      if (live == 0) return true;
+      ++clock;
+      for (int w = 0; w < warps; ++w) warp_synced[w] = clock;
+      for (int i = 0; i < nthreads; ++i)
+        if (fibers[i].state == State::kAtBarrier) {
+          fibers[i].state = State::kRunnable;
+          fibers[i].cta_synced = clock;
+        }
+    }
+  }
+};
+
+Runner& runner() {
+  thread_local Runner r;
+  t_runner = &r;
+  return r;
+}
+
+[[noreturn]] void fiber_main() {
+  Runner& r = *t_runner;
+  (*r.body)();
+  Fiber& f = *t_fiber;
+  if (!f.copies.empty()) {
+    std::ostringstream s;
+    s << r.who(f.id) << " exits with " << f.copies.size() << " cp.async copies in flight";
+    r.fail(s.str());
+  }
+  f.state = State::kExited;
+  r.yield();
+  std::abort();  // an exited fiber is never resumed
+}
+
+Fiber& lane_enter(Op op) {
+  Fiber& f = *t_fiber;
+  f.io.op = op;
+  return f;
+}
+
+void lane_wait(Fiber& f) {
+  f.state = State::kAtWarpOp;
+  t_runner->yield();
+}
+
+// -- a pool of OS threads that run CTAs ---------------------------------------------------------
+class Pool {
+ public:
+  // Runs job() on `extra` pool threads and on the caller; returns when all have returned.
+  void run(int extra, const std::function<void()>& job) {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (int(threads_.size()) < extra) threads_.emplace_back([this] { loop(); });
+    job_ = &job;
+    wanted_ = extra;
+    running_ = extra;
+    ++generation_;
+    cv_.notify_all();
+    lock.unlock();
+    job();
+    lock.lock();
+    done_cv_.wait(lock, [this] { return running_ == 0; });
+    job_ = nullptr;
+  }
+
+ private:
+  void loop() {
+    long seen = 0;
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      cv_.wait(lock, [&] { return generation_ != seen && wanted_ > 0; });
+      seen = generation_;
+      --wanted_;
+      const std::function<void()>* job = job_;
+      lock.unlock();
+      (*job)();
+      lock.lock();
+      if (--running_ == 0) done_cv_.notify_all();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_, done_cv_;
+  std::vector<std::thread> threads_;  // detached at exit (the pool is never destroyed)
+  const std::function<void()>* job_ = nullptr;
+  int wanted_ = 0, running_ = 0;
+  long generation_ = 0;
+};
+
+Pool& pool() {
+  static Pool* p = new Pool();  // never destroyed: its threads wait forever
+  return *p;
+}
+
+std::mutex g_attr_mu;
+std::unordered_map<const void*, int>& max_smem_attr() {
+  static std::unordered_map<const void*, int> m;
+  return m;
+}
+std::atomic<int> g_num_threads{1};
+
+}  // namespace
+
+cudaError_t& last_launch_error() { return t_last_error; }
+const std::string& last_error_message() { return t_last_message; }
+
+const dim3& thread_idx() { return t_fiber->tid; }
+const dim3& block_idx() { return t_runner->block_idx; }
+const dim3& block_dim() { return t_runner->block_dim; }
+const dim3& grid_dim() { return t_runner->grid_dim; }
+
+void mma_m16n8k16(MmaType type, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                  const float (&c)[4]) {
+  Fiber& f = lane_enter(Op::kMma);
+  f.io.mma_type = type;
+  f.io.trans = false;
+  std::memcpy(f.io.a, a, sizeof f.io.a);
+  std::memcpy(f.io.b, b, sizeof f.io.b);
+  std::memcpy(f.io.c, c, sizeof f.io.c);
+  lane_wait(f);
+  std::memcpy(d, f.io.d, sizeof f.io.d);
+}
+
+void ldmatrix_x4(const void* smem_row, bool trans, uint32_t (&d)[4]) {
+  Fiber& f = lane_enter(Op::kLdsm);
+  f.io.trans = trans;
+  f.io.mma_type = MmaType::kF16;
+  f.io.addr = static_cast<const unsigned char*>(smem_row);
+  lane_wait(f);
+  std::memcpy(d, f.io.u, sizeof f.io.u);
+}
+
+uint32_t shfl_xor(unsigned member_mask, uint32_t value, int lane_mask, int width) {
+  Fiber& f = lane_enter(Op::kShfl);
+  f.io.trans = false;
+  f.io.mma_type = MmaType::kF16;
+  f.io.member_mask = member_mask;
+  f.io.lane_mask = lane_mask;
+  f.io.width = width;
+  f.io.u[0] = value;
+  lane_wait(f);
+  return f.io.u[0];
+}
+
+void syncwarp(unsigned member_mask) {
+  Fiber& f = lane_enter(Op::kSyncwarp);
+  f.io.trans = false;
+  f.io.mma_type = MmaType::kF16;
+  f.io.member_mask = member_mask;
+  lane_wait(f);
+}
+
+void syncthreads() {
+  Fiber& f = *t_fiber;
+  f.state = State::kAtBarrier;
+  t_runner->yield();
+}
+
+void cp_async_16(void* smem_dst, const void* gmem_src, bool pred) {
+  Runner& r = *t_runner;
+  Fiber& f = *t_fiber;
+  if (reinterpret_cast<uintptr_t>(smem_dst) % 16 != 0 ||
+      (pred && reinterpret_cast<uintptr_t>(gmem_src) % 16 != 0)) {
+    std::ostringstream s;
+    s << r.who(f.id) << ": cp.async of 16 bytes needs 16-byte aligned addresses, got shared "
+      << smem_dst << " and global " << gmem_src;
+    r.fail(s.str());
+  }
+  const std::size_t off = r.offset_of(smem_dst, 16, "cp.async destination", f.id);
+  r.shadow_write(f.id, off, 16, Kind::kCpAsync, /*pending=*/true);
+  f.copies.push_back({static_cast<unsigned char*>(smem_dst),
+                      static_cast<const unsigned char*>(gmem_src), pred, -1});
+}
+
+void cp_async_commit() {
+  Fiber& f = *t_fiber;
+  for (AsyncCopy& cp : f.copies)
+    if (cp.group < 0) cp.group = f.committed;
+  ++f.committed;
+}
+
+void cp_async_wait(int n) { t_runner->complete_copies(*t_fiber, n); }
+
+void shared_read(const void* p, std::size_t bytes) {
+  Runner& r = *t_runner;
+  const int q = t_fiber->id;
+  r.shadow_read(q, r.offset_of(p, bytes, "ld.shared", q), bytes, Kind::kLdShared);
+}
+
+void shared_write(void* p, std::size_t bytes) {
+  Runner& r = *t_runner;
+  const int q = t_fiber->id;
+  r.shadow_write(q, r.offset_of(p, bytes, "st.shared", q), bytes, Kind::kStShared, false);
+}
+
+int set_max_dynamic_smem(const void* kernel, int bytes) {
+  if (bytes < 0 || bytes > kMaxSmemBytes) {
+    std::ostringstream s;
+    s << "distattn emulator: cudaFuncSetAttribute(MaxDynamicSharedMemorySize, " << bytes
+      << ") for " << kernel_name(kernel) << " exceeds the " << kMaxSmemBytes
+      << " bytes of sm_80";
+    t_last_message = s.str();
+    return cudaErrorInvalidValue;
+  }
+  std::lock_guard<std::mutex> lock(g_attr_mu);
+  max_smem_attr()[kernel] = bytes;
+  return cudaSuccess;
+}
+
+void set_num_threads(int n) { g_num_threads = n < 1 ? 1 : n; }
+int num_threads() { return g_num_threads; }
+
+int run_grid(const void* kernel, dim3 grid, dim3 block, std::size_t smem_bytes,
+             const std::function<void()>& body) {
+  auto config_error = [&](cudaError_t code, const std::string& what) {
+    t_last_message = "distattn emulator: launch of " + kernel_name(kernel) + ": " + what;
+    return int(code);
+  };
+  const long threads = long(block.x) * block.y * block.z;
+  if (threads < 1 || threads > kMaxThreads || block.z > 64)
+    return config_error(cudaErrorInvalidConfiguration,
+                        "block of " + std::to_string(threads) + " threads (1..1024 allowed)");
+  if (grid.x < 1 || grid.y < 1 || grid.z < 1 || grid.y > 65535 || grid.z > 65535 ||
+      grid.x > 2147483647u)
+    return config_error(cudaErrorInvalidConfiguration, "grid dimensions out of range");
+  int allowed = kDefaultSmemBytes;
+  {
+    std::lock_guard<std::mutex> lock(g_attr_mu);
+    auto it = max_smem_attr().find(kernel);
+    if (it != max_smem_attr().end()) allowed = it->second;
+  }
+  if (smem_bytes > std::size_t(allowed))
+    return config_error(cudaErrorInvalidValue,
+                        std::to_string(smem_bytes) + " bytes of dynamic shared memory, more "
+                        "than the " + std::to_string(allowed) + " its MaxDynamicSharedMemorySize "
+                        "attribute allows");
+
+  const long total = long(grid.x) * grid.y * grid.z;
+  std::atomic<long> next{0};
+  std::atomic<bool> failed{false};
+  std::mutex err_mu;
+  std::string first_error;
+  const std::function<void()> work = [&] {
+    Runner& r = runner();
+    r.kernel = kernel;
+    r.body = &body;
+    r.grid_dim = grid;
+    r.block_dim = block;
+    r.nthreads = int(threads);
+    r.smem_bytes = smem_bytes;
+    r.smem = kern::smem_raw;
+    for (long i = next++; i < total && !failed; i = next++) {
+      const dim3 idx(unsigned(i % grid.x), unsigned((i / grid.x) % grid.y),
+                     unsigned(i / (long(grid.x) * grid.y)));
+      if (!r.run_cta(idx)) {
+        std::lock_guard<std::mutex> lock(err_mu);
+        if (!failed.exchange(true)) first_error = r.error;
+      }
+    }
+  };
+  const int extra = int(std::min<long>(num_threads(), total)) - 1;
+  if (extra > 0)
+    pool().run(extra, work);
+  else
+    work();
+  if (failed) {
+    t_last_message = first_error;
+    return cudaErrorLaunchFailure;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace emu
+}  // namespace distattn
