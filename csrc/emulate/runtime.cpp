@@ -28,9 +28,10 @@
 #endif
 
 #if DISTATTN_EMU_ASM_SWITCH
-// distattn_emu_switch(save, to): saves the callee-saved registers (and the SSE/x87 control
-// words) on the current stack, stores the stack pointer in *save, switches to `to` and
-// restores what is saved there. A new fiber's stack is prepared to look like a saved one.
+// distattn_emu_switch(save, to): saves the callee-saved registers on the current stack, stores
+// the stack pointer in *save, switches to `to` and restores what is saved there. A new fiber's
+// stack is prepared to look like a saved one. (The SSE/x87 control words are not switched:
+// no fiber changes them.)
 asm(R"(
   .text
   .globl distattn_emu_switch
@@ -43,14 +44,8 @@ distattn_emu_switch:
   pushq %r13
   pushq %r14
   pushq %r15
-  subq $8, %rsp
-  stmxcsr (%rsp)
-  fnstcw 4(%rsp)
   movq %rsp, (%rdi)
   movq %rsi, %rsp
-  ldmxcsr (%rsp)
-  fldcw 4(%rsp)
-  addq $8, %rsp
   popq %r15
   popq %r14
   popq %r13
@@ -76,8 +71,13 @@ namespace {
 
 constexpr int kWarpSize = 32;
 constexpr int kMaxThreads = 1024;
-constexpr std::size_t kStackBytes = 128 * 1024;
+// Each fiber owns an aligned span of kSpanBytes: a guard page at the bottom, the stack, and at
+// the top a header holding the fiber's address, so that code running on a fiber finds its
+// fiber from the stack pointer (self()), without thread-local storage.
+constexpr std::size_t kSpanBytes = 256 * 1024;
 constexpr std::size_t kGuardBytes = 4096;
+constexpr std::size_t kHeaderBytes = 64;
+constexpr std::size_t kStackBytes = kSpanBytes - kGuardBytes - kHeaderBytes;
 
 enum class State : uint8_t { kRunnable, kAtWarpOp, kAtBarrier, kExited };
 enum class Op : uint8_t { kNone, kMma, kLdsm, kShfl, kSyncwarp };
@@ -126,6 +126,8 @@ struct AsyncCopy {
   long group;  // -1 until committed
 };
 
+struct Runner;
+
 struct Fiber {
 #if DISTATTN_EMU_ASM_SWITCH
   void* sp = nullptr;
@@ -133,6 +135,7 @@ struct Fiber {
   ucontext_t ctx;
 #endif
   unsigned char* stack = nullptr;  // lowest usable byte (a guard page lies below)
+  Runner* runner = nullptr;
   dim3 tid;
   int id = 0;
   State state = State::kExited;
@@ -154,9 +157,12 @@ struct Cell {
   bool pending = false;
 };
 
-struct Runner;
-thread_local Runner* t_runner = nullptr;
-thread_local Fiber* t_fiber = nullptr;
+// The fiber whose stack the caller runs on (only valid on a fiber).
+inline Fiber* self() {
+  const uintptr_t sp = reinterpret_cast<uintptr_t>(__builtin_frame_address(0));
+  return *reinterpret_cast<Fiber**>((sp | (kSpanBytes - 1)) + 1 - kHeaderBytes);
+}
+
 thread_local std::string t_last_message;
 thread_local cudaError_t t_last_error = cudaSuccess;
 
@@ -180,8 +186,9 @@ std::string kernel_name(const void* kernel) {
 // context, the shadow of shared memory and the CTA being run.
 struct Runner {
   std::vector<Fiber> fibers;
-  unsigned char* stacks = nullptr;
+  void* mapping = nullptr;
   std::size_t mapped_bytes = 0;
+  bool in_fiber = false;  // a fiber is running (errors stop it) or the scheduler is
 #if DISTATTN_EMU_ASM_SWITCH
   void* sched_sp = nullptr;
 #else
@@ -202,39 +209,35 @@ struct Runner {
   std::string error;
 
   Runner() : fibers(kMaxThreads) {
-    const std::size_t per = kStackBytes + kGuardBytes;
-    mapped_bytes = per * kMaxThreads;
-    void* m = mmap(nullptr, mapped_bytes, PROT_READ | PROT_WRITE,
+    mapped_bytes = kSpanBytes * (kMaxThreads + 1);  // one more span to align them
+    mapping = mmap(nullptr, mapped_bytes, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (m == MAP_FAILED) {
+    if (mapping == MAP_FAILED) {
       std::fprintf(stderr, "distattn emulator: cannot map fiber stacks\n");
       std::abort();
     }
-    stacks = static_cast<unsigned char*>(m);
+    const uintptr_t first =
+        (reinterpret_cast<uintptr_t>(mapping) + kSpanBytes - 1) & ~uintptr_t(kSpanBytes - 1);
     for (int i = 0; i < kMaxThreads; ++i) {
-      unsigned char* base = stacks + per * i;
-      mprotect(base, kGuardBytes, PROT_NONE);  // a stack overflow faults instead of corrupting
-      fibers[i].stack = base + kGuardBytes;
+      auto* span = reinterpret_cast<unsigned char*>(first + kSpanBytes * i);
+      mprotect(span, kGuardBytes, PROT_NONE);  // a stack overflow faults instead of corrupting
+      fibers[i].stack = span + kGuardBytes;
       fibers[i].id = i;
+      fibers[i].runner = this;
+      *reinterpret_cast<Fiber**>(span + kSpanBytes - kHeaderBytes) = &fibers[i];
     }
   }
-  ~Runner() { munmap(stacks, mapped_bytes); }
+  ~Runner() { munmap(mapping, mapped_bytes); }
 
   // -- context switches -----------------------------------------------------------------------
   void prepare(Fiber& f) {
 #if DISTATTN_EMU_ASM_SWITCH
-    // A frame as distattn_emu_switch leaves it: control words, r15..rbp, return address =
-    // fiber_main, so that fiber_main starts with the stack aligned as after a call.
-    uintptr_t top = (reinterpret_cast<uintptr_t>(f.stack) + kStackBytes) & ~uintptr_t(15);
-    auto* frame = reinterpret_cast<uint64_t*>(top - 72);
-    uint32_t mxcsr;
-    uint16_t fpucw;
-    asm volatile("stmxcsr %0" : "=m"(mxcsr));
-    asm volatile("fnstcw %0" : "=m"(fpucw));
-    std::memset(frame, 0, 72);
-    std::memcpy(frame, &mxcsr, 4);
-    std::memcpy(reinterpret_cast<unsigned char*>(frame) + 4, &fpucw, 2);
-    frame[7] = reinterpret_cast<uint64_t>(&fiber_main);
+    // A frame as distattn_emu_switch leaves it: r15..rbp, then the return address =
+    // fiber_main, placed so that fiber_main starts with the stack aligned as after a call.
+    const uintptr_t top = reinterpret_cast<uintptr_t>(f.stack) + kStackBytes;  // 16-aligned
+    auto* frame = reinterpret_cast<uint64_t*>(top - 64);
+    std::memset(frame, 0, 64);
+    frame[6] = reinterpret_cast<uint64_t>(&fiber_main);
     f.sp = frame;
 #else
     getcontext(&f.ctx);
@@ -246,17 +249,43 @@ struct Runner {
   }
 
   void resume(Fiber& f) {
-    t_fiber = &f;
+    in_fiber = true;
 #if DISTATTN_EMU_ASM_SWITCH
     distattn_emu_switch(&sched_sp, f.sp);
 #else
     swapcontext(&sched_ctx, &f.ctx);
 #endif
-    t_fiber = nullptr;
+    in_fiber = false;
   }
 
-  void yield() {
-    Fiber& f = *t_fiber;
+  // From fiber f to fiber g (same OS thread).
+  static void switch_to(Fiber& f, Fiber& g) {
+#if DISTATTN_EMU_ASM_SWITCH
+    distattn_emu_switch(&f.sp, g.sp);
+#else
+    swapcontext(&f.ctx, &g.ctx);
+#endif
+  }
+
+  // From fiber f, which has just stopped at a warp operation, a barrier or its exit: run the
+  // next lane of its warp that can run. The last lane to arrive at a warp operation executes
+  // it for the whole warp and hands over to the first lane. When the warp is stuck (barrier,
+  // exit, divergence), back to the scheduler. Returns when f runs again.
+  void next_lane(Fiber& f) {
+    const int lo = f.id / kWarpSize * kWarpSize, hi = std::min(nthreads, lo + kWarpSize);
+    for (int i = f.id + 1; i < hi; ++i)
+      if (fibers[i].state == State::kRunnable) return switch_to(f, fibers[i]);
+    bool all_at_op = hi - lo == kWarpSize;
+    for (int i = lo; i < hi && all_at_op; ++i) all_at_op = fibers[i].state == State::kAtWarpOp;
+    if (!all_at_op) return yield(f);
+    exec_warp_op(lo / kWarpSize);
+    if (failed) return yield(f);  // never resumed
+    for (int i = lo; i < hi; ++i) fibers[i].state = State::kRunnable;
+    if (&fibers[lo] != &f) switch_to(f, fibers[lo]);
+  }
+
+  // From fiber f: back to the scheduler.
+  void yield(Fiber& f) {
 #if DISTATTN_EMU_ASM_SWITCH
     distattn_emu_switch(&f.sp, sched_sp);
 #else
@@ -283,7 +312,7 @@ struct Runner {
   // From a fiber: record the error and never come back (the CTA is abandoned).
   [[noreturn]] void fail(const std::string& what) {
     set_error(what);
-    yield();
+    yield(*self());
     std::abort();  // unreachable: a failed CTA's fibers are never resumed
   }
 
@@ -307,7 +336,7 @@ struct Runner {
 
   // An error found either in a fiber (which then stops) or by the scheduler (which returns).
   void report(const std::string& what) {
-    if (t_fiber) fail(what);
+    if (in_fiber) fail(what);
     set_error(what);
   }
 
@@ -456,11 +485,12 @@ struct Runner {
   // added to C (the hardware's internal order and rounding of the sum is not specified).
   void exec_mma(Fiber* lanes) {
     const bool bf16 = lanes[0].io.mma_type == MmaType::kBF16;
-    auto cvt = [bf16](uint32_t reg, int j) {
+    const float* half_table = half_to_float_table();
+    auto cvt = [bf16, half_table](uint32_t reg, int j) {
       const uint16_t h = uint16_t(j == 0 ? reg & 0xffffu : reg >> 16);
-      return bf16 ? bf16_to_float(h) : half_to_float(h);
+      return bf16 ? bf16_to_float(h) : half_table[h];
     };
-    float A[16][16], B[16][8];
+    float A[16][16], B[16][8], D[16][8] = {};
     for (int lane = 0; lane < kWarpSize; ++lane) {
       const LaneIO& io = lanes[lane].io;
       const int g = lane / 4, t = lane % 4;
@@ -469,16 +499,25 @@ struct Runner {
       for (int q = 0; q < 2; ++q)
         for (int j = 0; j < 2; ++j) B[2 * t + j + 8 * q][g] = cvt(io.b[q], j);
     }
+    // Every D element is summed in k order; the loop order lets the compiler vectorise over n.
+    for (int k = 0; k < 16; ++k)
+      for (int m = 0; m < 16; ++m)
+        for (int n = 0; n < 8; ++n) D[m][n] += A[m][k] * B[k][n];
     for (int lane = 0; lane < kWarpSize; ++lane) {
       LaneIO& io = lanes[lane].io;
       const int g = lane / 4, t = lane % 4;
-      for (int e = 0; e < 4; ++e) {
-        const int row = g + 8 * (e / 2), col = 2 * t + e % 2;
-        float sum = 0.f;
-        for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
-        io.d[e] = io.c[e] + sum;
-      }
+      for (int e = 0; e < 4; ++e) io.d[e] = io.c[e] + D[g + 8 * (e / 2)][2 * t + e % 2];
     }
+  }
+
+  // All 65536 half -> float conversions (a 256 KiB table, built once).
+  static const float* half_to_float_table() {
+    static const std::vector<float> table = [] {
+      std::vector<float> t(65536);
+      for (uint32_t h = 0; h < 65536; ++h) t[h] = half_to_float(uint16_t(h));
+      return t;
+    }();
+    return table.data();
   }
 
   // ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane L gives the address of row L%8 of
@@ -555,38 +594,32 @@ struct Runner {
     for (;;) {
       for (int w = 0; w < warps; ++w) {
         const int lo = w * kWarpSize, hi = std::min(nthreads, lo + kWarpSize);
-        for (;;) {
-          bool ran = false;
-          for (int i = lo; i < hi; ++i)
-            if (fibers[i].state == State::kRunnable) {
-              resume(fibers[i]);
-              ran = true;
-              if (failed) return false;
-            }
-          if (!ran) break;
-          int at_op = -1, other = -1;  // a lane at a warp operation, and one that is not
-          for (int i = lo; i < hi; ++i) {
-            if (fibers[i].state == State::kAtWarpOp)
-              at_op = at_op < 0 ? i : at_op;
-            else
-              other = other < 0 ? i : other;
+        // The warp's lanes hand over to each other (next_lane) until it is stuck.
+        for (int i = lo; i < hi; ++i)
+          if (fibers[i].state == State::kRunnable) {
+            resume(fibers[i]);
+            break;
           }
-          if (at_op < 0) break;  // the warp waits at __syncthreads() or has exited
-          if (other >= 0 || hi - lo != kWarpSize) {
-            std::ostringstream s;
-            s << "warp " << w << ": " << who(at_op) << " waits at the full-warp "
-              << op_name(fibers[at_op].io.op) << " while ";
-            if (other < 0)
-              s << "lanes " << hi - lo << "..31 do not exist (block size not a multiple of 32)";
-            else
-              s << who(other)
-                << (fibers[other].state == State::kExited ? " has exited" : " waits at __syncthreads()");
-            set_error(s.str());
-            return false;
-          }
-          exec_warp_op(w);
-          if (failed) return false;
-          for (int i = lo; i < hi; ++i) fibers[i].state = State::kRunnable;
+        if (failed) return false;
+        int at_op = -1, other = -1;  // a lane at a warp operation, and one that is not
+        for (int i = lo; i < hi; ++i) {
+          if (fibers[i].state == State::kAtWarpOp)
+            at_op = at_op < 0 ? i : at_op;
+          else
+            other = other < 0 ? i : other;
+        }
+        if (at_op >= 0) {  // it would have run had the whole warp been there
+          std::ostringstream s;
+          s << "warp " << w << ": " << who(at_op) << " waits at the full-warp "
+            << op_name(fibers[at_op].io.op) << " while ";
+          if (other < 0)
+            s << "lanes " << hi - lo << "..31 do not exist (block size not a multiple of 32)";
+          else
+            s << who(other) << (fibers[other].state == State::kExited
+                                    ? " has exited"
+                                    : " waits at __syncthreads()");
+          set_error(s.str());
+          return false;
         }
       }
       // Every warp is at __syncthreads() or has exited.
@@ -606,33 +639,32 @@ struct Runner {
 
 Runner& runner() {
   thread_local Runner r;
-  t_runner = &r;
   return r;
 }
 
 [[noreturn]] void fiber_main() {
-  Runner& r = *t_runner;
+  Fiber& f = *self();
+  Runner& r = *f.runner;
   (*r.body)();
-  Fiber& f = *t_fiber;
   if (!f.copies.empty()) {
     std::ostringstream s;
     s << r.who(f.id) << " exits with " << f.copies.size() << " cp.async copies in flight";
     r.fail(s.str());
   }
   f.state = State::kExited;
-  r.yield();
+  r.next_lane(f);
   std::abort();  // an exited fiber is never resumed
 }
 
 Fiber& lane_enter(Op op) {
-  Fiber& f = *t_fiber;
+  Fiber& f = *self();
   f.io.op = op;
   return f;
 }
 
 void lane_wait(Fiber& f) {
   f.state = State::kAtWarpOp;
-  t_runner->yield();
+  f.runner->next_lane(f);
 }
 
 // -- a pool of OS threads that run CTAs ---------------------------------------------------------
@@ -695,10 +727,10 @@ std::atomic<int> g_num_threads{1};
 cudaError_t& last_launch_error() { return t_last_error; }
 const std::string& last_error_message() { return t_last_message; }
 
-const dim3& thread_idx() { return t_fiber->tid; }
-const dim3& block_idx() { return t_runner->block_idx; }
-const dim3& block_dim() { return t_runner->block_dim; }
-const dim3& grid_dim() { return t_runner->grid_dim; }
+const dim3& thread_idx() { return self()->tid; }
+const dim3& block_idx() { return self()->runner->block_idx; }
+const dim3& block_dim() { return self()->runner->block_dim; }
+const dim3& grid_dim() { return self()->runner->grid_dim; }
 
 void mma_m16n8k16(MmaType type, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
                   const float (&c)[4]) {
@@ -742,14 +774,14 @@ void syncwarp(unsigned member_mask) {
 }
 
 void syncthreads() {
-  Fiber& f = *t_fiber;
+  Fiber& f = *self();
   f.state = State::kAtBarrier;
-  t_runner->yield();
+  f.runner->next_lane(f);
 }
 
 void cp_async_16(void* smem_dst, const void* gmem_src, bool pred) {
-  Runner& r = *t_runner;
-  Fiber& f = *t_fiber;
+  Fiber& f = *self();
+  Runner& r = *f.runner;
   if (reinterpret_cast<uintptr_t>(smem_dst) % 16 != 0 ||
       (pred && reinterpret_cast<uintptr_t>(gmem_src) % 16 != 0)) {
     std::ostringstream s;
@@ -764,23 +796,28 @@ void cp_async_16(void* smem_dst, const void* gmem_src, bool pred) {
 }
 
 void cp_async_commit() {
-  Fiber& f = *t_fiber;
+  Fiber& f = *self();
   for (AsyncCopy& cp : f.copies)
     if (cp.group < 0) cp.group = f.committed;
   ++f.committed;
 }
 
-void cp_async_wait(int n) { t_runner->complete_copies(*t_fiber, n); }
+void cp_async_wait(int n) {
+  Fiber& f = *self();
+  f.runner->complete_copies(f, n);
+}
 
 void shared_read(const void* p, std::size_t bytes) {
-  Runner& r = *t_runner;
-  const int q = t_fiber->id;
+  Fiber& f = *self();
+  Runner& r = *f.runner;
+  const int q = f.id;
   r.shadow_read(q, r.offset_of(p, bytes, "ld.shared", q), bytes, Kind::kLdShared);
 }
 
 void shared_write(void* p, std::size_t bytes) {
-  Runner& r = *t_runner;
-  const int q = t_fiber->id;
+  Fiber& f = *self();
+  Runner& r = *f.runner;
+  const int q = f.id;
   r.shadow_write(q, r.offset_of(p, bytes, "st.shared", q), bytes, Kind::kStShared, false);
 }
 

@@ -1,8 +1,9 @@
 """Block-attention backends and their registry (DESIGN.md section 2).
 
 ``get_backend(name, q, k, v)`` returns a ``BlockAttention`` that can run these inputs:
-``"reference"``, ``"torch"``, ``"cuda"`` (this project's kernels, when built) or ``"auto"``:
-cuda when built, applicable and verified, else torch when applicable, else reference.
+``"reference"``, ``"torch"``, ``"cuda"`` (this project's kernels, when built), ``"emulate"``
+(the same kernels compiled for the CPU CTA emulator, for tests; never chosen by auto) or
+``"auto"``: cuda when built, applicable and verified, else torch when applicable, else reference.
 
 ``CUDA_KERNELS_VERIFIED``: the csrc kernels compile and their host logic is tested, but their
 GPU tests (tests/test_cuda_kernels.py) have not run on hardware yet. Until they have, "auto"
@@ -15,7 +16,7 @@ from .mask import Mask, accumulation_dtype
 from .reference import ReferenceBackend, reference_attention
 from .torch_sdpa import TorchBackend
 
-BACKENDS = ("auto", "cuda", "torch", "reference")
+BACKENDS = ("auto", "cuda", "torch", "reference", "emulate")
 CUDA_KERNELS_VERIFIED = False
 
 
@@ -42,6 +43,11 @@ def get_backend(name: str, q, k, v) -> BlockAttention:
         backend, why = _cuda_backend()
         if backend is None:
             raise RuntimeError(f"backend='cuda' is not available: {why}")
+        backend.check(q, k, v)
+        return backend
+    if name == "emulate":  # never chosen by auto: slow, for tests without a GPU
+        from .emulate import EmulateBackend
+        backend = EmulateBackend()
         backend.check(q, k, v)
         return backend
     # auto

@@ -16,8 +16,9 @@ Contract (base.py / DESIGN.md section 2), with these specifics:
   then the standalone merge kernel / an add).
 - ``merge_`` is the standalone merge kernel (same semantics as ``distattn.merge.merge_``).
 
-STATUS: the kernels compile for sm_90a and sm_80 and their host-side logic is unit-tested, but
-they have not yet been run on a GPU; tests/test_cuda_kernels.py is the check to run there.
+STATUS: the kernels compile for sm_90a and sm_80 and run, unchanged, on the host CTA emulator
+(backend ``"emulate"``, distattn/kernels/emulate.py, which subclasses this one), but they have
+not yet been run on a GPU; tests/test_cuda_kernels.py is the check to run there.
 """
 from __future__ import annotations
 
@@ -81,26 +82,42 @@ def _mask_args(mask: Mask) -> tuple[bool, int]:
 
 
 class CudaBackend(BlockAttention):
+    """The csrc kernels through an extension module: ``distattn._C`` on CUDA tensors here,
+    ``distattn._emulate`` on CPU tensors in the ``emulate`` subclass."""
     name = "cuda"
+    device_type = "cuda"
+
+    @property
+    def _ext(self):
+        return _C
+
+    def unavailable(self) -> str | None:
+        """None when the extension can run here, else why not (one line)."""
+        return extension_error()
+
+    def head_dims(self) -> tuple[int, ...]:
+        return head_dims()
 
     # -- applicability ----------------------------------------------------------------------
     def check(self, q, k, v):
-        why = extension_error()
+        me = f"backend={self.name!r}"
+        why = self.unavailable()
         if why is not None:
-            raise RuntimeError(f"backend='cuda' is not available: {why}")
+            raise RuntimeError(f"{me} is not available: {why}")
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.device.type != "cuda":
-                raise ValueError(f"backend='cuda' needs CUDA tensors; {name} is on {t.device} "
-                                 f"(move it with .cuda(), or use backend='torch')")
+            if t.device.type != self.device_type:
+                raise ValueError(f"{me} needs {self.device_type.upper()} tensors; {name} is on "
+                                 f"{t.device} (move it with .to({self.device_type!r}), or use "
+                                 f"backend='torch')")
             if t.dim() != 4:
                 raise ValueError(f"{name} must be 4-D [B, S, H, D], got shape {tuple(t.shape)}")
         if k.device != q.device or v.device != q.device:
             raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, "
                              f"{v.device}")
         if q.dtype not in _DTYPES:
-            raise TypeError(f"backend='cuda' needs float16 or bfloat16 q, got {q.dtype}; cast "
+            raise TypeError(f"{me} needs float16 or bfloat16 q, got {q.dtype}; cast "
                             f"q/k/v, or use backend='torch' or 'reference'")
         if k.dtype != q.dtype or v.dtype != q.dtype:
             raise TypeError(f"k and v must have q's dtype {q.dtype}, got {k.dtype}, {v.dtype}")
@@ -114,11 +131,11 @@ class CudaBackend(BlockAttention):
         hkv = k.shape[2]
         if hkv == 0 or hq % hkv != 0:
             raise ValueError(f"q's heads ({hq}) must be a multiple of k/v's heads ({hkv})")
-        if d not in head_dims():
-            raise ValueError(f"backend='cuda' has kernels for head_dim in {head_dims()}, got "
+        if d not in self.head_dims():
+            raise ValueError(f"{me} has kernels for head_dim in {self.head_dims()}, got "
                              f"{d}; use backend='torch'")
         if hq > _MAX_GRID_YZ or b > _MAX_GRID_YZ:
-            raise ValueError(f"backend='cuda' needs heads and batch <= {_MAX_GRID_YZ}, got "
+            raise ValueError(f"{me} needs heads and batch <= {_MAX_GRID_YZ}, got "
                              f"Hq={hq}, B={b}")
 
     def applicable(self, q, k, v) -> bool:
@@ -139,7 +156,7 @@ class CudaBackend(BlockAttention):
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
         causal, offset = _mask_args(mask)
-        _C.fwd(q, k, v, out, lse, float(scale), causal, offset)
+        self._ext.fwd(q, k, v, out, lse, float(scale), causal, offset)
         return out, lse
 
     def forward_into(self, q, k, v, out_acc, lse_acc, *, scale, mask) -> None:
@@ -148,7 +165,7 @@ class CudaBackend(BlockAttention):
         if mask.kind == "empty":
             return
         if out_acc.dtype != torch.float32 or lse_acc.dtype != torch.float32:
-            raise TypeError(f"backend='cuda' accumulates in float32; out_acc is "
+            raise TypeError(f"backend={self.name!r} accumulates in float32; out_acc is "
                             f"{out_acc.dtype}, lse_acc is {lse_acc.dtype}")
         if not _accumulator_ok(out_acc):
             out, lse = self.forward(q, k, v, scale=scale, mask=mask)
@@ -156,15 +173,14 @@ class CudaBackend(BlockAttention):
             return
         q, k, v = _kernel_input(q), _kernel_input(k), _kernel_input(v)
         causal, offset = _mask_args(mask)
-        _C.fwd_acc(q, k, v, out_acc, lse_acc, float(scale), causal, offset)
+        self._ext.fwd_acc(q, k, v, out_acc, lse_acc, float(scale), causal, offset)
 
-    @staticmethod
-    def merge_(out_acc, lse_acc, out_blk, lse_blk) -> None:
+    def merge_(self, out_acc, lse_acc, out_blk, lse_blk) -> None:
         """Standalone merge kernel: (out_acc, lse_acc) <- merge(acc, block). Falls back to the
         torch merge for accumulators whose last dim is not contiguous."""
         if (out_acc.dtype == torch.float32 and out_acc.stride(-1) == 1
                 and out_blk.stride(-1) == 1 and lse_acc.dtype == torch.float32):
-            _C.merge(out_acc, lse_acc, out_blk, lse_blk.to(torch.float32))
+            self._ext.merge(out_acc, lse_acc, out_blk, lse_blk.to(torch.float32))
         else:
             torch_merge_(out_acc, lse_acc, out_blk, lse_blk)
 
@@ -190,7 +206,7 @@ class CudaBackend(BlockAttention):
         dk = torch.empty(k.shape, **f32)
         dv = torch.empty(v.shape, **f32)
         causal, offset = _mask_args(mask)
-        _C.bwd(dout, q, k, v, out, lse, dq, dk, dv, float(scale), causal, offset, False)
+        self._ext.bwd(dout, q, k, v, out, lse, dq, dk, dv, float(scale), causal, offset, False)
         return dq, dk, dv
 
     def backward_into(self, dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc, *,
@@ -208,5 +224,5 @@ class CudaBackend(BlockAttention):
             return
         dout, q, k, v, out, lse = self._bwd_inputs(dout, q, k, v, out, lse)
         causal, offset = _mask_args(mask)
-        _C.bwd(dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc, float(scale), causal, offset,
-               True)
+        self._ext.bwd(dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc, float(scale), causal,
+                      offset, True)

@@ -1,0 +1,48 @@
+"""``emulate`` backend: this project's CUDA kernels (csrc/) compiled for the host CPU.
+
+``distattn._emulate`` is csrc/kernels built with ``DISTATTN_EMULATE``: the same kernel text as
+the ``cuda`` backend, over host models of the instructions it uses (mma.sync m16n8k16,
+ldmatrix, cp.async, warp shuffles, barriers) and a CTA emulator that runs every CUDA thread as
+a fiber and checks shared memory for races (csrc/emulate/, docs/KERNELS.md). It exists to test
+the kernels where there is no GPU: it takes CPU tensors (float16/bfloat16) and is slow, so
+``backend="auto"`` never picks it; ask for it with ``backend="emulate"``.
+
+Everything else (contract, fused ring step, accumulators, strided views) is the ``cuda``
+backend's: ``EmulateBackend`` is ``CudaBackend`` on the other extension module and device.
+A kernel that breaks a rule the emulator checks (a shared-memory race, an uninitialised read,
+a divergent warp-collective) raises RuntimeError naming the kernel, block and threads.
+"""
+from __future__ import annotations
+
+from .cuda import CudaBackend
+
+_IMPORT_ERROR: str | None = None
+try:  # built by setup.py on any torch (a host C++ extension, no CUDA needed)
+    from .. import _emulate  # type: ignore[attr-defined]
+except ImportError as exc:  # pragma: no cover - depends on the build
+    _emulate = None
+    _IMPORT_ERROR = str(exc)
+
+
+def extension_error() -> str | None:
+    """None when ``distattn._emulate`` is importable, else one line saying why not."""
+    if _emulate is None:
+        return (f"the distattn._emulate extension is not built ({_IMPORT_ERROR}); build it with "
+                f"`pip install --no-build-isolation -e .` (or `python setup.py build_ext "
+                f"--inplace`), which needs a C++ compiler but no CUDA")
+    return None
+
+
+class EmulateBackend(CudaBackend):
+    name = "emulate"
+    device_type = "cpu"
+
+    @property
+    def _ext(self):
+        return _emulate
+
+    def unavailable(self) -> str | None:
+        return extension_error()
+
+    def head_dims(self) -> tuple[int, ...]:
+        return tuple(_emulate.head_dims()) if _emulate is not None else ()

@@ -1,0 +1,212 @@
+"""The csrc kernels on the host CPU: backend ``emulate`` (distattn._emulate, csrc/emulate/).
+
+The same kernel text nvcc compiles, built with DISTATTN_EMULATE over host models of mma.sync,
+ldmatrix, cp.async, shuffles and barriers, every CUDA thread a fiber of an emulated CTA whose
+shared memory is checked for races. These tests run the GPU checks of tests/kernel_checks.py
+through it, then ``dist_flash_attn(..., backend="emulate")`` on gloo CPU ranks:
+
+- kernels vs fp64, fp16 and bf16, head_dim 64 and 128, FlashAttention's rule (error at most
+  2x PyTorch math's error in the same dtype, plus a small atol), poisoned outputs; lengths
+  that cross the 64-row/column tiles with ragged tails, causal offsets, rows that see nothing,
+  GQA and MQA;
+- the fused ring step (forward_into / backward_into) against forward + merge and fp64;
+- the distributed matrix slice: ring, Ulysses and USP meshes, three layouts, causal, GQA.
+
+Shapes are small (the emulator runs ~10^5 CUDA threads a second) but cross tile boundaries.
+"""
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+import distattn
+import kernel_checks as kc
+from dist_cases import Case, Meshes, mesh_shapes
+from distattn.kernels import Mask, get_backend
+from distattn.kernels.emulate import EmulateBackend, extension_error
+from spawn import run_world
+
+EXT_ERROR = extension_error()
+pytestmark = pytest.mark.skipif(EXT_ERROR is not None, reason=f"emulate absent: {EXT_ERROR}")
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@pytest.fixture(scope="module")
+def be():
+    return EmulateBackend()
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend itself
+# ---------------------------------------------------------------------------------------------
+def test_auto_never_picks_emulate_and_emulate_is_selectable():
+    q = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16)
+    assert get_backend("auto", q, q, q).name != "emulate"
+    assert get_backend("emulate", q, q, q).name == "emulate"
+
+
+def test_absent_extension_raises_clearly(monkeypatch):
+    import distattn.kernels.emulate as emu
+    monkeypatch.setattr(emu, "_emulate", None)
+    q = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="backend='emulate' is not available.*not built"):
+        get_backend("emulate", q, q, q)
+
+
+def test_check_names_argument_and_fix(be):
+    q = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        be.check(q.float(), q.float(), q.float())
+    with pytest.raises(ValueError, match="head_dim"):
+        be.check(q[..., :48], q[..., :48], q[..., :48])
+    with pytest.raises(ValueError, match="multiple"):
+        be.check(q, q[:, :, :1].repeat(1, 1, 3, 1), q[:, :, :1].repeat(1, 1, 3, 1))
+    assert be.head_dims() == (64, 128)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels against fp64
+# ---------------------------------------------------------------------------------------------
+# Offsets: full, diagonal, stripe's strictly-lower block, rows 0..16 empty, a band wider than a
+# tile on either side, and everything hidden.
+MASKS = [Mask.none(), Mask.causal(0), Mask.causal(-1), Mask.causal(-17), Mask.causal(5),
+         Mask.causal(70), Mask.causal(-130)]
+# (Sq, Sk, Hq, Hkv): one token, ragged tails on both sides of the 64-tiles, GQA and MQA.
+SHAPES = [(1, 1, 2, 2), (17, 130, 4, 1), (130, 17, 6, 3), (130, 130, 4, 2)]
+
+
+# Every mask at head_dim 64; at 128 (same code, other tile sizes) the ones that make tiles
+# skip, partial and full in different places.
+MASKS_BY_D = [(64, m) for m in MASKS] + [(128, m) for m in MASKS if m.kind != "causal"
+                                         or m.offset in (0, -17, 70)]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("d,mask", MASKS_BY_D, ids=[f"d{d}-{m!r}" for d, m in MASKS_BY_D])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_backward_against_fp64(be, dtype, d, mask, shape):
+    kc.check_forward_backward(be, "cpu", dtype, d, shape, mask)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_backend_api_and_strided_views(be, dtype):
+    kc.check_backend_api_and_strided_views(be, "cpu", dtype, s=133)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_merge_kernel_matches_torch_merge(be, dtype):
+    kc.check_merge_kernel(be, "cpu", dtype)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "stripe"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("heads", [(2, 2), (4, 1)], ids=["mha", "mqa"])
+def test_fused_ring_equals_unfused_and_reference(be, layout, causal, heads):
+    # 24-token zigzag chunks: ragged tiles in every block
+    kc.check_fused_ring(be, "cpu", layout, causal, heads, world=4, seq=8 * 24, d=64)
+
+
+# ---------------------------------------------------------------------------------------------
+# dist_flash_attn(..., backend="emulate") on gloo CPU ranks
+# ---------------------------------------------------------------------------------------------
+CHUNK = {2: 33, 4: 17}  # tokens per zigzag chunk: 132 and 136 tokens, local blocks cross tiles
+
+
+def emulate_cases(world: int) -> list[Case]:
+    """Every mesh shape and placement x layout x causal (contiguous causal with both the
+    helper and the plain ring schedule); heads, head_dim, batch and dtype cycle."""
+    cases, i = [], 0
+    for u, r, placement in mesh_shapes(world):
+        for layout in ("contiguous", "zigzag", "stripe"):
+            for causal in (False, True):
+                schedules = ("auto", "ring") if layout == "contiguous" and causal else ("auto",)
+                for schedule in schedules:
+                    cases.append(Case(world, u, r, placement, layout, causal, 4,
+                                      (4, 2, 1)[i % 3], (64, 128)[(i // 3) % 2],
+                                      (1, 2)[(i // 2) % 2], ("bf16", "fp16")[i % 2], "emulate",
+                                      schedule))
+                    i += 1
+    return cases
+
+
+def _errors(got, math_val, ref):
+    """(kernel error, math error, max |ref|) over the entries where ref is finite."""
+    fin = torch.isfinite(ref)
+    got, math_val, ref = got[fin], math_val[fin], ref[fin]
+    return (kc.max_err(got, ref), kc.max_err(math_val, ref),
+            ref.abs().max().item() if ref.numel() else 0.0)
+
+
+def run_emulate_case(case: Case, mesh) -> dict:
+    """One case on this rank: errors of the SP result and of single-device PyTorch math in the
+    same dtype, both against fp64 on the full tensors, restricted to this rank's tokens."""
+    dtype = DTYPES[case.dtype]
+    gen = torch.Generator().manual_seed(zlib.crc32(case.id.encode()))
+    S, B, D = 2 * case.world * CHUNK[case.world], case.batch, case.head_dim
+    q, k, v, dout = (kc.rand(shape, dtype, gen, "cpu") for shape in
+                     ((B, S, case.hq, D), (B, S, case.hkv, D), (B, S, case.hkv, D),
+                      (B, S, case.hq, D)))
+    mask = Mask.causal(0) if case.causal else Mask.none()
+    scale = D ** -0.5
+    ref = kc.reference(q, k, v, dout, scale, mask)
+    math = kc.math_in_dtype(q, k, v, dout, scale, mask)
+
+    def local(t, dim=1):
+        return distattn.shard(t, mesh, dim=dim, layout=case.layout)
+
+    ql, kl, vl = (local(t).clone().requires_grad_() for t in (q, k, v))
+    out, lse = distattn.dist_flash_attn(ql, kl, vl, mesh=mesh, causal=case.causal,
+                                        layout=case.layout, backend=case.backend,
+                                        schedule=case.schedule, return_lse=True)
+    out.backward(local(dout))
+    got = (out, lse, ql.grad, kl.grad, vl.grad)
+    res = {"dtype_ok": out.dtype == dtype and ql.grad.dtype == dtype and lse.dtype == torch.float32,
+           "lse_inf_ok": torch.equal(torch.isinf(lse), torch.isinf(local(ref[1], dim=2)))}
+    for i, name in enumerate(("out", "lse", "dq", "dk", "dv")):
+        dim = 2 if name == "lse" else 1
+        res[name] = _errors(got[i].detach(), local(math[i], dim), local(ref[i], dim))
+    return res
+
+
+def run_emulate_cases(rank: int, world: int, cases: list[Case]) -> dict:
+    meshes = Meshes()
+    return {c.id: run_emulate_case(c, meshes.get(c.ulysses, c.placement)) for c in cases}
+
+
+DIST_CASES = [c for w in (2, 4) for c in emulate_cases(w)]
+
+
+@pytest.fixture(scope="module")
+def world_results():
+    cache = {}
+
+    def get(world):
+        if world not in cache:
+            cache[world] = run_world(world, run_emulate_cases, emulate_cases(world))
+        return cache[world]
+    return get
+
+
+@pytest.mark.parametrize("case", DIST_CASES, ids=[c.id for c in DIST_CASES])
+def test_dist_flash_attn_emulate_matches_fp64(world_results, case):
+    for rank, res in enumerate(world_results(case.world)):
+        r = res[case.id]
+        assert r["dtype_ok"], f"rank {rank}: output, gradient or lse dtype changed"
+        assert r["lse_inf_ok"], f"rank {rank}: rows with lse = -inf differ from the reference"
+        for name in ("out", "lse", "dq", "dk", "dv"):
+            err, err_math, ref_max = r[name]
+            atol = 1e-3 if name in ("out", "lse") else 1e-3 + 1e-3 * ref_max
+            assert err <= 2 * err_math + atol, (
+                f"rank {rank}: {name} err {err:.3g} > 2 x math err {err_math:.3g} + {atol:.2g}")
+
+
+def test_dist_matrix_covers_meshes_layouts_and_heads():
+    seen = lambda attr: {getattr(c, attr) for c in DIST_CASES}
+    assert {(c.world, c.ulysses, c.ring, c.placement) for c in DIST_CASES} == {
+        (w, u, r, p) for w in (2, 4) for u, r, p in mesh_shapes(w)}
+    assert seen("layout") == {"contiguous", "zigzag", "stripe"} and seen("causal") == {False, True}
+    assert seen("hkv") == {4, 2, 1} and seen("head_dim") == {64, 128}
+    assert seen("dtype") == {"bf16", "fp16"} and seen("schedule") == {"auto", "ring"}
