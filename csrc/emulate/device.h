@@ -22,7 +22,9 @@
 #define __align__(n) __attribute__((aligned(n)))
 // `extern __shared__ T smem_raw[]` becomes a thread-local array: all threads (fibers) of a CTA
 // run on one OS thread, which runs one CTA at a time, so it is exactly the CTA's shared memory.
-// runtime.cpp defines the array (distattn::kern::smem_raw). GNU __thread, not thread_local:
+// runtime.cpp defines the array as distattn::kern::smem_raw, so kernels declare it by that name
+// inside namespace distattn::kern (the namespace a block-scope extern declaration refers to).
+// GNU __thread, not thread_local:
 // a block-scope `extern thread_local` makes GCC call a TLS init function that does not exist.
 #define __shared__ __thread
 #define threadIdx (::distattn::emu::thread_idx())

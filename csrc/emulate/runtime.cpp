@@ -372,7 +372,8 @@ struct Runner {
       << ") ";
     switch (h) {
       case Hazard::kUninitialised:
-        s << "that no thread of this block has written (uninitialised shared memory)";
+        s << "that no thread of this block has written yet (uninitialised shared memory, or a "
+          << "missing barrier after the write)";
         break;
       case Hazard::kInFlight:
         s << "while the cp.async that " << who(c.w.tid) << " issued to them is still in flight "
