@@ -54,8 +54,8 @@ def _cuda_extension():
         # (the kernels themselves need C++17 or later).
         extra_compile_args={
             "cxx": ["-O3"],
-            "nvcc": ["-O3", "--expt-relaxed-constexpr", "--use_fast_math", "-lineinfo"]
-                    + gencode,
+            "nvcc": ["-O3", "--expt-relaxed-constexpr", "--use_fast_math", "-lineinfo",
+                     "-DNDEBUG"] + gencode,
         },
     )
     return [ext], {"build_ext": cpp_extension.BuildExtension}

@@ -2,7 +2,8 @@
 # CI entry point for the C++ side (no GPU needed):
 #   1. configure CMake (kernels for DISTATTN_CUDA_ARCHS, default "90a;80"),
 #   2. compile every kernel translation unit with nvcc (compile-only static library),
-#   3. build and run the host unit tests with ctest.
+#   3. build and run the host unit tests with ctest, and the compile gate on ptxas's report
+#      (tests/cpp/ptxas_gate.py: no spills or stack at head_dim 64/128, no advisory C7510).
 # Exits non-zero on any failure. Needs: cmake >= 3.22, ninja (or make), nvcc (CUDA >= 12),
 # g++, and the CUTLASS/CuTe headers of the `nvidia-cutlass` pip package (installed here if
 # the current python lacks it).

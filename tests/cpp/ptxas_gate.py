@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Compile gate on ptxas's resource report (nvcc -Xptxas -v) of the kernel build.
+
+The CMake kernel build keeps each translation unit's report next to its object file
+(tests/cpp/ptxas_log.sh writes <object>.ptxas.log). This script reads every such log under a
+build directory and fails (exit 1) when
+
+  * a kernel at a gated head_dim (default 64 and 128; kernels without a head_dim always) has
+    a stack frame or spill stores/loads (local memory in the inner loop costs more than the
+    registers it saves),
+  * ptxas printed advisory C7510 (tensor-core instructions serialised, e.g. by a device
+    assert; the build uses -DNDEBUG),
+  * an expected kernel (fwd, dK/dV, dQ x fp16/bf16 x gated head_dim x architecture) has no
+    report at all, so that the gate cannot pass by finding nothing.
+
+Usage: ptxas_gate.py BUILD_DIR [--archs "90a;80"] [--head-dims 64,128]
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import re
+import sys
+from dataclasses import dataclass
+
+ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
+PROPS = re.compile(r"Function properties for (\S+)")
+USAGE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+REGS = re.compile(r"Used (\d+) registers")
+# distattn::kern::<kind><T[, ...]>, with the head dim as the last int template argument.
+KERNEL = re.compile(r"kern\d+(\w+?_kernel)I(6__half|13__nv_bfloat16|f)\w*?(?:Li(\d+)E)?E")
+DTYPES = {"6__half": "fp16", "13__nv_bfloat16": "bf16", "f": "fp32"}
+GATED_KINDS = ("fwd_kernel", "bwd_kv_kernel", "bwd_q_kernel")
+
+
+@dataclass
+class Entry:
+    arch: str        # "sm_80"
+    mangled: str
+    kind: str        # "fwd_kernel", ... or "?" when not one of ours
+    dtype: str
+    head_dim: int | None
+    stack: int = -1
+    spill_stores: int = -1
+    spill_loads: int = -1
+    registers: int = -1
+
+    @property
+    def label(self) -> str:
+        hd = f" hd{self.head_dim}" if self.head_dim else ""
+        return f"{self.arch} {self.kind}<{self.dtype}{hd}>"
+
+
+def parse(text: str) -> tuple[list[Entry], list[str]]:
+    """Entries of one or more ptxas -v reports, and the lines that carry advisory C7510."""
+    entries: list[Entry] = []
+    c7510 = [line.strip() for line in text.splitlines() if "C7510" in line]
+    current: Entry | None = None
+    props_for: str | None = None
+    for line in text.splitlines():
+        m = ENTRY.search(line)
+        if m:
+            mangled, arch = m.groups()
+            k = KERNEL.search(mangled)
+            current = Entry(arch, mangled, k.group(1) if k else "?",
+                            DTYPES.get(k.group(2), "?") if k else "?",
+                            int(k.group(3)) if k and k.group(3) else None)
+            entries.append(current)
+            props_for = None
+            continue
+        m = PROPS.search(line)
+        if m:
+            props_for = m.group(1)
+            continue
+        m = USAGE.search(line)
+        if m and current is not None and props_for == current.mangled:
+            current.stack, current.spill_stores, current.spill_loads = map(int, m.groups())
+            continue
+        m = REGS.search(line)
+        if m and current is not None and current.registers < 0:
+            current.registers = int(m.group(1))
+    return entries, c7510
+
+
+def violations(entries: list[Entry], c7510: list[str], archs: list[str],
+               head_dims: list[int]) -> list[str]:
+    """Everything that fails the gate, one sentence each (empty: the gate passes)."""
+    bad = [f"ptxas advisory C7510: {line}" for line in c7510]
+    for e in entries:
+        if e.head_dim is not None and e.head_dim not in head_dims:
+            continue
+        if e.stack < 0:
+            bad.append(f"{e.label}: no resource usage line in the report")
+        elif e.stack or e.spill_stores or e.spill_loads:
+            bad.append(f"{e.label}: {e.stack} bytes stack frame, {e.spill_stores} bytes spill "
+                       f"stores, {e.spill_loads} bytes spill loads (must all be 0)")
+    seen = {(e.arch, e.kind, e.dtype, e.head_dim) for e in entries}
+    for arch in archs:
+        for kind in GATED_KINDS:
+            for dtype in ("fp16", "bf16"):
+                for hd in head_dims:
+                    if (f"sm_{arch}", kind, dtype, hd) not in seen:
+                        bad.append(f"sm_{arch} {kind}<{dtype} hd{hd}>: no ptxas report found "
+                                   f"(was the kernel compiled with -Xptxas -v?)")
+    return bad
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("build_dir", type=pathlib.Path)
+    ap.add_argument("--archs", default="90a;80", help='e.g. "90a;80" (DISTATTN_CUDA_ARCHS)')
+    ap.add_argument("--head-dims", default="64,128")
+    args = ap.parse_args(argv)
+    logs = sorted(args.build_dir.rglob("*.ptxas.log"))
+    text = "\n".join(p.read_text(errors="replace") for p in logs)
+    entries, c7510 = parse(text)
+    archs = [a for a in args.archs.replace(",", ";").split(";") if a]
+    head_dims = [int(d) for d in args.head_dims.split(",") if d]
+    for e in sorted(entries, key=lambda e: e.label):
+        print(f"  {e.label:40s} {e.registers:4d} regs  stack {e.stack}  spills "
+              f"{e.spill_stores}/{e.spill_loads}")
+    bad = violations(entries, c7510, archs, head_dims)
+    if bad:
+        print(f"ptxas gate: FAILED ({len(logs)} reports)", file=sys.stderr)
+        for b in bad:
+            print(f"  {b}", file=sys.stderr)
+        return 1
+    print(f"ptxas gate: {len(entries)} kernels in {len(logs)} reports, no spills, no stack, "
+          f"no C7510")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

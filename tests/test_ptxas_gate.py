@@ -1,0 +1,90 @@
+"""The ptxas compile gate (tests/cpp/ptxas_gate.py) on reports written here: it passes a
+clean report and fails on a spill, a stack frame, advisory C7510 and a missing kernel."""
+import importlib.util
+import pathlib
+import sys
+
+_spec = importlib.util.spec_from_file_location(
+    "ptxas_gate", pathlib.Path(__file__).parent / "cpp" / "ptxas_gate.py")
+gate = importlib.util.module_from_spec(_spec)
+sys.modules["ptxas_gate"] = gate  # dataclasses look their module up
+_spec.loader.exec_module(gate)
+
+MANGLED = {
+    "fwd_kernel": "_ZN8distattn4kern10fwd_kernelI{t}Li{d}EEEvNS_9FwdParamsE",
+    "bwd_kv_kernel": "_ZN8distattn4kern13bwd_kv_kernelI{t}Li{d}EEEvNS_9BwdParamsE",
+    "bwd_q_kernel": "_ZN8distattn4kern12bwd_q_kernelI{t}Li{d}EEEvNS_9BwdParamsE",
+}
+TYPES = {"fp16": "6__half", "bf16": "13__nv_bfloat16"}
+
+
+def report(arch="80", spill=None, stack=None, extra=""):
+    """A ptxas -v report for every gated kernel on one architecture; `spill`/`stack` put
+    bytes into the one kernel named."""
+    lines = ["ptxas info    : 9 bytes gmem"]
+    for kind, pattern in MANGLED.items():
+        for dtype, t in TYPES.items():
+            for d in (64, 128):
+                name = pattern.format(t=t, d=d)
+                label = f"{kind}<{dtype} hd{d}>"
+                s = 8 if label == spill else 0
+                f = 16 if label == stack else 0
+                lines += [f"ptxas info    : Compiling entry function '{name}' for 'sm_{arch}'",
+                          f"ptxas info    : Function properties for {name}",
+                          f"    {f} bytes stack frame, {s} bytes spill stores, {s} bytes spill "
+                          f"loads",
+                          "ptxas info    : Used 168 registers, used 1 barriers, 480 bytes cmem[0]"]
+    lines += ["ptxas info    : Compiling entry function "
+              "'_ZN8distattn4kern12delta_kernelI6__halffEEvNS_9BwdParamsE' for 'sm_" + arch + "'",
+              "ptxas info    : Function properties for "
+              "_ZN8distattn4kern12delta_kernelI6__halffEEvNS_9BwdParamsE",
+              "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"]
+    return "\n".join(lines) + extra
+
+
+def check(text, archs=("80",)):
+    entries, c7510 = gate.parse(text)
+    return entries, gate.violations(entries, c7510, list(archs), [64, 128])
+
+
+def test_clean_report_passes_and_is_parsed():
+    entries, bad = check(report("80") + "\n" + report("90a"), archs=("80", "90a"))
+    assert bad == []
+    assert len(entries) == 2 * 13
+    fwd = [e for e in entries if e.label == "sm_90a fwd_kernel<bf16 hd128>"]
+    assert len(fwd) == 1 and fwd[0].registers == 168 and fwd[0].stack == 0
+    assert {e.kind for e in entries} == {"fwd_kernel", "bwd_kv_kernel", "bwd_q_kernel",
+                                         "delta_kernel"}
+
+
+def test_spill_stack_c7510_and_missing_kernels_fail():
+    _, bad = check(report(spill="bwd_kv_kernel<bf16 hd128>"))
+    assert len(bad) == 1 and "sm_80 bwd_kv_kernel<bf16 hd128>: 0 bytes stack frame, 8 bytes" in bad[0]
+    _, bad = check(report(stack="fwd_kernel<fp16 hd64>"))
+    assert len(bad) == 1 and "16 bytes stack frame" in bad[0]
+    _, bad = check(report(extra="\nptxas warning : (C7510) Potential Performance Loss: wgmma"))
+    assert len(bad) == 1 and "C7510" in bad[0]
+    _, bad = check(report("80"), archs=("80", "90a"))
+    assert len(bad) == 12 and all("sm_90a" in b and "no ptxas report" in b for b in bad)
+    _, bad = check("")
+    assert len(bad) == 12
+
+
+def test_head_dims_outside_the_gate_may_spill():
+    hd256 = MANGLED["bwd_kv_kernel"].format(t=TYPES["bf16"], d=256)
+    text = report() + (f"\nptxas info    : Compiling entry function '{hd256}' for 'sm_80'\n"
+                       f"ptxas info    : Function properties for {hd256}\n"
+                       f"    1312 bytes stack frame, 1312 bytes spill stores, 1400 bytes spill "
+                       f"loads\n")
+    _, bad = check(text)
+    assert bad == []
+
+
+def test_main_reads_logs_under_a_build_dir(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "fwd.cu.o.ptxas.log").write_text(report())
+    assert gate.main([str(tmp_path), "--archs", "80"]) == 0
+    (tmp_path / "a" / "bad.cu.o.ptxas.log").write_text(
+        "ptxas warning : (C7510) Potential Performance Loss\n")
+    assert gate.main([str(tmp_path), "--archs", "80"]) == 1
+    assert "C7510" in capsys.readouterr().err
