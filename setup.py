@@ -53,7 +53,9 @@ def _cuda_extension():
         # No -std flag: torch's extension machinery picks the C++ standard its headers need
         # (the kernels themselves need C++17 or later).
         extra_compile_args={
-            "cxx": ["-O3"],
+            # The binding reports the architectures (distattn._C.archs()) so that the backend
+            # can refuse a GPU this build has no code for.
+            "cxx": ["-O3", "-DDISTATTN_CUDA_ARCHS_CSV=" + ",".join(a for a in archs if a)],
             "nvcc": ["-O3", "--expt-relaxed-constexpr", "--use_fast_math", "-lineinfo",
                      "-DNDEBUG"] + gencode,
         },

@@ -15,8 +15,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
+#include <ATen/MemoryOverlap.h>
 #include <torch/extension.h>
 
+#include <initializer_list>
 #include <limits>
 #include <string>
 #include <vector>
@@ -137,6 +139,39 @@ distattn::Problem problem_of(const at::Tensor& q, const at::Tensor& k, const at:
   return p;
 }
 
+using Named = std::pair<const at::Tensor*, const char*>;
+
+distattn::MemView view_of(const at::Tensor& t) {
+  distattn::MemView v;
+  v.ptr = t.data_ptr();
+  v.ndim = int(t.dim());
+  v.elem_bytes = int(t.element_size());
+  for (int d = 0; d < v.ndim && d < distattn::kMaxViewDims; ++d) {
+    v.sizes[d] = t.size(d);
+    v.strides[d] = t.stride(d);
+  }
+  return v;
+}
+
+// Outputs are written while inputs are read, by many thread blocks at once: an output may not
+// share memory with an input, with another output, or with itself (an expanded view).
+void check_no_alias(std::initializer_list<Named> outputs, std::initializer_list<Named> inputs) {
+  for (auto it = outputs.begin(); it != outputs.end(); ++it) {
+    const auto& [out, name] = *it;
+    TORCH_CHECK_VALUE(at::has_internal_overlap(*out) != at::MemOverlap::Yes, name,
+                      " has elements that share memory (an expanded view); pass a tensor that "
+                      "owns each of its elements");
+    const distattn::MemView vo = view_of(*out);
+    auto refuse_if_shared = [&](const Named& other) {
+      TORCH_CHECK_VALUE(!distattn::may_overlap(vo, view_of(*other.first)), name,
+                        " shares memory with ", other.second, ": an output may not alias an "
+                        "input or another output; pass a separate tensor");
+    };
+    for (auto jt = std::next(it); jt != outputs.end(); ++jt) refuse_if_shared(*jt);
+    for (const Named& in : inputs) refuse_if_shared(in);
+  }
+}
+
 bool is_empty(const distattn::Problem& p) {
   return p.batch == 0 || p.seqlen_q == 0 || p.heads_q == 0;
 }
@@ -173,6 +208,7 @@ void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tens
   p.out_stride = seq_strides(out, "out", q.sizes().vec());
   p.lse = lse.data_ptr<float>();
   p.lse_stride = row_strides(lse, "lse", {q.size(0), q.size(2), q.size(1)});
+  check_no_alias({{&out, "out"}, {&lse, "lse"}}, {{&q, "q"}, {&k, "k"}, {&v, "v"}});
   if (is_empty(pr)) return;
   if (pr.seqlen_k == 0) {  // nothing to see: out = 0, lse = -inf
     out.zero_();
@@ -199,6 +235,8 @@ void fwd_acc(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   p.out_acc_stride = seq_strides(out_acc, "out_acc", q.sizes().vec());
   p.lse_acc = lse_acc.data_ptr<float>();
   p.lse_acc_stride = row_strides(lse_acc, "lse_acc", {q.size(0), q.size(2), q.size(1)});
+  check_no_alias({{&out_acc, "out_acc"}, {&lse_acc, "lse_acc"}},
+                 {{&q, "q"}, {&k, "k"}, {&v, "v"}});
   if (is_empty(pr) || pr.seqlen_k == 0) return;
   const std::string err = distattn::check_fwd(p, dtype_of(q, "q"));
   TORCH_CHECK_VALUE(err.empty(), "distattn fwd_acc: ", err);
@@ -243,6 +281,8 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
   p.dk_stride = seq_strides(dk, "dk", k.sizes().vec());
   p.dv_acc = dv.data_ptr<float>();
   p.dv_stride = seq_strides(dv, "dv", k.sizes().vec());
+  check_no_alias({{&dq, "dq"}, {&dk, "dk"}, {&dv, "dv"}},
+                 {{&dout, "dout"}, {&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}, {&lse, "lse"}});
   if (is_empty(pr) || pr.seqlen_k == 0 || k.size(0) == 0) {
     if (!accumulate) {
       dq.zero_();
@@ -282,11 +322,31 @@ void merge(at::Tensor& out_acc, at::Tensor& lse_acc, const at::Tensor& out_blk,
   p.out_blk_stride = seq_strides(out_blk, "out_blk", shape);
   p.lse_blk = lse_blk.data_ptr<float>();
   p.lse_blk_stride = row_strides(lse_blk, "lse_blk", {shape[0], shape[2], shape[1]});
+  check_no_alias({{&out_acc, "out_acc"}, {&lse_acc, "lse_acc"}},
+                 {{&out_blk, "out_blk"}, {&lse_blk, "lse_blk"}});
   if (out_acc.numel() == 0) return;
   const std::string err = distattn::check_merge(p);
   TORCH_CHECK_VALUE(err.empty(), "distattn merge: ", err);
   const LaunchScope scope(out_acc);
   check_launch(distattn::launch_merge(p, dtype_of(out_blk, "out_blk"), scope.stream()), "merge");
+}
+
+// The SM architectures the kernels were compiled for (setup.py passes them as
+// DISTATTN_CUDA_ARCHS_CSV, e.g. 90a,80); empty when unknown or emulated.
+#define DISTATTN_STR(...) #__VA_ARGS__
+#define DISTATTN_XSTR(...) DISTATTN_STR(__VA_ARGS__)
+std::vector<std::string> archs() {
+  std::vector<std::string> out;
+#if defined(DISTATTN_CUDA_ARCHS_CSV) && !defined(DISTATTN_EMULATE)
+  const std::string csv = DISTATTN_XSTR(DISTATTN_CUDA_ARCHS_CSV);
+  std::size_t start = 0;
+  while (start <= csv.size()) {
+    const std::size_t end = std::min(csv.find(',', start), csv.size());
+    if (end > start) out.push_back(csv.substr(start, end - start));
+    start = end + 1;
+  }
+#endif
+  return out;
 }
 
 std::vector<int64_t> head_dims() {
@@ -316,4 +376,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("merge", &merge, "(out_acc, lse_acc) <- merge(acc, (out_blk, lse_blk))",
         py::arg("out_acc"), py::arg("lse_acc"), py::arg("out_blk"), py::arg("lse_blk"));
   m.def("head_dims", &head_dims, "head dims with compiled kernels");
+  m.def("archs", &archs, "SM architectures with compiled kernels, e.g. ['90a', '80']");
 }

@@ -14,7 +14,7 @@ import torch
 
 import kernel_checks as kc
 from distattn.kernels import Mask, get_backend
-from distattn.kernels.cuda import CudaBackend, extension_error
+from distattn.kernels.cuda import CudaBackend, arch_error, extension_error
 from distattn.kernels.reference import ReferenceBackend
 
 EXT_ERROR = extension_error()
@@ -46,6 +46,39 @@ def test_check_names_the_argument_on_cpu_tensors():
     q = torch.randn(1, 4, 2, 64)
     with pytest.raises((RuntimeError, ValueError), match="cuda"):
         CudaBackend().check(q, q, q)
+
+
+def test_arch_error_follows_sass_compatibility():
+    built = ("90a", "80")
+    for cap in ((9, 0), (8, 0), (8, 6), (8, 9)):
+        assert arch_error(built, cap) is None, cap
+    for cap in ((10, 0), (12, 0), (7, 5), (9, 1)):
+        why = arch_error(built, cap)
+        assert why and "sm_90a, sm_80" in why and f"{cap[0]}.{cap[1]}" in why
+        assert f'DISTATTN_CUDA_ARCHS="{cap[0]}{cap[1]}"' in why
+    assert arch_error(("86",), (8, 0)) is not None   # no code for older minors
+    assert arch_error(("100a",), (10, 0)) is None
+
+
+def test_check_refuses_a_gpu_without_code_and_auto_falls_back(monkeypatch):
+    """check() (through _check_device_code) raises a ValueError naming the build's archs for
+    a GPU they do not run on; applicable() is then False, so auto picks another backend."""
+    class FakeExt:
+        @staticmethod
+        def archs():
+            return ["90a", "80"]
+
+    class Fake(CudaBackend):
+        _ext = FakeExt()
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    with pytest.raises(ValueError, match=r"cannot run on cuda:0.*sm_90a, sm_80.*10\.0"):
+        Fake()._check_device_code(torch.device("cuda:0"))
+    monkeypatch.setattr(Fake, "check", lambda self, q, k, v: self._check_device_code(q.device))
+    q = torch.randn(1, 4, 2, 64)
+    assert Fake().applicable(q, q, q) is False
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    assert Fake().applicable(q, q, q) is True
 
 
 # ---------------------------------------------------------------------------------------------

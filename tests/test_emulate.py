@@ -210,3 +210,43 @@ def test_dist_matrix_covers_meshes_layouts_and_heads():
     assert seen("layout") == {"contiguous", "zigzag", "stripe"} and seen("causal") == {False, True}
     assert seen("hkv") == {4, 2, 1} and seen("head_dim") == {64, 128}
     assert seen("dtype") == {"bf16", "fp16"} and seen("schedule") == {"auto", "ring"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The binding refuses outputs that share memory with inputs or with each other
+# ---------------------------------------------------------------------------------------------
+def test_aliased_outputs_are_refused(be):
+    ext = be._ext
+    gen = torch.Generator().manual_seed(5)
+    q = kc.rand((1, 70, 2, 64), torch.bfloat16, gen, "cpu")
+    lse = torch.empty(1, 2, 70)
+    with pytest.raises(ValueError, match="out shares memory with q"):
+        ext.fwd(q, q, q, q, lse, 0.125, False, 0)
+    big = torch.empty(1, 71, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="out shares memory with k"):
+        ext.fwd(q, big[:, 1:], q, big[:, :70], lse, 0.125, False, 0)  # shifted by one row
+    with pytest.raises(ValueError, match="expanded view"):
+        ext.fwd(q, q, q, torch.empty(1, 1, 2, 64, dtype=q.dtype).expand(1, 70, 2, 64), lse,
+                0.125, False, 0)
+    acc = torch.zeros(1, 70, 2, 64)
+    with pytest.raises(ValueError, match="out_acc shares memory with lse_acc"):
+        ext.fwd_acc(q, q, q, acc, acc.view(-1)[:140].view(1, 2, 70), 0.125, False, 0)
+    out, lse = be.forward(q, q, q, scale=0.125, mask=Mask.causal(0))
+    g = torch.zeros(1, 70, 2, 64)
+    with pytest.raises(ValueError, match="dq shares memory with dk"):
+        ext.bwd(out, q, q, q, out, lse, g, g, torch.zeros_like(g), 0.125, True, 0, False)
+
+
+def test_dk_dv_in_one_packed_buffer_are_not_aliases(be):
+    """Two halves of one [B, S, 2, H, D] buffer share storage but no element: allowed, and
+    the same gradients as separate tensors."""
+    gen = torch.Generator().manual_seed(6)
+    q, k, v, dout = (kc.rand((1, 70, 2, 64), torch.bfloat16, gen, "cpu") for _ in range(4))
+    out, lse = be.forward(q, k, v, scale=0.125, mask=Mask.causal(0))
+    dq, dk, dv = be.backward(dout, q, k, v, out, lse, scale=0.125, mask=Mask.causal(0))
+    packed = torch.zeros(1, 70, 2, 2, 64)
+    dq2 = torch.zeros(1, 70, 2, 64)
+    be.backward_into(dout, q, k, v, out, lse, dq2, packed[:, :, 0], packed[:, :, 1],
+                     scale=0.125, mask=Mask.causal(0))
+    assert torch.equal(dq2, dq) and torch.equal(packed[:, :, 0], dk)
+    assert torch.equal(packed[:, :, 1], dv)

@@ -6,8 +6,10 @@
 // Header-only and free of CUDA and torch, so g++ can build the tests without a GPU.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "params.h"
@@ -102,6 +104,90 @@ inline std::string check_bwd(const BwdParams& p, DType dtype) {
   if (e.empty()) e = detail::check_acc("dk", p.dk_acc, p.dk_stride);
   if (e.empty()) e = detail::check_acc("dv", p.dv_acc, p.dv_stride);
   return e;
+}
+
+// ---- aliasing ----------------------------------------------------------------------------------
+// A strided view of memory: the elements at ptr + sum_d i_d * strides[d] (0 <= i_d < sizes[d]),
+// each elem_bytes long; strides in elements.
+constexpr int kMaxViewDims = 6;
+struct MemView {
+  const void* ptr = nullptr;
+  int ndim = 0;
+  index_t sizes[kMaxViewDims] = {};
+  index_t strides[kMaxViewDims] = {};
+  int elem_bytes = 0;
+};
+
+namespace detail {
+// Is there an offset i_d in (-sizes[d], sizes[d]) per dimension d >= k with
+// |target - sum_d i_d * strides[d]| < elem? `reach[k]` bounds what dimensions k.. can add.
+// `budget` caps the search; running out answers true (cannot rule the overlap out).
+inline bool offset_reachable(index_t target, int k, int n, const index_t* sizes,
+                             const index_t* strides, const index_t* reach, index_t elem,
+                             long& budget) {
+  if (k == n) return std::llabs(target) < elem;
+  if (--budget < 0) return true;
+  const index_t s = strides[k], r = reach[k + 1];  // s > 0, dimensions sorted by stride
+  // i * s within [target - r, target + r], |i| < size.
+  auto floor_div = [](index_t a, index_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); };
+  const index_t lo = std::max(-(sizes[k] - 1), -floor_div(-(target - r), s));
+  const index_t hi = std::min(sizes[k] - 1, floor_div(target + r, s));
+  for (index_t i = lo; i <= hi; ++i)
+    if (offset_reachable(target - i * s, k + 1, n, sizes, strides, reach, elem, budget))
+      return true;
+  return false;
+}
+}  // namespace detail
+
+// Whether two views may share a byte. Exact for views with the same element size, shape and
+// strides (e.g. dK and dV as two slices of one packed buffer: false); otherwise true whenever
+// their address ranges intersect (conservative).
+inline bool may_overlap(const MemView& a, const MemView& b) {
+  auto numel = [](const MemView& v) {
+    index_t n = 1;
+    for (int d = 0; d < v.ndim; ++d) n *= v.sizes[d];
+    return n;
+  };
+  if (numel(a) == 0 || numel(b) == 0) return false;
+  auto span = [](const MemView& v, index_t& lo, index_t& hi) {
+    lo = index_t(reinterpret_cast<std::uintptr_t>(v.ptr));
+    hi = lo + v.elem_bytes;
+    for (int d = 0; d < v.ndim; ++d) {
+      const index_t ext = (v.sizes[d] - 1) * v.strides[d] * v.elem_bytes;
+      (ext < 0 ? lo : hi) += ext;
+    }
+  };
+  index_t alo, ahi, blo, bhi;
+  span(a, alo, ahi);
+  span(b, blo, bhi);
+  if (ahi <= blo || bhi <= alo) return false;
+  bool same_layout = a.elem_bytes == b.elem_bytes && a.ndim == b.ndim;
+  for (int d = 0; same_layout && d < a.ndim; ++d)
+    same_layout = a.sizes[d] == b.sizes[d] && (a.sizes[d] == 1 || a.strides[d] == b.strides[d]);
+  if (!same_layout) return true;
+  // Same layout: b's element x sits at a's element x shifted by delta bytes; they overlap iff
+  // delta is (within an element) a difference of two in-range offsets.
+  index_t sizes[kMaxViewDims], strides[kMaxViewDims], reach[kMaxViewDims + 1];
+  int n = 0;
+  for (int d = 0; d < a.ndim; ++d) {
+    if (a.sizes[d] == 1) continue;
+    if (a.strides[d] == 0) return true;  // an expanded view overlaps everything it touches
+    sizes[n] = a.sizes[d];
+    strides[n] = std::llabs(a.strides[d]) * a.elem_bytes;
+    ++n;
+  }
+  for (int i = 0; i < n; ++i)  // by stride, largest first
+    for (int j = i + 1; j < n; ++j)
+      if (strides[j] > strides[i]) {
+        std::swap(strides[i], strides[j]);
+        std::swap(sizes[i], sizes[j]);
+      }
+  reach[n] = a.elem_bytes - 1;
+  for (int d = n - 1; d >= 0; --d) reach[d] = reach[d + 1] + (sizes[d] - 1) * strides[d];
+  const index_t delta = index_t(reinterpret_cast<std::uintptr_t>(b.ptr)) -
+                        index_t(reinterpret_cast<std::uintptr_t>(a.ptr));
+  long budget = 100000;
+  return detail::offset_reachable(delta, 0, n, sizes, strides, reach, a.elem_bytes, budget);
 }
 
 inline std::string check_merge(const MergeParams& p) {

@@ -267,11 +267,10 @@ __global__ void __launch_bounds__(kThreads) bwd_q_kernel(const BwdParams p) {
 }
 
 // ---- launcher --------------------------------------------------------------------------------
-template <typename Kernel>
-cudaError_t launch_tiled(Kernel kernel, const LaunchConfig& cfg, const BwdParams& p,
-                         cudaStream_t stream) {
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         cfg.smem_bytes);
+template <auto Kernel>
+cudaError_t launch_tiled(const LaunchConfig& cfg, const BwdParams& p, cudaStream_t stream) {
+  auto kernel = Kernel;
+  const cudaError_t err = allow_dynamic_smem<Kernel>(cfg.smem_bytes);
   if (err != cudaSuccess) return err;
   const dim3 grid(unsigned(cfg.grid_x), unsigned(cfg.grid_y), unsigned(cfg.grid_z));
   DISTATTN_LAUNCH(kernel, grid, cfg.threads, cfg.smem_bytes, stream, p);
@@ -287,9 +286,9 @@ cudaError_t launch_bwd_kernels(const BwdParams& p, cudaStream_t stream) {
   DISTATTN_LAUNCH(delta_fn, unsigned(rows.grid_x), rows.threads, 0, stream, p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  err = launch_tiled(bwd_kv_kernel<T, D>, bwd_kv_launch_config(pr, int(sizeof(T))), p, stream);
+  err = launch_tiled<bwd_kv_kernel<T, D>>(bwd_kv_launch_config(pr, int(sizeof(T))), p, stream);
   if (err != cudaSuccess) return err;
-  return launch_tiled(bwd_q_kernel<T, D>, bwd_q_launch_config(pr, int(sizeof(T))), p, stream);
+  return launch_tiled<bwd_q_kernel<T, D>>(bwd_q_launch_config(pr, int(sizeof(T))), p, stream);
 }
 
 }  // namespace kern

@@ -193,8 +193,7 @@ template <typename T, int D>
 cudaError_t launch_fwd_kernel(const FwdParams& p, cudaStream_t stream) {
   const LaunchConfig cfg = fwd_launch_config(p.prob, int(sizeof(T)));
   auto kernel = fwd_kernel<T, D>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         cfg.smem_bytes);
+  const cudaError_t err = allow_dynamic_smem<fwd_kernel<T, D>>(cfg.smem_bytes);
   if (err != cudaSuccess) return err;
   const dim3 grid(unsigned(cfg.grid_x), unsigned(cfg.grid_y), unsigned(cfg.grid_z));
   DISTATTN_LAUNCH(kernel, grid, cfg.threads, cfg.smem_bytes, stream, p);

@@ -17,6 +17,8 @@
 
 #include <stdint.h>
 
+#include <atomic>
+
 #if defined(DISTATTN_EMULATE)
 // The host build (backend "emulate"): host models of the CUDA types and intrinsics and of the
 // CuTe atoms below, running on the CTA emulator (csrc/emulate/). Everything else is this text.
@@ -72,6 +74,24 @@ __device__ __forceinline__ float load_as_float(const float* p) { return *p; }
 __device__ __forceinline__ float load_as_float(const __half* p) { return __half2float(*p); }
 __device__ __forceinline__ float load_as_float(const __nv_bfloat16* p) {
   return __bfloat162float(*p);
+}
+
+// ---- launch helpers ------------------------------------------------------------------------
+// cudaFuncSetAttribute(MaxDynamicSharedMemorySize) once per kernel and device (the attribute
+// lives in the device's context; a driver call on every launch is wasted time). A kernel
+// instantiation always asks for the same size, so "done" is the size already allowed.
+template <auto Kernel>
+cudaError_t allow_dynamic_smem(int bytes) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> allowed[kMaxDevices];  // zero-initialised: nothing allowed yet
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const bool cached = device >= 0 && device < kMaxDevices;
+  if (cached && allowed[device].load(std::memory_order_acquire) >= bytes) return cudaSuccess;
+  err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess && cached) allowed[device].store(bytes, std::memory_order_release);
+  return err;
 }
 
 // ---- scalar shared-memory accesses -----------------------------------------------------------

@@ -56,6 +56,25 @@ def head_dims() -> tuple[int, ...]:
     return tuple(_C.head_dims()) if _C is not None else ()
 
 
+def arch_error(archs, capability) -> str | None:
+    """None when code compiled for one of ``archs`` (e.g. ``("90a", "80")``) runs on a GPU of
+    compute ``capability`` (major, minor), else why not. The build embeds SASS only (no PTX to
+    JIT): sm_XY code runs on X.Y up to X.9, sm_XYa (arch-specific) on X.Y only."""
+    major, minor = capability
+    for arch in archs:
+        specific = arch[-1:].isalpha()
+        digits = arch.rstrip("abcdefghijklmnopqrstuvwxyz")
+        if not digits.isdigit():
+            continue
+        a_major, a_minor = divmod(int(digits), 10)
+        if a_major == major and (a_minor == minor if specific else a_minor <= minor):
+            return None
+    built = ", ".join(f"sm_{a}" for a in archs)
+    return (f"the kernels were built for {built}, none of which runs on this GPU (compute "
+            f"capability {major}.{minor}); rebuild with DISTATTN_CUDA_ARCHS=\"{major}{minor}\" "
+            f"(pip install --no-build-isolation -e .), or use backend='torch'")
+
+
 def _rows_aligned(t: torch.Tensor, elems: int, byte_align: int) -> bool:
     """Last dim contiguous, base address aligned, every other stride a multiple of `elems`
     (dimensions of size 1 are never stepped over and do not count)."""
@@ -116,6 +135,7 @@ class CudaBackend(BlockAttention):
         if k.device != q.device or v.device != q.device:
             raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, "
                              f"{v.device}")
+        self._check_device_code(q.device)
         if q.dtype not in _DTYPES:
             raise TypeError(f"{me} needs float16 or bfloat16 q, got {q.dtype}; cast "
                             f"q/k/v, or use backend='torch' or 'reference'")
@@ -137,6 +157,15 @@ class CudaBackend(BlockAttention):
         if hq > _MAX_GRID_YZ or b > _MAX_GRID_YZ:
             raise ValueError(f"{me} needs heads and batch <= {_MAX_GRID_YZ}, got "
                              f"Hq={hq}, B={b}")
+
+    def _check_device_code(self, device) -> None:
+        """Refuse a GPU the build has no kernel code for (launching would fail with 'no
+        kernel image'); ``auto`` then falls back to another backend."""
+        archs = tuple(self._ext.archs()) if hasattr(self._ext, "archs") else ()
+        if archs:
+            why = arch_error(archs, torch.cuda.get_device_capability(device))
+            if why is not None:
+                raise ValueError(f"backend={self.name!r} cannot run on {device}: {why}")
 
     def applicable(self, q, k, v) -> bool:
         """True when ``check`` passes (used by backend='auto'); never raises."""

@@ -3,7 +3,11 @@
 //   * each kind of bad parameter is refused with a message naming the argument;
 //   * grids cover every query / key row, CTAs have 128 threads, shared memory fits sm_80's
 //     opt-in limit for every head dim (64, 128 and the prepared 256), tile shapes are what
-//     the MMA code assumes (multiples of 16, 16 rows per warp).
+//     the MMA code assumes (multiples of 16, 16 rows per warp);
+//   * may_overlap (the binding's refusal of aliased outputs) against brute force on random
+//     views of one buffer: never misses an overlap, and exact for views of the same layout.
+#include <random>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -179,8 +183,77 @@ void test_launch_config() {
 
 }  // namespace
 
+// Bytes a view covers (offsets from the buffer start).
+std::set<long> bytes_of(const MemView& v, const char* base) {
+  std::set<long> out;
+  std::vector<index_t> idx(v.ndim, 0);
+  for (;;) {
+    long off = long(static_cast<const char*>(v.ptr) - base);
+    for (int d = 0; d < v.ndim; ++d) off += long(idx[d] * v.strides[d] * v.elem_bytes);
+    for (int e = 0; e < v.elem_bytes; ++e) out.insert(off + e);
+    int d = v.ndim - 1;
+    while (d >= 0 && ++idx[d] == v.sizes[d]) idx[d--] = 0;
+    if (d < 0) return out;
+  }
+}
+
+void test_may_overlap() {
+  static char buf[1 << 16];
+  std::mt19937 rng(11);
+  auto pick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+  int overlapping = 0, exact_disjoint = 0;
+  for (int iter = 0; iter < 4000; ++iter) {
+    // A [d0, d1, d2] parent layout with padding; a and b are slices of it (same layout) or,
+    // every third case, b has its own shape, strides or element size.
+    const int elem = pick(0, 1) ? 4 : 2;
+    MemView a;
+    a.ndim = 3;
+    a.elem_bytes = elem;
+    a.sizes[2] = pick(1, 4);
+    a.strides[2] = pick(0, 3) ? 1 : pick(2, 3);
+    a.sizes[1] = pick(1, 3);
+    a.strides[1] = a.sizes[2] * a.strides[2] * pick(1, 3);
+    a.sizes[0] = pick(1, 3);
+    a.strides[0] = a.sizes[1] * a.strides[1] + pick(0, 2);
+    MemView b = a;
+    a.ptr = buf + elem * pick(0, 40);
+    b.ptr = buf + pick(0, 40 * elem);
+    const bool same_layout = iter % 3 != 0;
+    if (!same_layout) {
+      b.elem_bytes = pick(0, 1) ? 4 : 2;
+      b.sizes[0] = pick(1, 3);
+      b.strides[1] = pick(1, 6);
+    }
+    const std::set<long> sa = bytes_of(a, buf), sb = bytes_of(b, buf);
+    bool truth = false;
+    for (long x : sb) truth = truth || sa.count(x);
+    const bool got = may_overlap(a, b);
+    CHECK(got == may_overlap(b, a)) << "symmetric, case " << iter;
+    CHECK(!truth || got) << "missed an overlap, case " << iter;
+    if (same_layout) CHECK(got == truth) << "not exact for one layout, case " << iter;
+    overlapping += truth;
+    exact_disjoint += same_layout && !truth && !got;
+  }
+  CHECK(overlapping > 200 && exact_disjoint > 200) << overlapping << " " << exact_disjoint;
+  // dK and dV as the two halves of a packed [B, S, 2, H, D] buffer: disjoint; the same half
+  // twice, or a view shifted by one element: overlap.
+  MemView k;
+  k.ptr = buf;
+  k.ndim = 4;
+  k.elem_bytes = 4;
+  const index_t shape[4] = {2, 5, 3, 8}, strides[4] = {5 * 2 * 3 * 8, 2 * 3 * 8, 8, 1};
+  for (int d = 0; d < 4; ++d) k.sizes[d] = shape[d], k.strides[d] = strides[d];
+  MemView v = k;
+  v.ptr = buf + 4 * 3 * 8;
+  CHECK(!may_overlap(k, v));
+  CHECK(may_overlap(k, k));
+  v.ptr = buf + 4;
+  CHECK(may_overlap(k, v));
+}
+
 int main() {
   test_checks();
   test_launch_config();
+  test_may_overlap();
   return harness::finish("test_checks");
 }
