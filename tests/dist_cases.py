@@ -279,6 +279,14 @@ def run_layout_roundtrips(rank: int, world: int) -> dict:
             pos = distattn.positions(seq, mesh, layout=layout)
             ok &= torch.equal(pos, distattn.shard(torch.arange(seq), mesh, dim=0, layout=layout))
             results[f"u{u}r{r}-{placement}-{layout}"] = (ok, pos.tolist())
+        for layout in ("contiguous", "zigzag", "stripe", "packed"):   # documents, any length
+            cu = _mixed_docs(world)
+            x = torch.randn(2, cu[-1], 3, dtype=torch.float64)
+            ok = all(torch.equal(distattn.unshard(distattn.shard(x, mesh, dim=dim, layout=layout,
+                                                                 cu_seqlens=cu),
+                                                  mesh, dim=dim, layout=layout, cu_seqlens=cu), x)
+                     for dim in (1, -2))
+            results[f"u{u}r{r}-{placement}-{layout}-docs"] = (ok, None)
     return results
 
 
@@ -330,6 +338,16 @@ def run_error_cases(rank: int, world: int) -> dict:
         "causal_type": call(q, k, v, mesh=ring, causal="yes"),
         "mesh_type": call(q, k, v, mesh="world"),
         "cuda_missing": call(q, k, v, mesh=ring, backend="cuda"),
+        "cu_not_increasing": call(q, k, v, mesh=ring, cu_seqlens=[0, 8, 8, 16]),
+        "cu_not_from_zero": call(q, k, v, mesh=ring, cu_seqlens=[1, 16]),
+        "cu_not_ints": call(q, k, v, mesh=ring, cu_seqlens=[0.0, 16.0]),
+        "cu_differs_from_shard": call(q, k, v, mesh=ring, cu_seqlens=[0, 7, 20]),
+        "cu_with_batch": call(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1),
+                              v.expand(2, -1, -1, -1), mesh=ring, cu_seqlens=[0, 16]),
+        "packed_without_cu": call(q, k, v, mesh=ring, layout="packed"),
+        "shard_cu_past_tensor": lambda: distattn.shard(torch.zeros(1, 16), ring,
+                                                       cu_seqlens=[0, 9, 20]),
+        "unshard_cu_differs": lambda: distattn.unshard(q, ring, cu_seqlens=[0, 7, 20]),
         "build_bad_degree": lambda: distattn.SPMesh.build(ulysses_degree=3),
         "build_bad_product": lambda: distattn.SPMesh.build(ulysses_degree=2, ring_degree=4),
         "build_bad_placement": lambda: distattn.SPMesh.build(ulysses_degree=2,

@@ -91,6 +91,8 @@ def test_shard_unshard_positions_roundtrip(world):
     per_rank = run_world(world, run_layout_roundtrips)
     for key in per_rank[0]:
         assert all(res[key][0] for res in per_rank), key
+        if per_rank[0][key][1] is None:
+            continue
         # positions of all ranks partition the sequence
         allpos = sorted(p for res in per_rank for p in res[key][1])
         assert allpos == list(range(len(allpos))), key
