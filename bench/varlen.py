@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import math
 import os
 import random
@@ -82,7 +83,7 @@ def long_tail(tokens: int, seed: int) -> tuple:
     short ones of log-normal length (median 128, sigma 1, clipped to [1, S/32]) filling the
     rest, in a shuffled order; deterministic in ``seed``."""
     rng = random.Random(seed)
-    lens = [tokens // 4, tokens // 8, tokens // 16]
+    lens = [n for n in (tokens // 4, tokens // 8, tokens // 16) if n > 0]
     rest = tokens - sum(lens)
     cap = max(1, tokens // 32)
     while rest > 0:
@@ -90,7 +91,7 @@ def long_tail(tokens: int, seed: int) -> tuple:
         lens.append(n)
         rest -= n
     rng.shuffle(lens)
-    return tuple([0] + [sum(lens[:i + 1]) for i in range(len(lens))])
+    return tuple(itertools.accumulate(lens, initial=0))
 
 
 def mixes(tokens: int, seed: int) -> dict:
@@ -126,6 +127,10 @@ def te_zigzag_layout(cu: tuple, P: int) -> RingLayout:
 # metrics
 # ---------------------------------------------------------------------------------------------
 
+def _len(sl: slice) -> int:
+    return sl.stop - sl.start
+
+
 @functools.lru_cache(maxsize=None)
 def _pairs_at_origin(piece: Piece) -> int:
     return piece.pairs(piece.q1, piece.k1)
@@ -142,37 +147,34 @@ def piece_pairs(piece: Piece, sq: int, sk: int) -> int:
     return _pairs_at_origin(moved)
 
 
-def _summary(loads, sent, pieces, min_piece, steps, lay: RingLayout) -> dict:
-    """One table row's metrics from per-rank loads, sent slots and piece counts."""
+def _summary(loads, sent, pieces, smallest, steps, lay: RingLayout) -> dict:
+    """One table row's metrics from per-rank lists: visible pairs, K/V slots sent, pieces run
+    and the smallest piece's pairs (None for a rank without pieces)."""
     P, S = lay.ring_degree, lay.seq_len
     ring = (P - 1) * S / P          # slots a plain ring rank sends per pass
     mean = sum(loads) / P
     return {"max/mean work": max(loads) / mean if mean else 1.0,
             "bytes max/ring": max(sent) / ring if ring else 0.0,
             "bytes mean/ring": sum(sent) / P / ring if ring else 0.0,
-            "pieces/rank": max(pieces), "min piece": min_piece, "steps": steps,
-            "padding": 1 - S / (P * lay.part_len)}
+            "pieces/rank": max(pieces),
+            "min piece": min((x for x in smallest if x is not None), default=0),
+            "steps": steps, "padding": 1 - S / (P * lay.part_len)}
 
 
 def ring_metrics(lay: RingLayout) -> dict:
     """Metrics of the causal ring plan over ``lay`` (see the module docstring)."""
     plan = ring_plan(lay, causal=True)
     P, n = lay.ring_degree, lay.part_len
-    loads, sent, pieces, min_piece = [], [], [], None
+    loads, sent, pieces, smallest = [], [], [], []
     for r in range(P):
-        load = count = 0
-        for t, mask in enumerate(plan.masks(r)):
-            k = plan.key_slots(r, t)
-            for p in mask.pieces:
-                pairs = piece_pairs(p, n, k.stop - k.start)
-                load += pairs
-                count += 1
-                min_piece = pairs if min_piece is None else min(min_piece, pairs)
-        loads.append(load)
-        pieces.append(count)
+        per_piece = [piece_pairs(p, n, _len(plan.key_slots(r, t)))
+                     for t, mask in enumerate(plan.masks(r)) for p in mask.pieces]
+        loads.append(sum(per_piece))
+        pieces.append(len(per_piece))
+        smallest.append(min(per_piece, default=None))
         # rank r forwards what it holds at step t to rank r + 1 for step t + 1
         sent.append(sum(_len(plan.key_slots((r + 1) % P, t + 1)) for t in range(plan.steps - 1)))
-    return _summary(loads, sent, pieces, min_piece, plan.steps, lay)
+    return _summary(loads, sent, pieces, smallest, plan.steps, lay)
 
 
 def all_gather_metrics(cu: tuple, P: int) -> dict:
@@ -182,19 +184,15 @@ def all_gather_metrics(cu: tuple, P: int) -> dict:
     lay = ring_layout("zigzag", cu[-1], P, 1, cu)
     keys = [Segment(a, b - a, a, 1, d) for d, (a, b) in enumerate(zip(cu[:-1], cu[1:]))]
     bounds = attention_bounds(True, None)
-    loads, pieces, min_piece = [], [], None
+    loads, pieces, smallest = [], [], []
     for r in range(P):
         mask = block_mask(lay.parts[r], keys, bounds).simplify(lay.part_len, cu[-1])
         per_piece = [piece_pairs(p, lay.part_len, cu[-1]) for p in mask.pieces]
         loads.append(sum(per_piece))
         pieces.append(len(per_piece))
-        min_piece = min([min_piece] * (min_piece is not None) + per_piece)
+        smallest.append(min(per_piece, default=None))
     sent = [(P - 1) * lay.part_len] * P
-    return _summary(loads, sent, pieces, min_piece, 1, lay)
-
-
-def _len(sl: slice) -> int:
-    return sl.stop - sl.start
+    return _summary(loads, sent, pieces, smallest, 1, lay)
 
 
 def metrics(layout: str, cu: tuple, P: int) -> dict:
@@ -269,8 +267,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.smoke:
         args.worlds = [8]
-    if args.tokens_per_rank * 8 < 8192 // 128:
-        p.error("--tokens-per-rank too small: the scaled mixes would have empty documents")
+    for P in args.worlds:
+        try:
+            mixes(args.tokens_per_rank * P, args.seed)
+        except ValueError as e:
+            p.error(f"--tokens-per-rank {args.tokens_per_rank} is too small for P = {P}: {e}")
     return args
 
 
