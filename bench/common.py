@@ -167,3 +167,29 @@ def write_csv(path: str, columns: list[str], rows: list[dict]) -> None:
         w.writeheader()
         for row in rows:
             w.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in columns})
+
+
+def ints(text: str) -> list[int]:
+    """argparse type of comma-separated integers: ``"8,64"`` -> ``[8, 64]``."""
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def save_plot(path: str, draw, skip: bool = False) -> str:
+    """Draw and save a figure, and say what happened (the line the benchmarks print).
+
+    ``draw(plt)`` gets ``matplotlib.pyplot`` (Agg backend) and returns the figure; it is laid
+    out, saved to ``path`` and closed. Nothing is drawn when ``skip`` (``--no-plot``) or when
+    matplotlib is not installed."""
+    if skip:
+        return "plot skipped (--no-plot)"
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plot skipped: matplotlib is not installed"
+    fig = draw(plt)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"plot written to {path}"

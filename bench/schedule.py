@@ -560,15 +560,9 @@ def split_rows(args, device, timer: Timer, mono: Mono):
     return rows
 
 
-def plot(path: str, eff_rows, split_rows_, clusters) -> bool:
+def plot(plt, eff_rows, split_rows_, clusters):
     """Efficiency vs P (measured compute-only and predicted) and predicted fwd+bwd it/s per
-    split. Returns False when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+    split: the figure (``common.save_plot`` draws with it)."""
     names = [common.label(*s) for s in common.CAUSAL_SCHEDULES]
     fig, axes = plt.subplots(1, 2 + len(clusters), figsize=(6 * (2 + len(clusters)), 4.5))
     for ax, pass_ in zip(axes[:2], ("fwd", "bwd")):
@@ -601,14 +595,7 @@ def plot(path: str, eff_rows, split_rows_, clusters) -> bool:
         ax.set_title(f"{gpus} GPUs (model)")
         ax.grid(alpha=0.3, axis="y")
     axes[2].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    return fig
 
 
 def parse_args(argv=None):
@@ -622,9 +609,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(common.DTYPES), default="bf16")
     p.add_argument("--backend", default="auto", help="auto | cuda | torch | reference")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--worlds", type=_ints, default=[2, 4, 8, 16, 32],
+    p.add_argument("--worlds", type=common.ints, default=[2, 4, 8, 16, 32],
                    help="ring sizes P of the single-GPU view (comma-separated)")
-    p.add_argument("--clusters", type=_ints, default=[8, 64],
+    p.add_argument("--clusters", type=common.ints, default=[8, 64],
                    help="GPU counts whose Ulysses x ring splits are predicted")
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--nvlink-gbps", type=float, default=450.0,
@@ -703,13 +690,8 @@ def main(argv=None) -> int:
     print()
     print(eff_md)
     print(split_md)
-    png = os.path.join(args.out, "schedule.png")
-    if args.no_plot:
-        print("plot skipped (--no-plot)")
-    elif plot(png, eff, splits, args.clusters):
-        print(f"plot written to {png}")
-    else:
-        print("plot skipped: matplotlib is not installed")
+    print(common.save_plot(os.path.join(args.out, "schedule.png"),
+                           lambda plt: plot(plt, eff, splits, args.clusters), args.no_plot))
     print(f"tables written to {args.out} ({time.perf_counter() - t_start:.1f}s)")
     return 0
 

@@ -220,15 +220,9 @@ def rows_for(P: int, tokens_per_rank: int, seed: int, log=print) -> list[dict]:
     return rows
 
 
-def plot(path: str, rows: list[dict]) -> bool:
-    """Per P: max/mean work against bytes max/ring, one marker per layout and mix. Returns
-    False when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+def plot(plt, rows: list[dict]):
+    """Per P: max/mean work against bytes max/ring, one marker per layout and mix: the figure
+    (``common.save_plot`` draws with it)."""
     worlds = sorted({r["P"] for r in rows})
     fig, axes = plt.subplots(1, len(worlds), figsize=(6 * len(worlds), 4.5), squeeze=False)
     for ax, P in zip(axes[0], worlds):
@@ -243,20 +237,13 @@ def plot(path: str, rows: list[dict]) -> bool:
         ax.set_title(f"P = {P}, causal, every mix")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    return fig
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--worlds", type=_ints, default=[8, 64], help="ring sizes P")
+    p.add_argument("--worlds", type=common.ints, default=[8, 64], help="ring sizes P")
     p.add_argument("--tokens-per-rank", type=int, default=1024,
                    help="the mixes are scaled to this many tokens per rank (1024: for P = 8 "
                         "the published 8192-token mixes)")
@@ -288,13 +275,8 @@ def main(argv=None) -> int:
     for P in args.worlds:
         print(f"## P = {P}, {args.tokens_per_rank} tokens per rank, causal\n")
         print(common.markdown_table(COLUMNS[1:], [r for r in rows if r["P"] == P]) + "\n")
-    png = os.path.join(args.out, "varlen.png")
-    if args.no_plot:
-        print("plot skipped (--no-plot)")
-    elif plot(png, rows):
-        print(f"plot written to {png}")
-    else:
-        print("plot skipped: matplotlib is not installed")
+    print(common.save_plot(os.path.join(args.out, "varlen.png"), lambda plt: plot(plt, rows),
+                           args.no_plot))
     print(f"table written to {csv_path} ({time.perf_counter() - t_start:.1f}s)")
     return 0
 
