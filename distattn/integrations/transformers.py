@@ -37,12 +37,9 @@ IGNORE_INDEX = -100
 CU_SEQLENS_KEY = "distattn_cu_seqlens"   # model kwarg: global document boundaries (a tuple)
 _BUILTIN_NAMES = ("eager", "sdpa", "flash_attention_2", "flash_attention_3",
                   "flash_attention_4", "flex_attention", "paged|eager")
-# Attention kwargs some models pass that change the attention computation itself.
+# Attention kwargs some models pass that change the attention computation itself and that
+# distattn does not run.
 _UNSUPPORTED_KWARGS = {
-    "sliding_window": "sliding-window attention",
-    "softcap": "logit soft-capping",
-    "s_aux": "attention sinks",
-    "sinks": "attention sinks",
     "position_bias": "additive position bias",
     "cache": "paged KV caches",
 }
@@ -79,10 +76,6 @@ def _refuse_unsupported(name, module, query, key, attention_mask, dropout, kwarg
             raise NotImplementedError(
                 f"attn_implementation={name!r} (distattn) does not support {what} yet "
                 f"({arg}={kwargs[arg]!r})")
-    if "sliding_window" not in kwargs and getattr(module, "sliding_window", None) is not None:
-        raise NotImplementedError(
-            f"attn_implementation={name!r} (distattn) does not support sliding-window "
-            f"attention yet (module.sliding_window={module.sliding_window!r})")
     config = getattr(module, "config", None)
     if kwargs.get("output_attentions") or getattr(config, "output_attentions", False):
         raise NotImplementedError(
@@ -127,6 +120,19 @@ def _check_positions(name, position_ids, mesh, layout, local_len) -> None:
     setattr(position_ids, POSITIONS_CHECKED, True)
 
 
+def _variant(module, kwargs) -> dict:
+    """window / softcap / sinks of this attention call, in distattn's terms.
+
+    transformers' ``sliding_window=W`` lets query i see key j when ``|i - j| < W`` on the
+    allowed side: ``window=(W - 1, W - 1)``; with causal attention the right side is cut to
+    0, and bidirectional sliding layers (Gemma 3) keep both sides."""
+    width = kwargs["sliding_window"] if "sliding_window" in kwargs else \
+        getattr(module, "sliding_window", None)
+    sinks = kwargs.get("s_aux", kwargs.get("sinks"))
+    return {"window": None if width is None else (int(width) - 1, int(width) - 1),
+            "softcap": kwargs.get("softcap"), "sinks": sinks}
+
+
 def _make_attention(name, mesh, layout, schedule, backend):
     def distattn_attention(module, query, key, value, attention_mask, scaling=None,
                            dropout=0.0, **kwargs):
@@ -144,7 +150,8 @@ def _make_attention(name, mesh, layout, schedule, backend):
         out = _ckpt.remat_attention(
             module, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
             mesh=mesh, causal=bool(is_causal), softmax_scale=scaling, layout=layout,
-            schedule=schedule, backend=backend, cu_seqlens=cu_seqlens)
+            schedule=schedule, backend=backend, cu_seqlens=cu_seqlens,
+            **_variant(module, kwargs))
         return out, None
 
     distattn_attention.mesh = mesh
@@ -177,9 +184,10 @@ def register(mesh, layout: str = "zigzag", name: str = "distattn", schedule: str
 
     Select it with ``from_config(..., attn_implementation=name)`` (or
     ``model.set_attn_implementation(name)``). The function honours the module's ``scaling``
-    and ``is_causal``, passes GQA/MQA K/V unexpanded, and raises for what it cannot do yet:
-    padding or custom attention masks, sliding windows, attention dropout > 0 in training,
-    soft-capping, sinks, ``output_attentions`` and KV-cache decoding. A mask function is
+    and ``is_causal``, sliding windows (Mistral, Qwen2, Gemma 2/3, gpt-oss), logit
+    soft-capping (Gemma 2) and attention sinks (gpt-oss), passes GQA/MQA K/V unexpanded, and
+    raises for what it cannot do: padding or custom attention masks, attention dropout > 0
+    in training, ``output_attentions`` and KV-cache decoding. A mask function is
     registered under the same name so transformers never builds an [S, S] mask.
 
     The registration is global in transformers (by ``name``): use one name per mesh/layout.
