@@ -105,17 +105,17 @@ def _check_tensors(q, k, v) -> None:
 
 
 def _resolve_schedule(schedule: str, layout: str, causal: bool, part_len: int, R: int,
-                      documents: bool) -> str:
-    """"auto" -> "helper" for contiguous causal attention over a ring without documents (when
-    the ring part splits in the halves its last step needs), else "ring". With documents the
-    helper schedule's balance no longer holds, so "auto" keeps the ring. An explicit "helper"
-    is checked."""
+                      documents: bool, window: bool) -> str:
+    """"auto" -> "helper" for contiguous causal attention over a ring without documents or
+    window (when the ring part splits in the halves its last step needs), else "ring". With
+    documents the helper schedule's balance no longer holds, and with a window the ring stops
+    early and sends less, so "auto" keeps the ring. An explicit "helper" is checked."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     needs_even = R % 2 == 0 and R > 1
     if schedule == "auto":
         usable = (layout == "contiguous" and causal and R > 1 and not documents
-                  and not (needs_even and part_len % 2))
+                  and not window and not (needs_even and part_len % 2))
         return "helper" if usable else "ring"
     if schedule == "helper":
         if layout != "contiguous" or not causal:
@@ -190,7 +190,7 @@ def prepare(q, k, v, *, mesh=None, causal=False, softmax_scale=None, layout="con
         check_heads(q.shape[2], k.shape[2], U)
     lay = _ring_layout(q, mesh, layout, cu_seqlens)
     schedule = _resolve_schedule(schedule, layout, causal, lay.part_len, R,
-                                 cu_seqlens is not None)
+                                 cu_seqlens is not None, window is not None)
     block_backend = get_backend(backend, q, k, v, window=window is not None,
                                 softcap=bool(softcap))
     if sinks is not None and U > 1:        # the executor sees this rank's head shard
