@@ -1,4 +1,4 @@
-"""``dist_flash_attn``: the entry point training code calls (DESIGN.md section 1).
+"""``dist_flash_attn``: the entry point training code calls (README.md; docs/DESIGN.md).
 
 All arguments are checked on every rank before any communication starts, so a bad call raises
 the same clear error everywhere instead of leaving other ranks waiting in a collective.
