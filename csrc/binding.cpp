@@ -18,8 +18,11 @@
 #include <ATen/MemoryOverlap.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <initializer_list>
 #include <limits>
+#include <optional>
+#include <tuple>
 #include <string>
 #include <vector>
 
@@ -103,7 +106,7 @@ void check_float32(const at::Tensor& t, const char* name) {
 
 // Shapes of q/k/v and the Problem they describe.
 distattn::Problem problem_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                             double scale, bool causal, int64_t offset) {
+                             double scale, double softcap) {
   TORCH_CHECK_VALUE(on_device(q), "q must be ", kDeviceKind, " tensor, got device ",
                     q.device());
   check_device(k, "k", q);
@@ -130,9 +133,8 @@ distattn::Problem problem_of(const at::Tensor& q, const at::Tensor& k, const at:
   p.head_dim = int(q.size(3));
   p.seqlen_k = int(k.size(1));
   p.heads_kv = int(k.size(2));
-  p.causal = causal;
-  p.causal_offset = offset;
   p.scale = float(scale);
+  p.softcap = float(softcap);
   TORCH_CHECK_VALUE(distattn::head_dim_supported(p.head_dim), "head_dim ", p.head_dim,
                     " has no compiled kernel (head_dims() of the extension lists the "
                     "compiled ones)");
@@ -182,10 +184,60 @@ void check_launch(cudaError_t err, const char* what) {
 }
 
 // The part of FwdParams both forward entry points share: the checked problem and q/k/v.
+// A piece as Python passes it: (q0, q1, k0, k1, lo, hi), rows [q0, q1) and keys [k0, k1) of
+// the call's tensors, key j visible to query i iff lo <= (j - k0) - (i - q0) <= hi (piece
+// coordinates); lo / hi None: unbounded.
+using PieceTuple = std::tuple<int64_t, int64_t, int64_t, int64_t, std::optional<int64_t>,
+                              std::optional<int64_t>>;
+
+std::vector<distattn::PieceParams> pieces_of(const std::vector<PieceTuple>& in) {
+  std::vector<distattn::PieceParams> out;
+  for (std::size_t i = 0; i < in.size(); ++i) {
+    const auto& [q0, q1, k0, k1, lo, hi] = in[i];
+    TORCH_CHECK_VALUE(q0 < q1 && k0 < k1 && q1 - q0 < (int64_t(1) << 31) &&
+                          k1 - k0 < (int64_t(1) << 31),
+                      "piece ", i, " (", q0, ", ", q1, ", ", k0, ", ", k1, ") needs q0 < q1 "
+                      "and k0 < k1 (drop pieces that show nothing)");
+    distattn::PieceParams c;
+    c.q0 = q0;
+    c.k0 = k0;
+    c.seqlen_q = int(q1 - q0);
+    c.seqlen_k = int(k1 - k0);
+    const int64_t big = distattn::kUnbounded;
+    c.band.lo = lo ? std::max(*lo, -big) : -big;
+    c.band.hi = hi ? std::min(*hi, big) : big;
+    out.push_back(c);
+  }
+  return out;
+}
+
+// Rows (keys == false) or keys the pieces cover, assuming they are disjoint.
+int64_t covered(const std::vector<distattn::PieceParams>& pieces, bool keys) {
+  int64_t n = 0;
+  for (const auto& c : pieces) n += keys ? c.seqlen_k : c.seqlen_q;
+  return n;
+}
+
+// Checks every piece and their disjointness (rows, and keys with keys_too), then runs
+// `launch(params)` once per kMaxPieces pieces.
+template <typename Params, typename Launch>
+void launch_pieces(Params p, const std::vector<distattn::PieceParams>& pieces, bool keys_too,
+                   const char* what, Launch launch) {
+  const std::string overlap =
+      distattn::check_pieces_disjoint(pieces.data(), int(pieces.size()), keys_too);
+  TORCH_CHECK_VALUE(overlap.empty(), "distattn ", what, ": ", overlap);
+  for (std::size_t start = 0; start < pieces.size(); start += distattn::kMaxPieces) {
+    const std::size_t n = std::min<std::size_t>(distattn::kMaxPieces, pieces.size() - start);
+    p.prob.num_pieces = int(n);
+    for (std::size_t i = 0; i < n; ++i) p.prob.pieces[i] = pieces[start + i];
+    launch(p);
+  }
+}
+
 distattn::FwdParams fwd_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               double scale, bool causal, int64_t offset) {
+                               double scale, double softcap) {
   distattn::FwdParams p;
-  p.prob = problem_of(q, k, v, scale, causal, offset);
+  p.prob = problem_of(q, k, v, scale, softcap);
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
@@ -195,10 +247,13 @@ distattn::FwdParams fwd_inputs(const at::Tensor& q, const at::Tensor& k, const a
   return p;
 }
 
-// out, lse <- attention(q, k, v) for this block.
+// out, lse <- attention(q, k, v) for this block, under its pieces (rows disjoint); rows
+// outside every piece get out = 0, lse = -inf.
 void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-         at::Tensor& lse, double scale, bool causal, int64_t offset) {
-  distattn::FwdParams p = fwd_inputs(q, k, v, scale, causal, offset);
+         at::Tensor& lse, double scale, const std::vector<PieceTuple>& piece_list,
+         double softcap) {
+  distattn::FwdParams p = fwd_inputs(q, k, v, scale, softcap);
+  const std::vector<distattn::PieceParams> pieces = pieces_of(piece_list);
   const distattn::Problem& pr = p.prob;
   check_device(out, "out", q);
   check_device(lse, "lse", q);
@@ -210,22 +265,26 @@ void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tens
   p.lse_stride = row_strides(lse, "lse", {q.size(0), q.size(2), q.size(1)});
   check_no_alias({{&out, "out"}, {&lse, "lse"}}, {{&q, "q"}, {&k, "k"}, {&v, "v"}});
   if (is_empty(pr)) return;
-  if (pr.seqlen_k == 0) {  // nothing to see: out = 0, lse = -inf
+  if (pr.seqlen_k == 0 || covered(pieces, false) < pr.seqlen_q) {  // rows that see nothing
     out.zero_();
     lse.fill_(-std::numeric_limits<float>::infinity());
-    return;
   }
-  const std::string err = distattn::check_fwd(p, dtype_of(q, "q"));
-  TORCH_CHECK_VALUE(err.empty(), "distattn fwd: ", err);
+  if (pr.seqlen_k == 0) return;
   const LaunchScope scope(q);
-  check_launch(distattn::launch_fwd(p, dtype_of(q, "q"), scope.stream()), "fwd");
+  launch_pieces(p, pieces, false, "fwd", [&](const distattn::FwdParams& lp) {
+    const std::string err = distattn::check_fwd(lp, dtype_of(q, "q"));
+    TORCH_CHECK_VALUE(err.empty(), "distattn fwd: ", err);
+    check_launch(distattn::launch_fwd(lp, dtype_of(q, "q"), scope.stream()), "fwd");
+  });
 }
 
 // (out_acc, lse_acc) <- merge((out_acc, lse_acc), attention(q, k, v)): the fused ring step.
+// Pieces with disjoint rows; rows outside every piece are left untouched.
 void fwd_acc(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-             at::Tensor& out_acc, at::Tensor& lse_acc, double scale, bool causal,
-             int64_t offset) {
-  distattn::FwdParams p = fwd_inputs(q, k, v, scale, causal, offset);
+             at::Tensor& out_acc, at::Tensor& lse_acc, double scale,
+             const std::vector<PieceTuple>& piece_list, double softcap) {
+  distattn::FwdParams p = fwd_inputs(q, k, v, scale, softcap);
+  const std::vector<distattn::PieceParams> pieces = pieces_of(piece_list);
   const distattn::Problem& pr = p.prob;
   check_device(out_acc, "out_acc", q);
   check_device(lse_acc, "lse_acc", q);
@@ -238,17 +297,22 @@ void fwd_acc(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   check_no_alias({{&out_acc, "out_acc"}, {&lse_acc, "lse_acc"}},
                  {{&q, "q"}, {&k, "k"}, {&v, "v"}});
   if (is_empty(pr) || pr.seqlen_k == 0) return;
-  const std::string err = distattn::check_fwd(p, dtype_of(q, "q"));
-  TORCH_CHECK_VALUE(err.empty(), "distattn fwd_acc: ", err);
   const LaunchScope scope(q);
-  check_launch(distattn::launch_fwd(p, dtype_of(q, "q"), scope.stream()), "fwd_acc");
+  launch_pieces(p, pieces, false, "fwd_acc", [&](const distattn::FwdParams& lp) {
+    const std::string err = distattn::check_fwd(lp, dtype_of(q, "q"));
+    TORCH_CHECK_VALUE(err.empty(), "distattn fwd_acc: ", err);
+    check_launch(distattn::launch_fwd(lp, dtype_of(q, "q"), scope.stream()), "fwd_acc");
+  });
 }
 
-// dq, dk, dv (float32) <- (or +=, when accumulate) the gradients of this block.
+// dq, dk, dv (float32) <- (or +=, when accumulate) the gradients of this block, under its
+// pieces (rows disjoint, keys disjoint); rows and keys outside every piece get 0 (or stay).
 void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
          const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk,
-         at::Tensor& dv, double scale, bool causal, int64_t offset, bool accumulate) {
-  distattn::Problem pr = problem_of(q, k, v, scale, causal, offset);
+         at::Tensor& dv, double scale, const std::vector<PieceTuple>& piece_list,
+         double softcap, bool accumulate) {
+  distattn::Problem pr = problem_of(q, k, v, scale, softcap);
+  const std::vector<distattn::PieceParams> pieces = pieces_of(piece_list);
   for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{dout, "dout"}, {out, "out"},
                          {lse, "lse"}, {dq, "dq"}, {dk, "dk"}, {dv, "dv"}})
     check_device(t, name, q);
@@ -283,20 +347,22 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
   p.dv_stride = seq_strides(dv, "dv", k.sizes().vec());
   check_no_alias({{&dq, "dq"}, {&dk, "dk"}, {&dv, "dv"}},
                  {{&dout, "dout"}, {&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}, {&lse, "lse"}});
-  if (is_empty(pr) || pr.seqlen_k == 0 || k.size(0) == 0) {
-    if (!accumulate) {
-      dq.zero_();
+  if (!accumulate) {  // what no piece covers is zero
+    if (pr.seqlen_k == 0 || covered(pieces, false) < pr.seqlen_q) dq.zero_();
+    if (pr.seqlen_k == 0 || covered(pieces, true) < pr.seqlen_k) {
       dk.zero_();
       dv.zero_();
     }
-    return;
   }
+  if (is_empty(pr) || pr.seqlen_k == 0 || pieces.empty()) return;
   const LaunchScope scope(q);
   at::Tensor delta = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
   p.delta = delta.data_ptr<float>();
-  const std::string err = distattn::check_bwd(p, dtype_of(q, "q"));
-  TORCH_CHECK_VALUE(err.empty(), "distattn bwd: ", err);
-  check_launch(distattn::launch_bwd(p, dtype_of(q, "q"), scope.stream()), "bwd");
+  launch_pieces(p, pieces, true, "bwd", [&](const distattn::BwdParams& lp) {
+    const std::string err = distattn::check_bwd(lp, dtype_of(q, "q"));
+    TORCH_CHECK_VALUE(err.empty(), "distattn bwd: ", err);
+    check_launch(distattn::launch_bwd(lp, dtype_of(q, "q"), scope.stream()), "bwd");
+  });
 }
 
 // (out_acc, lse_acc) <- merge((out_acc, lse_acc), (out_blk, lse_blk)).
@@ -364,15 +430,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.doc() = "distattn CUDA kernels: block attention forward/backward with LSE, fused ring step";
 #endif
-  m.def("fwd", &fwd, "out, lse <- attention(q, k, v)", py::arg("q"), py::arg("k"), py::arg("v"),
-        py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("causal"), py::arg("offset"));
+  m.def("fwd", &fwd, "out, lse <- attention(q, k, v) under pieces (q0, q1, k0, k1, lo, hi)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
+        py::arg("scale"), py::arg("pieces"), py::arg("softcap"));
   m.def("fwd_acc", &fwd_acc, "(out_acc, lse_acc) <- merge(acc, attention(q, k, v))",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out_acc"), py::arg("lse_acc"),
-        py::arg("scale"), py::arg("causal"), py::arg("offset"));
+        py::arg("scale"), py::arg("pieces"), py::arg("softcap"));
   m.def("bwd", &bwd, "dq, dk, dv (float32) <- or += block gradients", py::arg("dout"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"),
-        py::arg("dk"), py::arg("dv"), py::arg("scale"), py::arg("causal"), py::arg("offset"),
+        py::arg("dk"), py::arg("dv"), py::arg("scale"), py::arg("pieces"), py::arg("softcap"),
         py::arg("accumulate"));
+  m.attr("max_pieces_per_launch") = distattn::kMaxPieces;
+#if defined(DISTATTN_EMULATE)
+  m.def("launch_count", &distattn::emu::launch_count, "kernel grids run so far (emulator)");
+#endif
   m.def("merge", &merge, "(out_acc, lse_acc) <- merge(acc, (out_blk, lse_blk))",
         py::arg("out_acc"), py::arg("lse_acc"), py::arg("out_blk"), py::arg("lse_blk"));
   m.def("head_dims", &head_dims, "head dims with compiled kernels");

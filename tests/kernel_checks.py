@@ -28,13 +28,15 @@ def generator(device, seed):
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def math_in_dtype(q, k, v, dout, scale, mask):
+def math_in_dtype(q, k, v, dout, scale, mask, softcap=0.0):
     """Attention written out in q's dtype (what "PyTorch math in the same dtype" means):
     (out, lse, dq, dk, dv), all in q's dtype except lse."""
     q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
     g = q.shape[2] // k.shape[2]
     kk, vv = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, kk) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     visible = mask.dense(q.shape[1], k.shape[1], device=q.device)
     sees_some = visible.any(dim=-1, keepdim=True)  # [Sq, 1]
     s = s.masked_fill(~visible, float("-inf"))
@@ -46,12 +48,13 @@ def math_in_dtype(q, k, v, dout, scale, mask):
     return out.detach(), lse.detach(), q.grad, k.grad, v.grad
 
 
-def reference(q, k, v, dout, scale, mask):
+def reference(q, k, v, dout, scale, mask, softcap=0.0):
     """fp64 ground truth (out, lse, dq, dk, dv)."""
     ref = ReferenceBackend()
     q64, k64, v64, do64 = (t.double() for t in (q, k, v, dout))
-    out, lse = ref.forward(q64, k64, v64, scale=scale, mask=mask)
-    dq, dk, dv = ref.backward(do64, q64, k64, v64, out, lse, scale=scale, mask=mask)
+    out, lse = ref.forward(q64, k64, v64, scale=scale, mask=mask, softcap=softcap)
+    dq, dk, dv = ref.backward(do64, q64, k64, v64, out, lse, scale=scale, mask=mask,
+                              softcap=softcap)
     return out, lse, dq, dk, dv
 
 
@@ -80,13 +83,20 @@ def grad_atol(ref):
     return 1e-3 + 1e-3 * ref.abs().max().item()
 
 
-def mask_args(mask: Mask) -> tuple[bool, int]:
-    """The extension's (causal, offset) arguments of a simplified, non-empty mask."""
-    return (mask.kind == "causal", mask.offset if mask.kind == "causal" else 0)
+def ext_pieces(mask: Mask, sq: int, sk: int) -> list[tuple]:
+    """The extension's pieces (q0, q1, k0, k1, lo, hi) of a mask: each piece's full span (rows
+    that see nothing included, so the kernel handles them), band in piece coordinates."""
+    out = []
+    for p in mask.simplify(sq, sk).pieces:
+        q0, q1, k0, k1 = p.span(sq, sk)
+        local = p.shifted(q0, k0)
+        out.append((q0, q1, k0, k1, local.lo, local.hi))
+    return out
 
 
-def check_forward_backward(be, device, dtype, d, shape, mask, seed=0):
-    """The extension's fwd and bwd on poisoned outputs against fp64, FlashAttention's rule."""
+def check_forward_backward(be, device, dtype, d, shape, mask, softcap=0.0, seed=0):
+    """The extension's fwd and bwd (one call each, so the mask's pieces must have disjoint
+    rows and keys) on poisoned outputs against fp64, FlashAttention's rule."""
     sq, sk, hq, hkv = shape
     b = 2 if sq * sk < 10 ** 6 else 1
     gen = generator(device, seed)
@@ -103,19 +113,14 @@ def check_forward_backward(be, device, dtype, d, shape, mask, seed=0):
     dq = torch.full(q.shape, float("nan"), device=device)
     dk = torch.full(k.shape, float("nan"), device=device)
     dv = torch.full(v.shape, float("nan"), device=device)
-    if simple.kind == "empty":
-        out.zero_()
-        lse.fill_(float("-inf"))
-        for t in (dq, dk, dv):
-            t.zero_()
-    else:
-        ext.fwd(q, k, v, out, lse, scale, *mask_args(simple))
-        ext.bwd(dout, q, k, v, out, lse, dq, dk, dv, scale, *mask_args(simple), False)
+    pieces = ext_pieces(simple, sq, sk)
+    ext.fwd(q, k, v, out, lse, scale, pieces, softcap)
+    ext.bwd(dout, q, k, v, out, lse, dq, dk, dv, scale, pieces, softcap, False)
     if device != "cpu":
         torch.cuda.synchronize()
 
-    r_out, r_lse, r_dq, r_dk, r_dv = reference(q, k, v, dout, scale, mask)
-    m_out, m_lse, m_dq, m_dk, m_dv = math_in_dtype(q, k, v, dout, scale, mask)
+    r_out, r_lse, r_dq, r_dk, r_dv = reference(q, k, v, dout, scale, mask, softcap)
+    m_out, m_lse, m_dq, m_dk, m_dv = math_in_dtype(q, k, v, dout, scale, mask, softcap)
     assert_close_2x("out", out, m_out, r_out, atol=1e-3)
     assert_lse(lse, r_lse, m_lse)
     empty_rows = torch.isinf(r_lse).transpose(1, 2)  # [B, Sq, Hq]

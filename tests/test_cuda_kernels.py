@@ -128,16 +128,17 @@ def test_bad_inputs_raise_python_errors():
         be.check(q[..., :48], q[..., :48], q[..., :48])
     with pytest.raises(ValueError, match="multiple"):
         be.check(q, q[:, :, :1].repeat(1, 1, 3, 1), q[:, :, :1].repeat(1, 1, 3, 1))
+    whole = [(0, 8, 0, 8, None, None)]
     with pytest.raises((TypeError, ValueError, RuntimeError)):
-        _C.fwd(q, q, q, out.float(), lse, 0.125, False, 0)   # out dtype
+        _C.fwd(q, q, q, out.float(), lse, 0.125, whole, 0.0)   # out dtype
     with pytest.raises((TypeError, ValueError, RuntimeError)):
-        _C.fwd(q, q, q, out, lse.half(), 0.125, False, 0)    # lse dtype
+        _C.fwd(q, q, q, out, lse.half(), 0.125, whole, 0.0)    # lse dtype
     with pytest.raises((TypeError, ValueError, RuntimeError)):
-        _C.fwd(q, q.cpu(), q, out, lse, 0.125, False, 0)     # device
+        _C.fwd(q, q.cpu(), q, out, lse, 0.125, whole, 0.0)     # device
     with pytest.raises((TypeError, ValueError, RuntimeError)):
-        _C.fwd(q, q, q, out, lse, -1.0, False, 0)            # scale
+        _C.fwd(q, q, q, out, lse, -1.0, whole, 0.0)            # scale
     with pytest.raises((TypeError, ValueError, RuntimeError)):
-        _C.fwd(q[:, :, :, ::2].contiguous()[..., :32], q, q, out, lse, 0.1, False, 0)
+        _C.fwd(q[:, :, :, ::2].contiguous()[..., :32], q, q, out, lse, 0.1, whole, 0.0)
 
 
 @pytest.mark.cuda

@@ -23,8 +23,10 @@ import torch
 
 import distattn
 import kernel_checks as kc
-from dist_cases import Case, Meshes, mesh_shapes
+from dist_cases import Case, Meshes, dense_attention, mesh_shapes, visibility
 from distattn.kernels import Mask, get_backend
+from distattn.kernels.mask import Piece
+from distattn.layout import local_indices
 from distattn.kernels.emulate import EmulateBackend, extension_error
 from spawn import run_world
 
@@ -71,17 +73,21 @@ def test_check_names_argument_and_fix(be):
 # Kernels against fp64
 # ---------------------------------------------------------------------------------------------
 # Offsets: full, diagonal, stripe's strictly-lower block, rows 0..16 empty, a band wider than a
-# tile on either side, and everything hidden.
+# tile on either side, and everything hidden; sliding windows (bands with a lower bound):
+# narrower than a tile, one that hides the last keys from the first rows and the first keys
+# from the last, and one that starts right of the diagonal (rows at the end see nothing).
 MASKS = [Mask.none(), Mask.causal(0), Mask.causal(-1), Mask.causal(-17), Mask.causal(5),
-         Mask.causal(70), Mask.causal(-130)]
+         Mask.causal(70), Mask.causal(-130), Mask.band(-9, 0), Mask.band(-70, 40),
+         Mask.band(3, 90)]
 # (Sq, Sk, Hq, Hkv): one token, ragged tails on both sides of the 64-tiles, GQA and MQA.
 SHAPES = [(1, 1, 2, 2), (17, 130, 4, 1), (130, 17, 6, 3), (130, 130, 4, 2)]
 
 
 # Every mask at head_dim 64; at 128 (same code, other tile sizes) the ones that make tiles
 # skip, partial and full in different places.
-MASKS_BY_D = [(64, m) for m in MASKS] + [(128, m) for m in MASKS if m.kind != "causal"
-                                         or m.offset in (0, -17, 70)]
+MASKS_BY_D = [(64, m) for m in MASKS] + [(128, m) for m in MASKS if m.kind == "none"
+                                         or (m.kind == "causal" and m.offset in (0, -17, 70))
+                                         or (m.kind == "band" and m.pieces[0].lo == -70)]
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
@@ -89,6 +95,86 @@ MASKS_BY_D = [(64, m) for m in MASKS] + [(128, m) for m in MASKS if m.kind != "c
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_forward_backward_against_fp64(be, dtype, d, mask, shape):
     kc.check_forward_backward(be, "cpu", dtype, d, shape, mask)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("mask", [Mask.none(), Mask.causal(-17), Mask.band(-20, 10)], ids=repr)
+def test_softcap_against_fp64(be, dtype, d, mask):
+    """softcap (Gemma 2: scores c * tanh(s / c)) in the forward and in dS of the backward;
+    c = 2 caps the scaled scores of unit-variance inputs hard."""
+    kc.check_forward_backward(be, "cpu", dtype, d, (130, 97, 4, 2), mask, softcap=2.0)
+
+
+def documents(sq, sk, cuts, causal):
+    """Block-diagonal pieces: document i is rows/keys [cuts[i], cuts[i+1]) (clipped to the
+    block), causal inside its diagonal square or not."""
+    pieces = tuple(Piece(a, min(b, sq), a, min(b, sk), None, 0 if causal else None)
+                   for a, b in zip(cuts[:-1], cuts[1:]) if a < min(sq, sk))
+    return Mask(pieces)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_documents_in_one_varlen_launch(be, dtype, causal):
+    """Packed documents of a block (pieces with disjoint rows and keys, one of 1 token, one
+    crossing two tiles) in one fwd and one bwd call against fp64; through the backend the
+    forward and backward are one launch each (bwd: delta, dK/dV and dQ kernels)."""
+    mask = documents(150, 150, (0, 1, 40, 41, 130, 150), causal)
+    kc.check_forward_backward(be, "cpu", dtype, 64, (150, 150, 4, 2), mask)
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (kc.rand((1, 150, 2, 64), dtype, gen, "cpu") for _ in range(3))
+    before = be._ext.launch_count()
+    out, lse = be.forward(q, k, v, scale=0.125, mask=mask)
+    assert be._ext.launch_count() - before == 1
+    before = be._ext.launch_count()
+    be.backward(out, q, k, v, out, lse, scale=0.125, mask=mask)
+    assert be._ext.launch_count() - before == 3
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("softcap", [0.0, 3.0], ids=["nocap", "cap3"])
+def test_pieces_sharing_rows_merge_in_the_epilogue(be, dtype, softcap):
+    """A query row meeting several key ranges (pieces that share rows: a document split by a
+    ring step, a window crossing a boundary) takes one launch per group of disjoint pieces,
+    merged by the fused epilogue; more than max_pieces_per_launch pieces split over launches.
+    Both against the reference backend in fp64 (FlashAttention's rule through the backend)."""
+    sq = sk = 140
+    shared = Mask((Piece(0, 70, 0, 60, None, None), Piece(0, 70, 60, 140, -50, 5),
+                   Piece(70, 140, 0, 140, -90, -10)))
+    many = documents(sq, sk, tuple(range(0, 141, 4)), causal=True)   # 35 pieces
+    assert len(many.pieces) > be._ext.max_pieces_per_launch
+    gen = torch.Generator().manual_seed(8)
+    q = kc.rand((2, sq, 4, 64), dtype, gen, "cpu")
+    k, v = (kc.rand((2, sk, 2, 64), dtype, gen, "cpu") for _ in range(2))
+    dout = kc.rand(q.shape, dtype, gen, "cpu")
+    for mask, launches in ((shared, 2), (many, 2)):
+        before = be._ext.launch_count()
+        out, lse = be.forward(q, k, v, scale=0.125, mask=mask, softcap=softcap)
+        assert be._ext.launch_count() - before == launches
+        grads = be.backward(dout, q, k, v, out, lse, scale=0.125, mask=mask, softcap=softcap)
+        ref = kc.reference(q, k, v, dout, 0.125, mask, softcap)
+        math = kc.math_in_dtype(q, k, v, dout, 0.125, mask, softcap)
+        kc.assert_close_2x("out", out, math[0], ref[0], 1e-3)
+        kc.assert_lse(lse, ref[1], math[1])
+        for name, got, m, r in zip(("dq", "dk", "dv"), grads, math[2:], ref[2:]):
+            kc.assert_close_2x(name, got, m, r, kc.grad_atol(r))
+
+
+def test_binding_refuses_pieces_that_share_rows(be):
+    q = torch.randn(1, 20, 2, 64).bfloat16()
+    out, lse = torch.empty_like(q), torch.empty(1, 2, 20)
+    two = [(0, 10, 0, 10, None, None), (5, 15, 10, 20, None, None)]
+    with pytest.raises(ValueError, match="pieces 0 and 1 share query rows"):
+        be._ext.fwd(q, q, q, out, lse, 0.125, two, 0.0)
+    keys = [(0, 10, 0, 10, None, None), (10, 20, 5, 15, None, None)]
+    be._ext.fwd(q, q, q, out, lse, 0.125, keys, 0.0)  # the forward may share keys
+    g = torch.empty(1, 20, 2, 64)
+    with pytest.raises(ValueError, match="pieces 0 and 1 share keys"):
+        be._ext.bwd(out, q, q, q, out, lse, g, torch.empty_like(g), torch.empty_like(g), 0.125,
+                    keys, 0.0, False)
+    with pytest.raises(ValueError, match="needs lo <= hi"):
+        be._ext.fwd(q, q, q, out, lse, 0.125, [(0, 20, 0, 20, 5, 2)], 0.0)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
@@ -132,6 +218,32 @@ def emulate_cases(world: int) -> list[Case]:
     return cases
 
 
+# (causal, window, softcap, docs): sliding windows narrower and wider than a tile, an
+# asymmetric non-causal window, softcap, packed documents (alone, and with a window and
+# softcap together).
+VARIANTS = (
+    (True, (20, 0), 0.0, ""),
+    (False, (10, 70), 0.0, ""),
+    (True, None, 2.0, ""),
+    (False, None, 0.0, "random"),
+    (True, (4, 0), 1.5, "mixed"),
+)
+
+
+def variant_cases(world: int) -> list[Case]:
+    """Every mesh and layout (packed with documents) runs one variant, cycling."""
+    cases, i = [], 0
+    for u, r, placement in mesh_shapes(world):
+        for layout in ("contiguous", "zigzag", "stripe", "packed"):
+            causal, window, softcap, docs = VARIANTS[i % len(VARIANTS)]
+            docs = docs or ("one" if layout == "packed" else "")
+            cases.append(Case(world, u, r, placement, layout, causal, 4, (4, 2, 1)[i % 3], 64,
+                              1, ("bf16", "fp16")[i % 2], "emulate", "auto", docs, window,
+                              softcap))
+            i += 1
+    return cases
+
+
 def _errors(got, math_val, ref):
     """(kernel error, math error, max |ref|) over the entries where ref is finite."""
     fin = torch.isfinite(ref)
@@ -140,34 +252,49 @@ def _errors(got, math_val, ref):
             ref.abs().max().item() if ref.numel() else 0.0)
 
 
+def _attention_and_grads(q, k, v, dout, visible, softcap):
+    """(out, lse, dq, dk, dv) of plain tensor math in q's dtype (dist_cases.dense_attention)."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, lse = dense_attention(q, k, v, visible, softcap=softcap)
+    return (out.detach(), lse.detach(), *torch.autograd.grad(out, (q, k, v), dout))
+
+
 def run_emulate_case(case: Case, mesh) -> dict:
     """One case on this rank: errors of the SP result and of single-device PyTorch math in the
-    same dtype, both against fp64 on the full tensors, restricted to this rank's tokens."""
+    same dtype, both against fp64 on the full tensors, restricted to this rank's real tokens
+    (layouts with documents add padding slots)."""
     dtype = DTYPES[case.dtype]
     gen = torch.Generator().manual_seed(zlib.crc32(case.id.encode()))
-    S, B, D = 2 * case.world * CHUNK[case.world], case.batch, case.head_dim
+    cu = case.cu_seqlens
+    S = case.seq_len if cu else 2 * case.world * CHUNK[case.world]
+    B, D = case.batch, case.head_dim
     q, k, v, dout = (kc.rand(shape, dtype, gen, "cpu") for shape in
                      ((B, S, case.hq, D), (B, S, case.hkv, D), (B, S, case.hkv, D),
                       (B, S, case.hq, D)))
-    mask = Mask.causal(0) if case.causal else Mask.none()
-    scale = D ** -0.5
-    ref = kc.reference(q, k, v, dout, scale, mask)
-    math = kc.math_in_dtype(q, k, v, dout, scale, mask)
+    visible = visibility(S, cu, case.causal, case.window)
+    ref = _attention_and_grads(*(t.double() for t in (q, k, v, dout)), visible, case.softcap)
+    math = _attention_and_grads(q, k, v, dout, visible, case.softcap)
 
     def local(t, dim=1):
-        return distattn.shard(t, mesh, dim=dim, layout=case.layout)
+        return distattn.shard(t, mesh, dim=dim, layout=case.layout, cu_seqlens=cu)
 
+    real = local_indices(S, mesh, case.layout, cu) >= 0
     ql, kl, vl = (local(t).clone().requires_grad_() for t in (q, k, v))
     out, lse = distattn.dist_flash_attn(ql, kl, vl, mesh=mesh, causal=case.causal,
                                         layout=case.layout, backend=case.backend,
-                                        schedule=case.schedule, return_lse=True)
+                                        schedule=case.schedule, return_lse=True,
+                                        cu_seqlens=cu, window=case.window,
+                                        softcap=case.softcap or None)
     out.backward(local(dout))
     got = (out, lse, ql.grad, kl.grad, vl.grad)
     res = {"dtype_ok": out.dtype == dtype and ql.grad.dtype == dtype and lse.dtype == torch.float32,
-           "lse_inf_ok": torch.equal(torch.isinf(lse), torch.isinf(local(ref[1], dim=2)))}
+           "lse_inf_ok": torch.equal(torch.isinf(lse[:, :, real]),
+                                     torch.isinf(local(ref[1], dim=2)[:, :, real]))}
     for i, name in enumerate(("out", "lse", "dq", "dk", "dv")):
+        pick = (lambda t: t[:, :, real]) if name == "lse" else (lambda t: t[:, real])
         dim = 2 if name == "lse" else 1
-        res[name] = _errors(got[i].detach(), local(math[i], dim), local(ref[i], dim))
+        res[name] = _errors(pick(got[i].detach()), pick(local(math[i], dim)),
+                            pick(local(ref[i], dim)))
     return res
 
 
@@ -176,7 +303,11 @@ def run_emulate_cases(rank: int, world: int, cases: list[Case]) -> dict:
     return {c.id: run_emulate_case(c, meshes.get(c.ulysses, c.placement)) for c in cases}
 
 
-DIST_CASES = [c for w in (2, 4) for c in emulate_cases(w)]
+def cases_for(world: int) -> list[Case]:
+    return emulate_cases(world) + variant_cases(world)
+
+
+DIST_CASES = [c for w in (2, 4) for c in cases_for(w)]
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +316,7 @@ def world_results():
 
     def get(world):
         if world not in cache:
-            cache[world] = run_world(world, run_emulate_cases, emulate_cases(world))
+            cache[world] = run_world(world, run_emulate_cases, cases_for(world))
         return cache[world]
     return get
 
@@ -207,9 +338,12 @@ def test_dist_matrix_covers_meshes_layouts_and_heads():
     seen = lambda attr: {getattr(c, attr) for c in DIST_CASES}
     assert {(c.world, c.ulysses, c.ring, c.placement) for c in DIST_CASES} == {
         (w, u, r, p) for w in (2, 4) for u, r, p in mesh_shapes(w)}
-    assert seen("layout") == {"contiguous", "zigzag", "stripe"} and seen("causal") == {False, True}
+    assert seen("causal") == {False, True}
     assert seen("hkv") == {4, 2, 1} and seen("head_dim") == {64, 128}
     assert seen("dtype") == {"bf16", "fp16"} and seen("schedule") == {"auto", "ring"}
+    assert seen("layout") >= {"packed"} and {c.docs for c in DIST_CASES} >= {"one", "mixed",
+                                                                             "random"}
+    assert any(c.window for c in DIST_CASES) and any(c.softcap for c in DIST_CASES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,21 +354,22 @@ def test_aliased_outputs_are_refused(be):
     gen = torch.Generator().manual_seed(5)
     q = kc.rand((1, 70, 2, 64), torch.bfloat16, gen, "cpu")
     lse = torch.empty(1, 2, 70)
+    whole, causal = [(0, 70, 0, 70, None, None)], [(0, 70, 0, 70, None, 0)]
     with pytest.raises(ValueError, match="out shares memory with q"):
-        ext.fwd(q, q, q, q, lse, 0.125, False, 0)
+        ext.fwd(q, q, q, q, lse, 0.125, whole, 0.0)
     big = torch.empty(1, 71, 2, 64, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="out shares memory with k"):
-        ext.fwd(q, big[:, 1:], q, big[:, :70], lse, 0.125, False, 0)  # shifted by one row
+        ext.fwd(q, big[:, 1:], q, big[:, :70], lse, 0.125, whole, 0.0)  # shifted by one row
     with pytest.raises(ValueError, match="expanded view"):
         ext.fwd(q, q, q, torch.empty(1, 1, 2, 64, dtype=q.dtype).expand(1, 70, 2, 64), lse,
-                0.125, False, 0)
+                0.125, whole, 0.0)
     acc = torch.zeros(1, 70, 2, 64)
     with pytest.raises(ValueError, match="out_acc shares memory with lse_acc"):
-        ext.fwd_acc(q, q, q, acc, acc.view(-1)[:140].view(1, 2, 70), 0.125, False, 0)
+        ext.fwd_acc(q, q, q, acc, acc.view(-1)[:140].view(1, 2, 70), 0.125, whole, 0.0)
     out, lse = be.forward(q, q, q, scale=0.125, mask=Mask.causal(0))
     g = torch.zeros(1, 70, 2, 64)
     with pytest.raises(ValueError, match="dq shares memory with dk"):
-        ext.bwd(out, q, q, q, out, lse, g, g, torch.zeros_like(g), 0.125, True, 0, False)
+        ext.bwd(out, q, q, q, out, lse, g, g, torch.zeros_like(g), 0.125, causal, 0.0, False)
 
 
 def test_dk_dv_in_one_packed_buffer_are_not_aliases(be):

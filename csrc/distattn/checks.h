@@ -60,8 +60,49 @@ inline std::string check_problem(const Problem& p) {
            " has no compiled kernel (enabled by DISTATTN_HD<D> in csrc/distattn/tiling.h)";
   if (!(std::isfinite(p.scale) && p.scale > 0.f))
     return "softmax scale must be finite and > 0";
+  if (!(std::isfinite(p.softcap) && p.softcap >= 0.f))
+    return "softcap must be finite and >= 0 (0: off)";
   if (p.heads_q > kMaxGridYZ || p.batch > kMaxGridYZ)
     return "heads_q and batch must be <= 65535 (CUDA grid limit)";
+  if (p.num_pieces < 1 || p.num_pieces > kMaxPieces)
+    return "a launch runs 1 to " + std::to_string(kMaxPieces) + " pieces, got " +
+           std::to_string(p.num_pieces) + " (split the pieces over several launches)";
+  for (int i = 0; i < p.num_pieces; ++i) {
+    const PieceParams& c = p.pieces[i];
+    const std::string which = "piece " + std::to_string(i);
+    if (c.seqlen_q < 1 || c.seqlen_k < 1)
+      return which + " is empty (drop pieces that show nothing before the launch)";
+    if (c.q0 < 0 || c.q0 + c.seqlen_q > p.seqlen_q)
+      return which + ": query rows [" + std::to_string(c.q0) + ", " +
+             std::to_string(c.q0 + c.seqlen_q) + ") are not inside [0, " +
+             std::to_string(p.seqlen_q) + ")";
+    if (c.k0 < 0 || c.k0 + c.seqlen_k > p.seqlen_k)
+      return which + ": keys [" + std::to_string(c.k0) + ", " +
+             std::to_string(c.k0 + c.seqlen_k) + ") are not inside [0, " +
+             std::to_string(p.seqlen_k) + ")";
+    if (c.band.lo < -kUnbounded || c.band.hi > kUnbounded || c.band.lo > c.band.hi)
+      return which + ": band lo <= j - i <= hi needs lo <= hi (within +-2^62)";
+  }
+  return {};
+}
+
+namespace detail {
+inline bool overlap(index_t a0, index_t a1, index_t b0, index_t b1) { return a0 < b1 && b0 < a1; }
+}  // namespace detail
+
+// Pieces of one launch may not share query rows (each output row has one owner), nor, for
+// the backward, keys (each dK/dV row has one owner).
+inline std::string check_pieces_disjoint(const PieceParams* pieces, int n, bool keys_too) {
+  for (int i = 0; i < n; ++i)
+    for (int j = i + 1; j < n; ++j) {
+      const PieceParams &a = pieces[i], &b = pieces[j];
+      const bool rows = detail::overlap(a.q0, a.q0 + a.seqlen_q, b.q0, b.q0 + b.seqlen_q);
+      const bool keys = detail::overlap(a.k0, a.k0 + a.seqlen_k, b.k0, b.k0 + b.seqlen_k);
+      if (rows || (keys_too && keys))
+        return "pieces " + std::to_string(i) + " and " + std::to_string(j) + " share " +
+               (rows ? "query rows" : "keys") + "; one launch runs pieces with disjoint rows" +
+               (keys_too ? " and keys" : "") + " (run the others in another launch)";
+    }
   return {};
 }
 
@@ -78,6 +119,7 @@ inline std::string check_problem_and_qkv(const Params& p, int elem_bytes) {
 inline std::string check_fwd(const FwdParams& p, DType dtype) {
   if (dtype == DType::kFloat32) return "q/k/v must be float16 or bfloat16";
   std::string e = check_problem_and_qkv(p, dtype_size(dtype));
+  if (e.empty()) e = check_pieces_disjoint(p.prob.pieces, p.prob.num_pieces, false);
   if (!e.empty()) return e;
   if (p.accumulate) {
     if (e.empty()) e = detail::check_acc("out_acc", p.out_acc, p.out_acc_stride);
@@ -96,6 +138,7 @@ inline std::string check_bwd(const BwdParams& p, DType dtype) {
   if (dtype == DType::kFloat32) return "q/k/v must be float16 or bfloat16";
   const int eb = dtype_size(dtype);
   std::string e = check_problem_and_qkv(p, eb);
+  if (e.empty()) e = check_pieces_disjoint(p.prob.pieces, p.prob.num_pieces, true);
   if (e.empty()) e = detail::check_vector_input("dout", p.dout, p.dout_stride, eb);
   if (e.empty() && p.out == nullptr) e = "out is null";
   if (e.empty() && p.lse == nullptr) e = "lse is null";

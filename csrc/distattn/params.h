@@ -31,21 +31,61 @@ struct RowStrides {
   index_t seq = 0;
 };
 
-// The sizes of one block-attention call and its mask. `causal == false` means Mask.none();
-// Mask.empty() never reaches a kernel (the host skips the launch).
-struct Problem {
-  int batch = 0;
+// A diagonal band: key j is visible to query i iff lo <= j - i <= hi. kUnbounded on either
+// side means no bound there (Mask.none() is both unbounded, Mask.causal(offset) is
+// {-kUnbounded, offset}). Large enough for any sequence, small enough that row + hi and
+// col - lo never overflow.
+constexpr index_t kUnbounded = index_t(1) << 62;
+struct Band {
+  index_t lo = -kUnbounded;
+  index_t hi = kUnbounded;
+};
+
+// One piece of a block (the mask algebra of distattn/kernels/mask.py): query rows
+// [q0, q0 + seqlen_q) and keys [k0, k0 + seqlen_k) of the call's tensors, with a band in the
+// piece's own coordinates (row 0 = query q0, column 0 = key k0).
+struct PieceParams {
+  index_t q0 = 0;
+  index_t k0 = 0;
   int seqlen_q = 0;
   int seqlen_k = 0;
+  Band band;
+  // First CTA of the piece in the launch's grid (query tiles for the forward and dQ kernels,
+  // key tiles for the dK/dV kernel). Filled by the launchers (assign_tiles in tiling.h).
+  int q_tile_begin = 0;
+  int k_tile_begin = 0;
+};
+
+// Pieces one launch runs ("varlen"): their query rows are disjoint, and for the backward
+// their keys too, so that every output row is owned by one CTA. More pieces, or pieces that
+// share rows, take several launches (the binding splits; the fused epilogue merges).
+constexpr int kMaxPieces = 32;
+
+// The sizes of one block-attention call and its mask. Mask.empty() never reaches a kernel
+// (the host skips the launch); rows outside every piece are never touched.
+struct Problem {
+  int batch = 0;
+  int seqlen_q = 0;  // rows of q / out / lse
+  int seqlen_k = 0;  // rows of k / v
   int heads_q = 0;
   int heads_kv = 0;
   int head_dim = 0;
-  bool causal = false;
-  // Key j is visible to query i iff j <= i + causal_offset (top-left aligned). Any value.
-  index_t causal_offset = 0;
   // Softmax scale applied to q.k (must be finite and > 0).
   float scale = 0.f;
+  // softcap c > 0: scores s = scale * q.k become c * tanh(s / c) before the softmax; 0: off.
+  float softcap = 0.f;
+  int num_pieces = 0;
+  PieceParams pieces[kMaxPieces];
 };
+
+// The whole block as one piece with `band` (what Mask.none() / causal / band(lo, hi) are).
+inline void set_single_piece(Problem& p, Band band) {
+  p.num_pieces = 1;
+  p.pieces[0] = PieceParams();
+  p.pieces[0].seqlen_q = p.seqlen_q;
+  p.pieces[0].seqlen_k = p.seqlen_k;
+  p.pieces[0].band = band;
+}
 
 // Forward, plain or accumulating ("fused ring step").
 //

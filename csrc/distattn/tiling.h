@@ -10,6 +10,7 @@
 //   kFull    every in-bounds row sees every one of the bn columns, and all bn columns are in
 //            bounds: no mask is applied;
 //   kPartial anything else: computed with the mask applied elementwise.
+// The mask of a piece is a band (params.h): key j visible to query i iff lo <= j - i <= hi.
 // Out-of-bounds *rows* do not make a tile partial: the kernels never write them, and give
 // them zero probability where they could leak into other results (see the kernels).
 #pragma once
@@ -70,51 +71,78 @@ DA_HD constexpr index_t imin(index_t a, index_t b) { return a < b ? a : b; }
 DA_HD constexpr index_t imax(index_t a, index_t b) { return a > b ? a : b; }
 
 // ------------------------------------------------------------------------------------------
-// Visibility and tile classification.
+// Visibility and tile classification, for one piece (sq x sk, band in piece coordinates).
 // ------------------------------------------------------------------------------------------
-DA_HD bool visible(index_t row, index_t col, index_t sq, index_t sk, bool causal,
-                   index_t offset) {
-  return row < sq && col < sk && (!causal || col <= row + offset);
+DA_HD bool in_band(index_t row, index_t col, Band band) {
+  return col - row >= band.lo && col - row <= band.hi;
+}
+
+DA_HD bool visible(index_t row, index_t col, index_t sq, index_t sk, Band band) {
+  return row < sq && col < sk && in_band(row, col, band);
 }
 
 enum TileKind : int { kSkip = 0, kPartial = 1, kFull = 2 };
 
 // Kind of the tile [m0, m0+bm) x [n0, n0+bn). Requires 0 <= m0 < sq and 0 <= n0.
+// In-bounds rows m0..m_last: the first sees the leftmost keys (j <= m0 + hi is the tightest
+// upper bound), the last sees the rightmost (j >= m_last + lo the tightest lower bound).
 DA_HD TileKind classify_tile(index_t m0, int bm, index_t n0, int bn, index_t sq, index_t sk,
-                             bool causal, index_t offset) {
-  const index_t m_last = imin(m0 + bm, sq) - 1;  // the least restricted in-bounds row
+                             Band band) {
+  const index_t m_last = imin(m0 + bm, sq) - 1;
+  const index_t n_last = imin(n0 + bn, sk) - 1;  // last in-bounds key
   if (n0 >= sk) return kSkip;
-  if (causal && n0 > m_last + offset) return kSkip;
+  if (n0 > m_last + band.hi) return kSkip;       // every key right of every row's band
+  if (n_last < m0 + band.lo) return kSkip;       // every key left of every row's band
   const bool keys_in_bounds = n0 + bn <= sk;
-  const bool first_row_sees_all = !causal || n0 + bn - 1 <= m0 + offset;
-  return (keys_in_bounds && first_row_sees_all) ? kFull : kPartial;
+  const bool all_rows_see_all = n0 + bn - 1 <= m0 + band.hi && n0 >= m_last + band.lo;
+  return (keys_in_bounds && all_rows_see_all) ? kFull : kPartial;
 }
 
-// Number of key tiles a query tile starting at m0 visits: tiles [0, count) are exactly its
-// non-skipped tiles (tiles are top-left aligned and nothing hides keys on the left).
-DA_HD index_t key_tiles_for_query_tile(index_t m0, int bm, int bn, index_t sq, index_t sk,
-                                       bool causal, index_t offset) {
-  index_t n_end = sk;  // exclusive end of the keys visible to some in-bounds row
-  if (causal) {
-    const index_t m_last = imin(m0 + bm, sq) - 1;
-    n_end = imin(sk, imax(index_t(0), m_last + offset + 1));
-  }
-  return ceil_div(n_end, bn);
-}
-
-// Query tiles a key tile starting at n0 meets: [first, last) are exactly its non-skipped ones.
+// A half-open range of tile indices.
 struct TileRange {
   index_t first;
   index_t last;
 };
+
+// Key tiles a query tile starting at m0 visits: [first, last) are exactly its non-skipped
+// tiles (the keys some in-bounds row sees form one interval).
+DA_HD TileRange key_tiles_for_query_tile(index_t m0, int bm, int bn, index_t sq, index_t sk,
+                                         Band band) {
+  const index_t m_last = imin(m0 + bm, sq) - 1;
+  const index_t j_begin = imax(index_t(0), m0 + band.lo);      // first key some row sees
+  const index_t j_end = imin(sk, imax(index_t(0), m_last + band.hi + 1));
+  if (j_begin >= j_end) return {0, 0};
+  return {j_begin / bn, ceil_div(j_end, bn)};
+}
+
+// Query tiles a key tile starting at n0 meets: [first, last) are exactly its non-skipped ones.
 DA_HD TileRange query_tiles_for_key_tile(index_t n0, int bn, int bm, index_t sq, index_t sk,
-                                         bool causal, index_t offset) {
-  (void)bn;
-  const index_t n_tiles = ceil_div(sq, bm);
-  if (n0 >= sk) return {n_tiles, n_tiles};
-  index_t m_begin = 0;  // first row that sees the tile's first key
-  if (causal) m_begin = imin(sq, imax(index_t(0), n0 - offset));
-  return {m_begin / bm, m_begin >= sq ? m_begin / bm : n_tiles};
+                                         Band band) {
+  if (n0 >= sk) return {0, 0};
+  const index_t n_last = imin(n0 + bn, sk) - 1;
+  const index_t i_begin = imax(index_t(0), n0 - band.hi);      // first row that sees a key
+  const index_t i_end = imin(sq, imax(index_t(0), n_last - band.lo + 1));
+  if (i_begin >= i_end) return {0, 0};
+  return {i_begin / bm, ceil_div(i_end, bm)};
+}
+
+// Number of tiles of `size` a launch needs over its pieces' rows (keys == false) or keys.
+inline index_t total_tiles(const Problem& p, int size, bool keys) {
+  index_t n = 0;
+  for (int i = 0; i < p.num_pieces; ++i)
+    n += ceil_div(keys ? p.pieces[i].seqlen_k : p.pieces[i].seqlen_q, size);
+  return n;
+}
+
+// Fill each piece's first CTA for a launch with bm-row query tiles and bn-key key tiles.
+inline void assign_tiles(Problem& p, int bm, int bn) {
+  int q = 0, k = 0;
+  for (int i = 0; i < p.num_pieces; ++i) {
+    p.pieces[i].q_tile_begin = q;
+    p.pieces[i].k_tile_begin = k;
+    q += int(ceil_div(p.pieces[i].seqlen_q, bm));
+    k += int(ceil_div(p.pieces[i].seqlen_k, bn));
+  }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -128,21 +156,22 @@ struct LaunchConfig {
   int smem_bytes = 0;
 };
 
+// grid_x: the query (or key) tiles of all pieces; see assign_tiles.
 inline LaunchConfig fwd_launch_config(const Problem& p, int elem_bytes) {
   const int d = p.head_dim, bm = fwd_block_m(d), bn = fwd_block_n(d);
-  return {ceil_div(p.seqlen_q, bm), p.heads_q, p.batch, kThreads,
+  return {total_tiles(p, bm, false), p.heads_q, p.batch, kThreads,
           (bm + 2 * bn) * smem_pitch(d) * elem_bytes};
 }
 
 inline LaunchConfig bwd_kv_launch_config(const Problem& p, int elem_bytes) {
   const int d = p.head_dim, bn = bwd_kv_block_n(d), bm = bwd_kv_block_m(d);
-  return {ceil_div(p.seqlen_k, bn), p.heads_kv, p.batch, kThreads,
+  return {total_tiles(p, bn, true), p.heads_kv, p.batch, kThreads,
           (2 * bn + 2 * bm) * smem_pitch(d) * elem_bytes + 2 * bm * 4};
 }
 
 inline LaunchConfig bwd_q_launch_config(const Problem& p, int elem_bytes) {
   const int d = p.head_dim, bm = bwd_q_block_m(d), bn = bwd_q_block_n(d);
-  return {ceil_div(p.seqlen_q, bm), p.heads_q, p.batch, kThreads,
+  return {total_tiles(p, bm, false), p.heads_q, p.batch, kThreads,
           (2 * bm + 2 * bn) * smem_pitch(d) * elem_bytes};
 }
 

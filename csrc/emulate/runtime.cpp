@@ -722,6 +722,7 @@ std::unordered_map<const void*, int>& max_smem_attr() {
   return m;
 }
 std::atomic<int> g_num_threads{1};
+std::atomic<long> g_launches{0};
 
 }  // namespace
 
@@ -837,6 +838,7 @@ int set_max_dynamic_smem(const void* kernel, int bytes) {
 }
 
 void set_num_threads(int n) { g_num_threads = n < 1 ? 1 : n; }
+long launch_count() { return g_launches; }
 int num_threads() { return g_num_threads; }
 
 int run_grid(const void* kernel, dim3 grid, dim3 block, std::size_t smem_bytes,
@@ -864,6 +866,7 @@ int run_grid(const void* kernel, dim3 grid, dim3 block, std::size_t smem_bytes,
                         "than the " + std::to_string(allowed) + " its MaxDynamicSharedMemorySize "
                         "attribute allows");
 
+  ++g_launches;
   const long total = long(grid.x) * grid.y * grid.z;
   std::atomic<long> next{0};
   std::atomic<bool> failed{false};

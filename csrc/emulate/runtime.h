@@ -74,6 +74,8 @@ int run_grid(const void* kernel, dim3 grid, dim3 block, std::size_t smem_bytes,
              const std::function<void()>& body);
 // The detailed message of the most recent failed launch on this OS thread.
 const std::string& last_error_message();
+// Grids run so far in this process (tests count launches: "one varlen launch").
+long launch_count();
 // OS threads that run CTAs in parallel (>= 1; the calling thread is one of them).
 void set_num_threads(int n);
 int num_threads();

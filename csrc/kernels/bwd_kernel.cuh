@@ -1,15 +1,19 @@
 // Backward of block attention, deterministic (no atomics), in three kernels:
 //
 // 1. delta_kernel  delta[b, h, i] = sum_d dO[b, i, h, d] * O[b, i, h, d]   (float32)
-// 2. bwd_kv_kernel CTA = (key tile, kv head, batch), 4 warps x 16 key rows. It loops over the
+// 2. bwd_kv_kernel CTA = (key tile of a piece, kv head, batch), 4 warps x 16 key rows. It
+//                  loops over the
 //                  Hq/Hkv query heads of its group and over the query tiles that see its keys,
 //                  and keeps dK, dV for its rows in registers:
 //                    S^T = K Q^T, P^T = exp(S^T*scale - lse), dP^T = V dO^T,
 //                    dS^T = P^T * (dP^T - delta), dV += P^T dO, dK += dS^T Q
 //                  Computing the transposed tiles directly keeps P^T and dS^T in registers
 //                  as the A operand of the next MMA (no shared-memory transpose).
-// 3. bwd_q_kernel  CTA = (query tile, q head, batch), 4 warps x 16 query rows, loops over key
-//                  tiles: S = Q K^T, P, dP = dO V^T, dS, dQ += dS K.
+// 3. bwd_q_kernel  CTA = (query tile of a piece, q head, batch), 4 warps x 16 query rows, loops
+//                  over key tiles: S = Q K^T, P, dP = dO V^T, dS, dQ += dS K.
+// The pieces of a launch (params.h) have disjoint query rows and disjoint keys, so each
+// gradient row still has one owner. With softcap, dS is multiplied by the cap's slope
+// 1 - tanh^2 (ScoreScale in mma.cuh).
 // Every gradient row is owned by exactly one CTA, which adds (or writes) it once with plain
 // loads and stores, so results are bitwise reproducible. The price is recomputing S and dP
 // in kernel 3 (7 instead of 5 GEMMs); an atomic-dQ variant is future work (docs/KERNELS.md).
@@ -77,40 +81,45 @@ __global__ void __launch_bounds__(kThreads) bwd_kv_kernel(const BwdParams p) {
   const Problem& pr = p.prob;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;
-  const index_t n0 = index_t(blockIdx.x) * BN;
+  const PieceParams pc = piece_of_tile(pr, int(blockIdx.x), true);
+  const index_t sq = pc.seqlen_q, sk = pc.seqlen_k;
+  const index_t n0 = index_t(int(blockIdx.x) - pc.k_tile_begin) * BN;  // keys of the piece
   const int hk = blockIdx.y, b = blockIdx.z;
   const int group = pr.heads_q / pr.heads_kv;
-  const float scale_log2 = pr.scale * kLog2e;
-  const TileRange range = query_tiles_for_key_tile(n0, BN, BM, pr.seqlen_q, pr.seqlen_k,
-                                                   pr.causal, pr.causal_offset);
+  const ScoreScale score(pr.scale, pr.softcap);
+  const TileRange range = query_tiles_for_key_tile(n0, BN, BM, sq, sk, pc.band);
 
   float dk[DT][4], dv[DT][4];
   zero(dk);
   zero(dv);
 
   if (range.first < range.last) {
-    const T* k = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
-    const T* v = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
-    load_tile_async<T, D, BN>(sK, k, p.k_stride.seq, n0, pr.seqlen_k);
-    load_tile_async<T, D, BN>(sV, v, p.v_stride.seq, n0, pr.seqlen_k);
+    const T* k = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head +
+                 pc.k0 * p.k_stride.seq;
+    const T* v = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head +
+                 pc.k0 * p.v_stride.seq;
+    load_tile_async<T, D, BN>(sK, k, p.k_stride.seq, n0, sk);
+    load_tile_async<T, D, BN>(sV, v, p.v_stride.seq, n0, sk);
     cp_async_commit();
 
     for (int gi = 0; gi < group; ++gi) {
       const int h = hk * group + gi;
-      const T* q = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
-      const T* dout =
-          static_cast<const T*>(p.dout) + b * p.dout_stride.batch + h * p.dout_stride.head;
-      const float* lse = p.lse + b * p.lse_stride.batch + h * p.lse_stride.head;
-      const float* delta = p.delta + (index_t(b) * pr.heads_q + h) * pr.seqlen_q;
+      const T* q = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head +
+                   pc.q0 * p.q_stride.seq;
+      const T* dout = static_cast<const T*>(p.dout) + b * p.dout_stride.batch +
+                      h * p.dout_stride.head + pc.q0 * p.dout_stride.seq;
+      const float* lse =
+          p.lse + b * p.lse_stride.batch + h * p.lse_stride.head + pc.q0 * p.lse_stride.seq;
+      const float* delta = p.delta + (index_t(b) * pr.heads_q + h) * pr.seqlen_q + pc.q0;
 
       for (index_t mt = range.first; mt < range.last; ++mt) {
         const index_t m0 = mt * BM;
-        load_tile_async<T, D, BM>(sQ, q, p.q_stride.seq, m0, pr.seqlen_q);
-        load_tile_async<T, D, BM>(sdO, dout, p.dout_stride.seq, m0, pr.seqlen_q);
+        load_tile_async<T, D, BM>(sQ, q, p.q_stride.seq, m0, sq);
+        load_tile_async<T, D, BM>(sdO, dout, p.dout_stride.seq, m0, sq);
         cp_async_commit();
         if (threadIdx.x < BM) {
           const index_t row = m0 + threadIdx.x;
-          const bool in_bounds = row < pr.seqlen_q;
+          const bool in_bounds = row < sq;
           st_shared(sLse + threadIdx.x,
                     in_bounds ? lse_for_exp2(lse[row * p.lse_stride.seq]) : INFINITY);
           st_shared(sDelta + threadIdx.x, in_bounds ? delta[row] : 0.f);
@@ -124,8 +133,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kv_kernel(const BwdParams p) {
         gemm_smem_a_nmajor_b<T, PITCH, D, MT>(st, sK, 16 * warp, sQ);
         gemm_smem_a_nmajor_b<T, PITCH, D, MT>(dpt, sV, 16 * warp, sdO);
 
-        const bool partial = classify_tile(m0, BM, n0, BN, pr.seqlen_q, pr.seqlen_k, pr.causal,
-                                           pr.causal_offset) != kFull;
+        const bool partial = classify_tile(m0, BM, n0, BN, sq, sk, pc.band) != kFull;
 #pragma unroll
         for (int j = 0; j < MT; ++j)
 #pragma unroll
@@ -133,13 +141,13 @@ __global__ void __launch_bounds__(kThreads) bwd_kv_kernel(const BwdParams p) {
             const int qc = 8 * j + 2 * t + (e % 2);  // query column within the tile
             const index_t key = n0 + 16 * warp + g + 8 * (e / 2);
             const index_t query = m0 + qc;
-            float s = st[j][e];
-            // Out-of-bounds queries already have sLse = +inf; bound keys and apply causality.
-            if (partial && (key >= pr.seqlen_k || (pr.causal && key > query + pr.causal_offset)))
-              s = -INFINITY;
-            const float prob = exp2f(fmaf(s, scale_log2, -ld_shared(sLse + qc)));
+            float slope;
+            float s = score.raw(st[j][e], slope);
+            // Out-of-bounds queries already have sLse = +inf; bound keys and apply the band.
+            if (partial && (key >= sk || !in_band(query, key, pc.band))) s = -INFINITY;
+            const float prob = exp2f(fmaf(s, score.mul, -ld_shared(sLse + qc)));
             st[j][e] = prob;
-            dpt[j][e] = prob * (dpt[j][e] - ld_shared(sDelta + qc));
+            dpt[j][e] = prob * (dpt[j][e] - ld_shared(sDelta + qc)) * slope;
           }
 
         uint32_t pf[MT / 2][4], dsf[MT / 2][4];
@@ -156,8 +164,9 @@ __global__ void __launch_bounds__(kThreads) bwd_kv_kernel(const BwdParams p) {
   if (p.accumulate && range.first >= range.last) return;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const index_t key = n0 + 16 * warp + g + 8 * r;
-    if (key >= pr.seqlen_k) continue;
+    const index_t key_in_piece = n0 + 16 * warp + g + 8 * r;
+    if (key_in_piece >= sk) continue;
+    const index_t key = pc.k0 + key_in_piece;
     float* dk_row = p.dk_acc + b * p.dk_stride.batch + key * p.dk_stride.seq + hk * p.dk_stride.head;
     float* dv_row = p.dv_acc + b * p.dv_stride.batch + key * p.dv_stride.seq + hk * p.dv_stride.head;
 #pragma unroll
@@ -186,19 +195,20 @@ __global__ void __launch_bounds__(kThreads) bwd_q_kernel(const BwdParams p) {
   const Problem& pr = p.prob;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;
-  const index_t m_block = pr.causal ? index_t(gridDim.x) - 1 - blockIdx.x : index_t(blockIdx.x);
+  const int tile = int(gridDim.x) - 1 - int(blockIdx.x);  // heaviest (causal) tiles first
+  const PieceParams pc = piece_of_tile(pr, tile, false);
+  const index_t sq = pc.seqlen_q, sk = pc.seqlen_k;
   const int h = blockIdx.y, b = blockIdx.z;
   const int hk = h / (pr.heads_q / pr.heads_kv);
-  const index_t m0 = m_block * BM;
-  const float scale_log2 = pr.scale * kLog2e;
-  const index_t n_tiles = key_tiles_for_query_tile(m0, BM, BN, pr.seqlen_q, pr.seqlen_k,
-                                                   pr.causal, pr.causal_offset);
+  const index_t m0 = index_t(tile - pc.q_tile_begin) * BM;  // rows of the piece
+  const ScoreScale score(pr.scale, pr.softcap);
+  const TileRange keys = key_tiles_for_query_tile(m0, BM, BN, sq, sk, pc.band);
 
   float row_lse[2], row_delta[2];  // rows g and g + 8 of this warp
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const index_t row = m0 + 16 * warp + g + 8 * r;
-    const bool in_bounds = row < pr.seqlen_q;
+    const index_t row = pc.q0 + m0 + 16 * warp + g + 8 * r;  // in the call's tensors
+    const bool in_bounds = m0 + 16 * warp + g + 8 * r < sq;
     row_lse[r] = in_bounds ? lse_for_exp2(p.lse[b * p.lse_stride.batch + h * p.lse_stride.head +
                                                 row * p.lse_stride.seq])
                            : INFINITY;
@@ -207,20 +217,23 @@ __global__ void __launch_bounds__(kThreads) bwd_q_kernel(const BwdParams p) {
 
   float dq[DT][4];
   zero(dq);
-  const T* k = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
-  if (n_tiles > 0) {
-    const T* q = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
-    const T* dout =
-        static_cast<const T*>(p.dout) + b * p.dout_stride.batch + h * p.dout_stride.head;
-    load_tile_async<T, D, BM>(sQ, q, p.q_stride.seq, m0, pr.seqlen_q);
-    load_tile_async<T, D, BM>(sdO, dout, p.dout_stride.seq, m0, pr.seqlen_q);
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head +
+               pc.k0 * p.k_stride.seq;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head +
+               pc.k0 * p.v_stride.seq;
+  if (keys.first < keys.last) {
+    const T* q = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head +
+                 pc.q0 * p.q_stride.seq;
+    const T* dout = static_cast<const T*>(p.dout) + b * p.dout_stride.batch +
+                    h * p.dout_stride.head + pc.q0 * p.dout_stride.seq;
+    load_tile_async<T, D, BM>(sQ, q, p.q_stride.seq, m0, sq);
+    load_tile_async<T, D, BM>(sdO, dout, p.dout_stride.seq, m0, sq);
   }
 
-  for (index_t it = 0; it < n_tiles; ++it) {
+  for (index_t it = keys.first; it < keys.last; ++it) {
     const index_t n0 = it * BN;
-    load_tile_async<T, D, BN>(sK, k, p.k_stride.seq, n0, pr.seqlen_k);
-    load_tile_async<T, D, BN>(sV, v, p.v_stride.seq, n0, pr.seqlen_k);
+    load_tile_async<T, D, BN>(sK, k, p.k_stride.seq, n0, sk);
+    load_tile_async<T, D, BN>(sV, v, p.v_stride.seq, n0, sk);
     cp_async_commit();
     cp_async_wait_all();
     __syncthreads();  // Q, dO (first time) and K_it, V_it are in shared memory
@@ -231,8 +244,7 @@ __global__ void __launch_bounds__(kThreads) bwd_q_kernel(const BwdParams p) {
     gemm_smem_a_nmajor_b<T, PITCH, D, NT>(s, sQ, 16 * warp, sK);   // S = Q K^T
     gemm_smem_a_nmajor_b<T, PITCH, D, NT>(dp, sdO, 16 * warp, sV);  // dP = dO V^T
 
-    const bool partial = classify_tile(m0, BM, n0, BN, pr.seqlen_q, pr.seqlen_k, pr.causal,
-                                       pr.causal_offset) != kFull;
+    const bool partial = classify_tile(m0, BM, n0, BN, sq, sk, pc.band) != kFull;
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
@@ -240,11 +252,11 @@ __global__ void __launch_bounds__(kThreads) bwd_q_kernel(const BwdParams p) {
         const int r = e / 2;
         const index_t row = m0 + 16 * warp + g + 8 * r;
         const index_t col = n0 + 8 * j + 2 * t + (e % 2);
-        float x = s[j][e];
-        if (partial && (col >= pr.seqlen_k || (pr.causal && col > row + pr.causal_offset)))
-          x = -INFINITY;
-        const float prob = exp2f(fmaf(x, scale_log2, -row_lse[r]));
-        s[j][e] = prob * (dp[j][e] - row_delta[r]);  // dS
+        float slope;
+        float x = score.raw(s[j][e], slope);
+        if (partial && (col >= sk || !in_band(row, col, pc.band))) x = -INFINITY;
+        const float prob = exp2f(fmaf(x, score.mul, -row_lse[r]));
+        s[j][e] = prob * (dp[j][e] - row_delta[r]) * slope;  // dS
       }
 
     uint32_t dsf[NT / 2][4];
@@ -253,11 +265,12 @@ __global__ void __launch_bounds__(kThreads) bwd_q_kernel(const BwdParams p) {
     __syncthreads();  // every warp is done with K, V before the next tile overwrites them
   }
 
-  if (p.accumulate && n_tiles == 0) return;
+  if (p.accumulate && keys.first >= keys.last) return;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const index_t row = m0 + 16 * warp + g + 8 * r;
-    if (row >= pr.seqlen_q) continue;
+    const index_t row_in_piece = m0 + 16 * warp + g + 8 * r;
+    if (row_in_piece >= sq) continue;
+    const index_t row = pc.q0 + row_in_piece;
     float* dq_row = p.dq_acc + b * p.dq_stride.batch + row * p.dq_stride.seq + h * p.dq_stride.head;
 #pragma unroll
     for (int d = 0; d < DT; ++d)
@@ -286,9 +299,14 @@ cudaError_t launch_bwd_kernels(const BwdParams& p, cudaStream_t stream) {
   DISTATTN_LAUNCH(delta_fn, unsigned(rows.grid_x), rows.threads, 0, stream, p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  err = launch_tiled<bwd_kv_kernel<T, D>>(bwd_kv_launch_config(pr, int(sizeof(T))), p, stream);
+  // The dQ kernel's grid runs over query tiles, the dK/dV kernel's over key tiles.
+  BwdParams lp = p;
+  assign_tiles(lp.prob, bwd_q_block_m(D), bwd_kv_block_n(D));
+  err = launch_tiled<bwd_kv_kernel<T, D>>(bwd_kv_launch_config(lp.prob, int(sizeof(T))), lp,
+                                          stream);
   if (err != cudaSuccess) return err;
-  return launch_tiled<bwd_q_kernel<T, D>>(bwd_q_launch_config(pr, int(sizeof(T))), p, stream);
+  return launch_tiled<bwd_q_kernel<T, D>>(bwd_q_launch_config(lp.prob, int(sizeof(T))), lp,
+                                          stream);
 }
 
 }  // namespace kern

@@ -1,10 +1,11 @@
 // Forward block attention with LSE, plain or accumulating ("fused ring step").
 //
-// One CTA per (query tile of BM rows, query head, batch); 4 warps, each owning 16 query rows.
-// The CTA loops over the key tiles its rows can see (tiling.h: key_tiles_for_query_tile),
-// with FlashAttention-2's online softmax:
+// One CTA per (query tile of BM rows of a piece, query head, batch); 4 warps, each owning 16
+// query rows. The pieces of a launch (params.h: rows disjoint, each with its band) share the
+// grid's x dimension, piece after piece ("varlen"). The CTA loops over the key tiles its rows
+// can see (tiling.h: key_tiles_for_query_tile), with FlashAttention-2's online softmax:
 //
-//   S = Q K^T (fp32) -> mask (partial tiles only) -> running row max m (log2 units)
+//   S = Q K^T (fp32) -> softcap -> mask (partial tiles only) -> running row max m (log2 units)
 //   P = exp2(S * scale * log2(e) - m); rescale O and the row sums l; O += P V (P in T)
 //
 // Pipeline (cp.async, single buffer per operand): V_j is loaded while S_j is computed, and
@@ -33,19 +34,23 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
   const Problem& pr = p.prob;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;
-  // Causal: the last query tiles see the most keys; launch them first.
-  const index_t m_block = pr.causal ? index_t(gridDim.x) - 1 - blockIdx.x : index_t(blockIdx.x);
+  // Under a causal band the last query tiles see the most keys; launch them first.
+  const int tile = int(gridDim.x) - 1 - int(blockIdx.x);
+  const PieceParams pc = piece_of_tile(pr, tile, false);
+  const index_t sq = pc.seqlen_q, sk = pc.seqlen_k;
   const int h = blockIdx.y, b = blockIdx.z;
   const int hk = h / (pr.heads_q / pr.heads_kv);  // GQA: index mapping, K/V never expanded
-  const index_t m0 = m_block * BM;
+  const index_t m0 = index_t(tile - pc.q_tile_begin) * BM;  // rows of the piece from here on
 
-  const T* q = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head +
+               pc.q0 * p.q_stride.seq;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head +
+               pc.k0 * p.k_stride.seq;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head +
+               pc.k0 * p.v_stride.seq;
 
-  const index_t n_tiles = key_tiles_for_query_tile(m0, BM, BN, pr.seqlen_q, pr.seqlen_k,
-                                                   pr.causal, pr.causal_offset);
-  const float scale_log2 = pr.scale * kLog2e;
+  const TileRange keys = key_tiles_for_query_tile(m0, BM, BN, sq, sk, pc.band);
+  const ScoreScale score(pr.scale, pr.softcap);
 
   float o[DT][4];
   zero(o);
@@ -53,21 +58,21 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
   float row_sum[2] = {0.f, 0.f};              // this thread's partial sums (quad-reduced at end)
   uint32_t qf[D / 16][4];                     // this warp's Q rows as A fragments
 
-  if (n_tiles > 0) {
-    load_tile_async<T, D, BM>(sQ, q, p.q_stride.seq, m0, pr.seqlen_q);
-    load_tile_async<T, D, BN>(sK, k, p.k_stride.seq, 0, pr.seqlen_k);
+  if (keys.first < keys.last) {
+    load_tile_async<T, D, BM>(sQ, q, p.q_stride.seq, m0, sq);
+    load_tile_async<T, D, BN>(sK, k, p.k_stride.seq, keys.first * BN, sk);
     cp_async_commit();
   }
 
-  for (index_t it = 0; it < n_tiles; ++it) {
+  for (index_t it = keys.first; it < keys.last; ++it) {
     const index_t n0 = it * BN;
     cp_async_wait_all();
     __syncthreads();  // K_it (and Q) landed; every warp is done with V_{it-1}
-    if (it == 0) {
+    if (it == keys.first) {
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) ldsm_a<T, PITCH>(qf[kk], sQ, 16 * warp, 16 * kk);
     }
-    load_tile_async<T, D, BN>(sV, v, p.v_stride.seq, n0, pr.seqlen_k);
+    load_tile_async<T, D, BN>(sV, v, p.v_stride.seq, n0, sk);
     cp_async_commit();
 
     // S = Q K^T for this warp's 16 rows.
@@ -84,21 +89,27 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
       }
     }
 
-    if (classify_tile(m0, BM, n0, BN, pr.seqlen_q, pr.seqlen_k, pr.causal, pr.causal_offset) !=
-        kFull) {
+    if (score.cap_in != 0.f) {  // softcap, before the mask (which must win: tanh(-inf) = -1)
+      float slope;
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] = score.raw(s[j][e], slope);
+    }
+    if (classify_tile(m0, BM, n0, BN, sq, sk, pc.band) != kFull) {
 #pragma unroll
       for (int j = 0; j < NT; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const index_t row = m0 + 16 * warp + g + 8 * (e / 2);
           const index_t col = n0 + 8 * j + 2 * t + (e % 2);
-          // Rows >= Sq are never written; only keys are bounds-checked here.
-          if (col >= pr.seqlen_k || (pr.causal && col > row + pr.causal_offset))
-            s[j][e] = -INFINITY;
+          // Rows >= Sq are never written; keys are bounds-checked here.
+          if (col >= sk || !in_band(row, col, pc.band)) s[j][e] = -INFINITY;
         }
     }
 
     // Online softmax. r = 0: row g, r = 1: row g + 8.
+    const float scale_log2 = score.mul;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mx = -INFINITY;
@@ -127,8 +138,8 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
 
     cp_async_wait_all();
     __syncthreads();  // V_it landed; every warp is done with K_it
-    if (it + 1 < n_tiles) {
-      load_tile_async<T, D, BN>(sK, k, p.k_stride.seq, n0 + BN, pr.seqlen_k);
+    if (it + 1 < keys.last) {
+      load_tile_async<T, D, BN>(sK, k, p.k_stride.seq, n0 + BN, sk);
       cp_async_commit();
     }
 
@@ -144,8 +155,9 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
     const float l = quad_sum(row_sum[r]);
     const float lse = l > 0.f ? row_max[r] * kLn2 + logf(l) : -INFINITY;
     const float inv = l > 0.f ? 1.f / l : 0.f;
-    const index_t row = m0 + 16 * warp + g + 8 * r;
-    const bool in_bounds = row < pr.seqlen_q;
+    const index_t row_in_piece = m0 + 16 * warp + g + 8 * r;
+    const bool in_bounds = row_in_piece < sq;
+    const index_t row = pc.q0 + row_in_piece;  // in the call's tensors
     if (!p.accumulate) {
       if (in_bounds) {
         T* out = static_cast<T*>(p.out) + b * p.out_stride.batch + row * p.out_stride.seq +
@@ -191,12 +203,14 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
 
 template <typename T, int D>
 cudaError_t launch_fwd_kernel(const FwdParams& p, cudaStream_t stream) {
-  const LaunchConfig cfg = fwd_launch_config(p.prob, int(sizeof(T)));
+  FwdParams lp = p;
+  assign_tiles(lp.prob, fwd_block_m(D), fwd_block_n(D));
+  const LaunchConfig cfg = fwd_launch_config(lp.prob, int(sizeof(T)));
   auto kernel = fwd_kernel<T, D>;
   const cudaError_t err = allow_dynamic_smem<fwd_kernel<T, D>>(cfg.smem_bytes);
   if (err != cudaSuccess) return err;
   const dim3 grid(unsigned(cfg.grid_x), unsigned(cfg.grid_y), unsigned(cfg.grid_z));
-  DISTATTN_LAUNCH(kernel, grid, cfg.threads, cfg.smem_bytes, stream, p);
+  DISTATTN_LAUNCH(kernel, grid, cfg.threads, cfg.smem_bytes, stream, lp);
   return cudaGetLastError();
 }
 

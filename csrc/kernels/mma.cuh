@@ -94,6 +94,43 @@ cudaError_t allow_dynamic_smem(int bytes) {
   return err;
 }
 
+// ---- pieces and scores ----------------------------------------------------------------------
+// The piece a CTA works on: the last piece whose first tile is <= `tile` (each piece's tiles
+// are consecutive in the grid, see assign_tiles). Unrolled over constant indices, so the
+// parameters are read where they are (a dynamic index would copy them to local memory).
+__device__ __forceinline__ PieceParams piece_of_tile(const Problem& pr, int tile, bool by_keys) {
+  PieceParams pc = pr.pieces[0];
+#pragma unroll
+  for (int i = 1; i < kMaxPieces; ++i) {
+    const int begin = by_keys ? pr.pieces[i].k_tile_begin : pr.pieces[i].q_tile_begin;
+    if (i < pr.num_pieces && begin <= tile) pc = pr.pieces[i];
+  }
+  return pc;
+}
+
+// Scores in the kernels: the MMA gives s = q.k; the softmax wants the scaled score
+// u = scale * s, or with softcap c > 0, c * tanh(u / c), in log2 units. A kernel keeps a "raw"
+// score and one multiplier to log2 units: raw = s and mul = scale * log2(e) without softcap
+// (the fast path, one FMA later), raw = tanh(u / c) and mul = c * log2(e) with it.
+struct ScoreScale {
+  float mul;     // raw -> log2 units
+  float cap_in;  // scale / c, 0 without softcap
+  __device__ __forceinline__ ScoreScale(float scale, float softcap)
+      : mul((softcap > 0.f ? softcap : scale) * kLog2e),
+        cap_in(softcap > 0.f ? scale / softcap : 0.f) {}
+  // q.k -> raw score; `slope` = d(capped score)/du = 1 - tanh^2 (1 without softcap), the
+  // factor the backward multiplies into dS.
+  __device__ __forceinline__ float raw(float s, float& slope) const {
+    if (cap_in == 0.f) {
+      slope = 1.f;
+      return s;
+    }
+    const float th = tanhf(s * cap_in);
+    slope = 1.f - th * th;
+    return th;
+  }
+};
+
 // ---- scalar shared-memory accesses -----------------------------------------------------------
 // Shared memory that is not written by cp.async or read by ldmatrix is accessed through these
 // two, so that the emulator's race check sees every shared-memory access.

@@ -6,6 +6,10 @@ Contract (base.py / docs/DESIGN.md, "Backends"), with these specifics:
   ``distattn._C.head_dims()``), ``Hq % Hkv == 0`` (GQA/MQA by index mapping). q/k/v may be
   strided views; a view whose rows are not 16-byte aligned is copied to a contiguous tensor
   first (correct, but a copy).
+- Masks: every mask of the algebra (kernels/mask.py). Its pieces run on their smallest
+  rectangles, a band (lo, hi) each; pieces with disjoint query rows (and keys, backward) share
+  one "varlen" launch, others take further launches merged by the fused epilogue. softcap in
+  the kernels (forward and backward).
 - ``forward`` returns ``out`` in q's dtype and ``lse`` float32 ``[B, Hq, Sq]``.
 - ``backward`` returns float32 ``dq, dk, dv``. It is deterministic (bitwise reproducible): no
   atomics, every gradient row is owned by one thread block (see docs/KERNELS.md).
@@ -25,8 +29,8 @@ from __future__ import annotations
 import torch
 
 from ..merge import merge_ as torch_merge_
-from .base import BlockAttention, empty_result
-from .mask import Mask
+from ..merge import new_accumulators
+from .base import BlockAttention, empty_result, piece_blocks
 
 _IMPORT_ERROR: str | None = None
 try:  # the compiled extension; absent on CPU-only builds
@@ -96,19 +100,30 @@ def _accumulator_ok(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 and _rows_aligned(t, 2, 8)
 
 
-def _refuse(mask: Mask, softcap: float) -> None:
-    """The kernels run one causal or unmasked piece; windows and softcap are not in them yet."""
-    if mask.kind not in ("none", "causal", "empty"):
-        raise NotImplementedError(
-            f"backend='cuda' does not run {mask!r} pieces (sliding windows) yet; use "
-            f"backend='torch' or 'reference'")
-    if softcap:
-        raise NotImplementedError("backend='cuda' has no softcap yet; use backend='torch' "
-                                  "(reference math for softcap) or 'reference'")
+def _launch_groups(blocks, keys_too: bool) -> list[list]:
+    """A mask's pieces (``piece_blocks``: rows, cols, single-piece mask) grouped into kernel
+    launches. One launch runs pieces with disjoint query rows (and disjoint keys for the
+    backward), so every output row has one owner; pieces that share rows with an earlier one
+    go to a later launch, whose fused epilogue merges (forward) or adds (backward)."""
+    def apart(a: slice, b: slice) -> bool:
+        return a.stop <= b.start or b.stop <= a.start
+
+    groups: list[list] = []
+    for blk in blocks:
+        for group in groups:
+            if all(apart(blk[0], o[0]) and (not keys_too or apart(blk[1], o[1])) for o in group):
+                group.append(blk)
+                break
+        else:
+            groups.append([blk])
+    return groups
 
 
-def _mask_args(mask: Mask) -> tuple[bool, int]:
-    return (mask.kind == "causal", mask.offset if mask.kind == "causal" else 0)
+def _piece_args(group) -> list[tuple]:
+    """The extension's pieces (q0, q1, k0, k1, lo, hi): rectangle in the block, band in the
+    piece's own coordinates (None: unbounded)."""
+    return [(r.start, r.stop, c.start, c.stop, m.pieces[0].lo, m.pieces[0].hi)
+            for r, c, m in group]
 
 
 class CudaBackend(BlockAttention):
@@ -116,8 +131,8 @@ class CudaBackend(BlockAttention):
     ``distattn._emulate`` on CPU tensors in the ``emulate`` subclass."""
     name = "cuda"
     device_type = "cuda"
-    supports_bands = False
-    supports_softcap = False
+    supports_bands = True
+    supports_softcap = True
 
     @property
     def _ext(self):
@@ -189,36 +204,51 @@ class CudaBackend(BlockAttention):
         return True
 
     # -- forward ----------------------------------------------------------------------------
-    def forward_piece(self, q, k, v, *, scale, mask, softcap=0.0):
-        _refuse(mask, softcap)
-        mask = mask.simplify(q.shape[1], k.shape[1])
-        if mask.kind == "empty":
+    # Any mask: its pieces (piece_blocks, each on its smallest rectangle) run as one varlen
+    # launch per group of pieces with disjoint rows (_launch_groups); softcap in the kernels.
+    def forward(self, q, k, v, *, scale, mask, softcap=0.0):
+        groups = _launch_groups(piece_blocks(mask, q.shape[1], k.shape[1]), keys_too=False)
+        if not groups:
             return empty_result(q, torch.float32)
+        if len(groups) > 1:  # rows met by several pieces: merge them in the fused epilogue
+            out, lse = new_accumulators(q, torch.float32)
+            self._forward_groups_into(groups, q, k, v, out, lse, scale, softcap)
+            return out.to(q.dtype), lse
         q, k, v = _kernel_input(q), _kernel_input(k), _kernel_input(v)
         b, sq, hq, _ = q.shape
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
-        causal, offset = _mask_args(mask)
-        self._ext.fwd(q, k, v, out, lse, float(scale), causal, offset)
+        # rows outside every piece: out = 0, lse = -inf (the binding fills them)
+        self._ext.fwd(q, k, v, out, lse, float(scale), _piece_args(groups[0]), float(softcap))
         return out, lse
 
-    def forward_piece_into(self, q, k, v, out_acc, lse_acc, *, scale, mask,
-                           softcap=0.0) -> None:
-        _refuse(mask, softcap)
-        """The fused ring step: fold this block into (out_acc, lse_acc) in one launch."""
-        mask = mask.simplify(q.shape[1], k.shape[1])
-        if mask.kind == "empty":
+    def forward_into(self, q, k, v, out_acc, lse_acc, *, scale, mask, softcap=0.0) -> None:
+        """The fused ring step: fold this block into (out_acc, lse_acc), one launch per group
+        of pieces with disjoint rows."""
+        groups = _launch_groups(piece_blocks(mask, q.shape[1], k.shape[1]), keys_too=False)
+        if not groups:
             return
         if out_acc.dtype != torch.float32 or lse_acc.dtype != torch.float32:
             raise TypeError(f"backend={self.name!r} accumulates in float32; out_acc is "
                             f"{out_acc.dtype}, lse_acc is {lse_acc.dtype}")
         if not _accumulator_ok(out_acc):
-            out, lse = self.forward_piece(q, k, v, scale=scale, mask=mask)
+            out, lse = self.forward(q, k, v, scale=scale, mask=mask, softcap=softcap)
             self.merge_(out_acc, lse_acc, out, lse)
             return
+        self._forward_groups_into(groups, q, k, v, out_acc, lse_acc, scale, softcap)
+
+    def _forward_groups_into(self, groups, q, k, v, out_acc, lse_acc, scale, softcap):
         q, k, v = _kernel_input(q), _kernel_input(k), _kernel_input(v)
-        causal, offset = _mask_args(mask)
-        self._ext.fwd_acc(q, k, v, out_acc, lse_acc, float(scale), causal, offset)
+        for group in groups:
+            self._ext.fwd_acc(q, k, v, out_acc, lse_acc, float(scale), _piece_args(group),
+                              float(softcap))
+
+    # The base contract's single-piece calls are the general ones here.
+    def forward_piece(self, q, k, v, *, scale, mask, softcap=0.0):
+        return self.forward(q, k, v, scale=scale, mask=mask, softcap=softcap)
+
+    def forward_piece_into(self, q, k, v, out_acc, lse_acc, *, scale, mask, softcap=0.0):
+        self.forward_into(q, k, v, out_acc, lse_acc, scale=scale, mask=mask, softcap=softcap)
 
     def merge_(self, out_acc, lse_acc, out_blk, lse_blk) -> None:
         """Standalone merge kernel: (out_acc, lse_acc) <- merge(acc, block). Falls back to the
@@ -239,37 +269,51 @@ class CudaBackend(BlockAttention):
             out = out.contiguous()
         return dout, q, k, v, out, lse.to(torch.float32)
 
-    def backward_piece(self, dout, q, k, v, out, lse, *, scale, mask, softcap=0.0):
-        _refuse(mask, softcap)
-        """float32 (dq, dk, dv) of this block; ``out``/``lse`` are the final ones."""
-        mask = mask.simplify(q.shape[1], k.shape[1])
+    def backward(self, dout, q, k, v, out, lse, *, scale, mask, softcap=0.0):
+        """float32 (dq, dk, dv) of this block; ``out``/``lse`` are the final ones. One launch
+        per group of pieces with disjoint rows and keys."""
+        groups = _launch_groups(piece_blocks(mask, q.shape[1], k.shape[1]), keys_too=True)
         f32 = dict(dtype=torch.float32, device=q.device)
-        if mask.kind == "empty":
-            return (torch.zeros(q.shape, **f32), torch.zeros(k.shape, **f32),
-                    torch.zeros(v.shape, **f32))
+        if len(groups) > 1:
+            dq, dk, dv = (torch.zeros(t.shape, **f32) for t in (q, k, v))
+            self._backward_groups_into(groups, dout, q, k, v, out, lse, dq, dk, dv, scale,
+                                       softcap)
+            return dq, dk, dv
         dout, q, k, v, out, lse = self._bwd_inputs(dout, q, k, v, out, lse)
-        dq = torch.empty(q.shape, **f32)
-        dk = torch.empty(k.shape, **f32)
-        dv = torch.empty(v.shape, **f32)
-        causal, offset = _mask_args(mask)
-        self._ext.bwd(dout, q, k, v, out, lse, dq, dk, dv, float(scale), causal, offset, False)
+        dq, dk, dv = (torch.empty(t.shape, **f32) for t in (q, k, v))
+        # rows and keys outside every piece get zero gradients (the binding fills them)
+        self._ext.bwd(dout, q, k, v, out, lse, dq, dk, dv, float(scale),
+                      _piece_args(groups[0]) if groups else [], float(softcap), False)
         return dq, dk, dv
 
-    def backward_piece_into(self, dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc, *,
-                            scale, mask, softcap=0.0) -> None:
-        _refuse(mask, softcap)
+    def backward_into(self, dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc, *,
+                      scale, mask, softcap=0.0) -> None:
         """Add this block's gradients into float32 accumulators (in the kernels themselves
         when the accumulators allow it)."""
-        mask = mask.simplify(q.shape[1], k.shape[1])
-        if mask.kind == "empty":
+        groups = _launch_groups(piece_blocks(mask, q.shape[1], k.shape[1]), keys_too=True)
+        if not groups:
             return
         if not all(_accumulator_ok(t) for t in (dq_acc, dk_acc, dv_acc)):
-            dq, dk, dv = self.backward_piece(dout, q, k, v, out, lse, scale=scale, mask=mask)
+            dq, dk, dv = self.backward(dout, q, k, v, out, lse, scale=scale, mask=mask,
+                                       softcap=softcap)
             dq_acc.add_(dq)
             dk_acc.add_(dk)
             dv_acc.add_(dv)
             return
+        self._backward_groups_into(groups, dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc,
+                                   scale, softcap)
+
+    def _backward_groups_into(self, groups, dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc,
+                              scale, softcap):
         dout, q, k, v, out, lse = self._bwd_inputs(dout, q, k, v, out, lse)
-        causal, offset = _mask_args(mask)
-        self._ext.bwd(dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc, float(scale), causal,
-                      offset, True)
+        for group in groups:
+            self._ext.bwd(dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc, float(scale),
+                          _piece_args(group), float(softcap), True)
+
+    def backward_piece(self, dout, q, k, v, out, lse, *, scale, mask, softcap=0.0):
+        return self.backward(dout, q, k, v, out, lse, scale=scale, mask=mask, softcap=softcap)
+
+    def backward_piece_into(self, dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc, *,
+                            scale, mask, softcap=0.0) -> None:
+        self.backward_into(dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc, scale=scale,
+                           mask=mask, softcap=softcap)

@@ -34,9 +34,8 @@ Problem good_problem() {
   p.heads_q = 8;
   p.heads_kv = 2;
   p.head_dim = 128;
-  p.causal = true;
-  p.causal_offset = -3;
   p.scale = 0.088f;
+  set_single_piece(p, Band{-kUnbounded, -3});  // causal(-3)
   return p;
 }
 
@@ -106,6 +105,20 @@ void test_checks() {
       {"null v", [](FwdParams& f) { f.v = nullptr; }, "v is null"},
       {"out odd stride", [](FwdParams& f) { f.out_stride.seq = 1025; }, "out must be"},
       {"null lse", [](FwdParams& f) { f.lse = nullptr; }, "lse is null"},
+      {"NaN softcap", [](FwdParams& f) { f.prob.softcap = NAN; }, "softcap"},
+      {"negative softcap", [](FwdParams& f) { f.prob.softcap = -1.f; }, "softcap"},
+      {"no piece", [](FwdParams& f) { f.prob.num_pieces = 0; }, "1 to 32 pieces"},
+      {"33 pieces", [](FwdParams& f) { f.prob.num_pieces = kMaxPieces + 1; }, "1 to 32 pieces"},
+      {"empty piece", [](FwdParams& f) { f.prob.pieces[0].seqlen_k = 0; }, "piece 0 is empty"},
+      {"rows past Sq", [](FwdParams& f) { f.prob.pieces[0].q0 = 1; }, "query rows [1, 1001)"},
+      {"keys past Sk", [](FwdParams& f) { f.prob.pieces[0].k0 = -1; }, "keys [-1, 4096)"},
+      {"band lo > hi", [](FwdParams& f) { f.prob.pieces[0].band = {5, 4}; }, "lo <= hi"},
+      {"rows shared", [](FwdParams& f) {
+         f.prob.num_pieces = 2;
+         f.prob.pieces[0].seqlen_q = 500;
+         f.prob.pieces[1] = f.prob.pieces[0];
+         f.prob.pieces[1].q0 = 499;
+       }, "share query rows"},
   };
   for (const Bad& b : bad) {
     FwdParams f = good_fwd();
@@ -113,6 +126,22 @@ void test_checks() {
     const DType dt = std::string(b.what) == "fp32 inputs" ? DType::kFloat32 : DType::kFloat16;
     const std::string msg = check_fwd(f, dt);
     CHECK(mentions(msg, b.expect)) << b.what << ": got '" << msg << "'";
+  }
+
+  {  // pieces with disjoint rows may share keys in the forward, not in the backward
+    FwdParams f = good_fwd();
+    f.prob.num_pieces = 2;
+    f.prob.pieces[0].seqlen_q = 500;
+    f.prob.pieces[1] = f.prob.pieces[0];
+    f.prob.pieces[1].q0 = 500;
+    CHECK(check_fwd(f, DType::kFloat16).empty()) << check_fwd(f, DType::kFloat16);
+    BwdParams b = good_bwd();
+    b.prob = f.prob;
+    CHECK(mentions(check_bwd(b, DType::kFloat16), "share keys")) << check_bwd(b, DType::kFloat16);
+    b.prob.pieces[1].k0 = 2000;
+    b.prob.pieces[1].seqlen_k = 2097;
+    b.prob.pieces[0].seqlen_k = 2000;
+    CHECK(check_bwd(b, DType::kFloat16).empty()) << check_bwd(b, DType::kFloat16);
   }
 
   BwdParams b = good_bwd();
@@ -155,6 +184,7 @@ void test_launch_config() {
         p.head_dim = d;
         p.seqlen_q = sq;
         p.seqlen_k = sk;
+        set_single_piece(p, Band());
         for (int eb : {2}) {
           const LaunchConfig f = fwd_launch_config(p, eb);
           CHECK(f.grid_x * fwd_block_m(d) >= sq && (f.grid_x - 1) * fwd_block_m(d) < sq)
@@ -173,6 +203,29 @@ void test_launch_config() {
           CHECK(qc.grid_y == p.heads_q && qc.smem_bytes <= kMaxSmemBytesSm80);
         }
       }
+  }
+  {  // varlen: the grid runs the pieces' tiles back to back
+    Problem p = good_problem();
+    const int lens[][2] = {{1, 3}, {64, 64}, {65, 200}, {130, 1}};
+    p.num_pieces = 4;
+    index_t q0 = 0, k0 = 0;
+    for (int i = 0; i < 4; ++i) {
+      p.pieces[i] = PieceParams();
+      p.pieces[i].q0 = q0;
+      p.pieces[i].k0 = k0;
+      p.pieces[i].seqlen_q = lens[i][0];
+      p.pieces[i].seqlen_k = lens[i][1];
+      q0 += lens[i][0];
+      k0 += lens[i][1];
+    }
+    assign_tiles(p, 64, 32);
+    CHECK(p.pieces[0].q_tile_begin == 0 && p.pieces[1].q_tile_begin == 1 &&
+          p.pieces[2].q_tile_begin == 2 && p.pieces[3].q_tile_begin == 4);
+    CHECK(p.pieces[0].k_tile_begin == 0 && p.pieces[1].k_tile_begin == 1 &&
+          p.pieces[2].k_tile_begin == 3 && p.pieces[3].k_tile_begin == 10);
+    p.head_dim = 64;
+    CHECK(fwd_launch_config(p, 2).grid_x == 1 + 1 + 2 + 3);
+    CHECK(bwd_kv_launch_config(p, 2).grid_x == 1 + 1 + 4 + 1);
   }
   for (index_t rows : {index_t(1), index_t(8), index_t(9), index_t(3) * 4097 * 16}) {
     const LaunchConfig r = row_launch_config(rows);

@@ -30,6 +30,8 @@ struct Block {
   std::vector<float> v;  // [sk][kDv]
 };
 
+Band band_of(const Block& b) { return b.causal ? Band{-kUnbounded, b.offset} : Band(); }
+
 Block random_block(std::mt19937& rng, index_t sq, index_t sk, bool causal, index_t offset) {
   std::normal_distribution<float> n(0.f, 3.f);
   Block b{sq, sk, causal, offset, std::vector<float>(size_t(sq * sk)),
@@ -47,19 +49,19 @@ void emulate_fwd(const Block& b, float scale, int bm, int bn, std::vector<float>
   out.assign(size_t(b.sq * kDv), 0.f);
   lse.assign(size_t(b.sq), 0.f);
   for (index_t m0 = 0; m0 < b.sq; m0 += bm) {
-    const index_t n_tiles = key_tiles_for_query_tile(m0, bm, bn, b.sq, b.sk, b.causal, b.offset);
+    const TileRange keys = key_tiles_for_query_tile(m0, bm, bn, b.sq, b.sk, band_of(b));
     for (index_t i = m0; i < std::min<index_t>(m0 + bm, b.sq); ++i) {
       float row_max = -INFINITY, row_sum = 0.f, o[kDv] = {0.f, 0.f, 0.f};
-      for (index_t it = 0; it < n_tiles; ++it) {
+      for (index_t it = keys.first; it < keys.last; ++it) {
         const index_t n0 = it * bn;
         const bool partial =
-            classify_tile(m0, bm, n0, bn, b.sq, b.sk, b.causal, b.offset) != kFull;
+            classify_tile(m0, bm, n0, bn, b.sq, b.sk, band_of(b)) != kFull;
         std::vector<float> s(static_cast<size_t>(bn));
         float mx = -INFINITY;
         for (int c = 0; c < bn; ++c) {
           const index_t j = n0 + c;
           s[size_t(c)] = j < b.sk ? b.s[size_t(i * b.sk + j)] : 0.f;  // zero-filled keys
-          if (partial && (j >= b.sk || (b.causal && j > i + b.offset))) s[size_t(c)] = -INFINITY;
+          if (partial && (j >= b.sk || !in_band(i, j, band_of(b)))) s[size_t(c)] = -INFINITY;
           mx = std::fmax(mx, s[size_t(c)]);
         }
         const float new_max = std::fmax(row_max, mx * scale_log2);
@@ -94,13 +96,13 @@ void reference(const std::vector<Block>& blocks, double scale, std::vector<doubl
     double mx = -INFINITY;
     for (const Block& b : blocks)
       for (index_t j = 0; j < b.sk; ++j)
-        if (visible(i, j, b.sq, b.sk, b.causal, b.offset))
+        if (visible(i, j, b.sq, b.sk, band_of(b)))
           mx = std::fmax(mx, scale * b.s[size_t(i * b.sk + j)]);
     if (mx == -INFINITY) continue;
     double sum = 0.0, o[kDv] = {0, 0, 0};
     for (const Block& b : blocks)
       for (index_t j = 0; j < b.sk; ++j)
-        if (visible(i, j, b.sq, b.sk, b.causal, b.offset)) {
+        if (visible(i, j, b.sq, b.sk, band_of(b))) {
           const double p = std::exp(scale * b.s[size_t(i * b.sk + j)] - mx);
           sum += p;
           for (int d = 0; d < kDv; ++d) o[d] += p * b.v[size_t(j * kDv + d)];
