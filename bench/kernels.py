@@ -64,14 +64,15 @@ def distattn_method(b, s, h, d, causal, dtype):
     lse = torch.empty(b, h, s, device="cuda")
     dq, dk, dv = (torch.empty(b, s, h, d, device="cuda") for _ in range(3))
     scale = d ** -0.5
+    pieces = [(0, s, 0, s, None, 0 if causal else None)]  # one piece: the whole block
 
     def fwd():
-        _C.fwd(q, k, v, out, lse, scale, causal, 0)
+        _C.fwd(q, k, v, out, lse, scale, pieces, 0.0)
 
     fwd()
 
     def bwd():
-        _C.bwd(dout, q, k, v, out, lse, dq, dk, dv, scale, causal, 0, False)
+        _C.bwd(dout, q, k, v, out, lse, dq, dk, dv, scale, pieces, 0.0, False)
 
     return fwd, bwd
 
