@@ -405,16 +405,20 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("heads", HEADS)
-def test_real_varlen_kernels_match_reference(dtype, heads):
-    """PyTorch's varlen flash ops through the torch backend against the fp64 reference, within
-    twice the error of the same math done in the input dtype."""
+def test_real_varlen_kernels_match_reference(monkeypatch, dtype, heads):
+    """PyTorch's varlen flash ops through the torch backend against the fp64 reference: out,
+    lse, dq, dk, dv within twice the error of the per-piece path (the backend without varlen
+    launches, same dtype) plus a small margin. The margins are a first guess, to be confirmed
+    by the first GPU run."""
     assert TorchBackend.varlen_ops is not None, "this PyTorch lacks the varlen window arguments"
+    margin = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}[dtype]
     rng = random.Random(0)
     cases = [(Mask.causal(0), 2, 256, 256), (Mask.causal(-64), 2, 200, 300),
              (Mask.band(-50, 0), 1, 256, 256), (Mask.none(), 3, 100, 130)]
     cases += [(m, 1, n, n) for m, n in rng.sample(document_masks(), 12)]
     cases += [(random_mask(rng, 90, 70), 2, 90, 70) for _ in range(6)]
     hq, hkv = heads
+    varlen_ops = TorchBackend.varlen_ops
     for mask, b, sq, sk in cases:
         g = torch.Generator().manual_seed(sq * sk)
         mk = lambda s, h: torch.randn(b, s, h, 64, generator=g, dtype=torch.float64)
@@ -423,19 +427,24 @@ def test_real_varlen_kernels_match_reference(dtype, heads):
         ref = ReferenceBackend()
         r_out, r_lse = ref.forward(q64, k64, v64, scale=0.125, mask=mask)
         r_grads = ref.backward(do64, q64, k64, v64, r_out, r_lse, scale=0.125, mask=mask)
-        # The same math in the input dtype (reference backend on the GPU) sets the tolerance.
-        lo_out, lo_lse = ref.forward(q, k, v, scale=0.125, mask=mask)
-        lo_grads = ref.backward(dout, q, k, v, lo_out, lo_lse, scale=0.125, mask=mask)
-        out, lse = TorchBackend().forward(q, k, v, scale=0.125, mask=mask)
-        grads = TorchBackend().backward(dout, q, k, v, lo_out, lo_lse, scale=0.125, mask=mask)
-        torch.cuda.synchronize()
-        assert torch.equal(torch.isinf(lse.cpu()), torch.isinf(r_lse))
+        results = {}
+        for name, ops in (("varlen", varlen_ops), ("pieces", None)):
+            monkeypatch.setattr(TorchBackend, "varlen_ops", ops)
+            out, lse = TorchBackend().forward(q, k, v, scale=0.125, mask=mask)
+            grads = TorchBackend().backward(dout, q, k, v, out, lse, scale=0.125, mask=mask)
+            torch.cuda.synchronize()
+            results[name] = [t.double().cpu() for t in (out, lse, *grads)]
+        monkeypatch.setattr(TorchBackend, "varlen_ops", varlen_ops)
+        assert torch.equal(torch.isinf(results["varlen"][1]), torch.isinf(r_lse)), mask
         fin = torch.isfinite(r_lse)
-        pairs = [(out, lo_out, r_out), (lse, lo_lse, r_lse)] + list(zip(grads, lo_grads,
-                                                                        r_grads))
-        for got, low, want in pairs:
-            got, low = got.double().cpu(), low.double().cpu()
-            if got.shape == r_lse.shape:
-                got, low, want = got[fin], low[fin], want[fin]
-            err, base = (got - want).abs().max().item(), (low - want).abs().max().item()
-            assert err <= 2 * base + 1e-3, (mask, err, base)
+        for i, want in enumerate([r_out, r_lse, *r_grads]):
+            got, base = results["varlen"][i], results["pieces"][i]
+            if i == 1:
+                got, base, want = got[fin], base[fin], want[fin]
+            if want.numel() == 0:
+                continue
+            size = want.abs().max().item() + 1e-6
+            err = (got - want).abs().max().item() / size
+            err_pieces = (base - want).abs().max().item() / size
+            assert err <= 2 * err_pieces + margin, (mask, "out lse dq dk dv".split()[i], err,
+                                                    err_pieces)
