@@ -183,26 +183,23 @@ def _components(bands: list[Band]) -> list[list[Band]]:
 _MERGE_LIMIT = 32
 
 
+def _merge_one_pair(group: list[Band]) -> Optional[list[Band]]:
+    """``group`` with its first pair that forms one band merged, or None when none does."""
+    for i in range(len(group)):
+        for j in range(i + 1, len(group)):
+            m = _merged(group[i], group[j])
+            if m is not None:
+                return [g for n, g in enumerate(group) if n not in (i, j)] + [m]
+    return None
+
+
 def merge_bands(bands: list[Band]) -> list[Band]:
-    """``bands`` with every pair that shares rows or keys and forms one band merged, repeatedly
+    """``bands`` with pairs that share rows or keys merged while their union is one band
     (greedy; the result shows the same pairs)."""
     out = []
     for group in _components(bands):
-        if len(group) > _MERGE_LIMIT:
-            out.extend(group)
-            continue
-        changed = True
-        while changed:
-            changed = False
-            for i in range(len(group)):
-                for j in range(i + 1, len(group)):
-                    m = _merged(group[i], group[j])
-                    if m is not None:
-                        group = [g for n, g in enumerate(group) if n not in (i, j)] + [m]
-                        changed = True
-                        break
-                if changed:
-                    break
+        while len(group) <= _MERGE_LIMIT and (merged := _merge_one_pair(group)) is not None:
+            group = merged
         out.extend(group)
     return out
 
