@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..agree import agree_error
 from ..attention import SCHEDULES
 from ..kernels import BACKENDS
 from ..documents import check_cu_seqlens
@@ -159,20 +160,23 @@ def _make_attention(name, mesh, layout, schedule, backend):
     return distattn_attention
 
 
-def _make_mask(name):
+def _make_mask(name, mesh):
     def distattn_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
                       mask_function=None, attention_mask=None, **kwargs):
         """transformers mask function: the distributed attention applies causality itself,
-        so no [S, S] mask is ever built. A padding mask is refused unless it masks nothing."""
-        if attention_mask is None:
-            return None
-        if (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+        so no [S, S] mask is ever built. A padding mask is refused unless it masks nothing.
+        Each rank sees only its shard of the mask, so the verdict is agreed over the mesh
+        (one small collective per model call): every rank raises, or none does."""
+        error = None
+        if attention_mask is not None and not (
+                isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
                 and attention_mask.shape[-1] == kv_length and bool(attention_mask.all())):
-            return None
-        raise ValueError(
-            f"attn_implementation={name!r} (distattn) does not support padding masks yet: "
-            f"the attention_mask passed to the model masks some tokens. Pass unpadded "
-            f"sequences (attention_mask=None) sharded with dtf.shard_batch")
+            error = ValueError(
+                f"attn_implementation={name!r} (distattn) does not support padding masks "
+                f"yet: the attention_mask passed to the model masks some tokens. Pass unpadded "
+                f"sequences (attention_mask=None) sharded with dtf.shard_batch")
+        agree_error(mesh, error)
+        return None
 
     return distattn_mask
 
@@ -206,7 +210,7 @@ def register(mesh, layout: str = "zigzag", name: str = "distattn", schedule: str
                          f"pick another name (the default is 'distattn')")
     attention_interface, mask_interface = _transformers()
     attention_interface.register(name, _make_attention(name, mesh, layout, schedule, backend))
-    mask_interface.register(name, _make_mask(name))
+    mask_interface.register(name, _make_mask(name, mesh))
     return name
 
 
