@@ -149,8 +149,13 @@ def main() -> None:
     args.cuda = False
     fd, init_file = tempfile.mkstemp(prefix="distattn_agree_")
     os.close(fd)
-    os.unlink(init_file)
-    torch.multiprocessing.spawn(_worker, args=(args.nproc, init_file, args), nprocs=args.nproc)
+    os.unlink(init_file)   # the FileStore creates it
+    try:
+        torch.multiprocessing.spawn(_worker, args=(args.nproc, init_file, args),
+                                    nprocs=args.nproc)
+    finally:
+        if os.path.exists(init_file):
+            os.unlink(init_file)
 
 
 if __name__ == "__main__":

@@ -173,6 +173,7 @@ class SPMesh:
         U, R = ulysses_degree, ring_degree
         u_ranks = tuple(global_ranks[_group_rank(i, r, U, R, placement)] for i in range(U))
         r_ranks = tuple(global_ranks[_group_rank(u, i, U, R, placement)] for i in range(R))
+
         def subgroup(ranks):   # a degree equal to the SP size reuses the SP group
             return _group_with_timeout(ranks, group if len(ranks) == size else None, timeout)
 
