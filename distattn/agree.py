@@ -203,12 +203,16 @@ def check_agreement(mesh: SPMesh, call: str, fields: Mapping,
     mesh.agreed[call] = key
 
 
+def _shorten(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _disagreement(call: str, label: str, values: list, ranks: list) -> str:
     by_value: dict = {}
     for rank, value in zip(ranks, values):
         by_value.setdefault(value, []).append(rank)
-    parts = [f"{'rank' if len(rs) == 1 else 'ranks'} {', '.join(map(str, rs))}: {value}"
-             for value, rs in sorted(by_value.items(), key=lambda kv: kv[1])]
+    parts = [f"{'rank' if len(rs) == 1 else 'ranks'} {', '.join(map(str, rs))}: "
+             f"{_shorten(value)}" for value, rs in sorted(by_value.items(), key=lambda kv: kv[1])]
     return (f"distattn: the ranks of the mesh disagree on {label} in {call}: "
             f"{'; '.join(parts)}. Every rank of the mesh must call {call} with the same "
             f"arguments, tensor shapes and dtypes")

@@ -185,6 +185,14 @@ def length(ctx, mesh):
     return "no error"
 
 
+def documents(ctx, mesh):
+    """No check, first call on the mesh: rank 3 passes other document boundaries (of the
+    same total length, so its local shapes agree): a ValueError naming cu_seqlens at once."""
+    cu_seqlens = [0, 5, 16] if ctx.odd else [0, 16]
+    _attn(mesh, *ctx.qkv(), causal=True, cu_seqlens=cu_seqlens)
+    return "no error"
+
+
 def _call(ctx, mesh, seq_local: int = 4, **kw):
     """Forward and backward of one causal call (a good one, unless the arguments differ)."""
     out = _attn(mesh, *ctx.qkv(seq_local, requires_grad=True), causal=True, **kw)
@@ -263,4 +271,4 @@ def timeouts(ctx, mesh):
 
 SCENARIOS = {f.__name__: f for f in (
     timeouts, check_causal, check_length, check_local_error, check_backward_skipped, mask,
-    length, length_steady, skip, skip_check, die)}
+    documents, length, length_steady, skip, skip_check, die)}

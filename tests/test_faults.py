@@ -27,6 +27,8 @@ EXPECTED = {
     "check_backward_skipped": (range(WORLD), "ValueError",
                                ["'requires_grad'", "rank 3: False"], (), FAST_S),
     "mask": (range(WORLD), "ValueError", ["padding masks", "raised on rank 3"], (), FAST_S),
+    "documents": (range(WORLD), "ValueError",
+                  ["'cu_seqlens'", "ranks 0, 1, 2: (0, 16)", "rank 3: (0, 5, 16)"], (), FAST_S),
     "length": (range(WORLD), "ValueError", ["'q'", "rank 3: tensor(shape=(1, 8, 4, 8)"], (),
                FAST_S),
     "length_steady": (LIVE, "CommunicationError", ["failed after waiting", "mesh timeout"],
