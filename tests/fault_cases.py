@@ -261,12 +261,17 @@ def timeouts(ctx, mesh):
     from_dm = distattn.SPMesh.from_device_mesh(dm)
     short = distattn.SPMesh.from_device_mesh(dm, timeout=datetime.timedelta(seconds=9))
     ring = distattn.SPMesh.build(timeout=datetime.timedelta(seconds=7))
+    try:
+        distattn.SPMesh.build(ulysses_degree=2, timeout=5)
+        bad = "accepted"
+    except ValueError as exc:   # checked before any group is created, on every rank
+        bad = str(exc)
     out = _attn(from_dm, *ctx.qkv(), causal=True)      # the new groups work
     dist.barrier()
     return {"explicit": seconds(mesh), "inherited": seconds(inherited),
             "device_mesh": seconds(from_dm), "device_mesh_short": seconds(short),
             "ring": seconds(ring), "own_control_group": ring.control_group is not ring.ring_group,
-            "shape": list(out.shape)}
+            "shape": list(out.shape), "bad_timeout": bad}
 
 
 SCENARIOS = {f.__name__: f for f in (

@@ -98,6 +98,8 @@ def test_mesh_timeouts(outcomes):
         assert t["ring"] == [7.0] * 3              # U = 1: no Ulysses group
         assert t["own_control_group"]
         assert t["shape"] == [1, 4, 4, 8]
+        assert "timeout must be a positive datetime.timedelta" in t["bad_timeout"]
+        assert "got 5" in t["bad_timeout"]
 
 
 def test_check_variable_and_canonical_text(monkeypatch):
