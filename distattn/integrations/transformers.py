@@ -99,25 +99,20 @@ def _check_positions(name, position_ids, mesh, layout, local_len) -> None:
     (positions restarting at 0), local positions 0..S_local-1 (position_ids not passed) or
     another layout would silently attend across documents or rotate with wrong positions.
 
-    The local comparison is agreed over the SP group with one all-reduce of a flag, so every
-    rank raises or none does; the verdict is kept on the tensor, so the layers of one forward
-    (and a checkpointed recomputation) check it once."""
+    The local comparison is agreed over the mesh (``distattn.agree.agree_error``, one small
+    collective), so every rank raises or none does; the verdict is kept on the tensor, so the
+    layers of one forward (and a checkpointed recomputation) check it once."""
     if position_ids is None or getattr(position_ids, POSITIONS_CHECKED, False):
         return
     expected = positions(local_len * mesh.size, mesh, layout=layout, device=position_ids.device)
-    bad = torch.tensor([0 if position_ids.shape[-1] == local_len and
-                        bool((position_ids == expected).all()) else 1],
-                       device=position_ids.device)
-    _sp_all_reduce(bad, mesh)
-    if int(bad.item()):
-        raise ValueError(
-            f"attn_implementation={name!r} (distattn): the position_ids given to the model are "
-            f"not the global positions of one sequence sharded with layout={layout!r} on "
-            f"some rank. A packed batch (positions restarting at each document) needs its "
-            f"document boundaries: call the model with every model input dtf.shard_batch "
-            f"returns, model(**{{k: v for k, v in local.items() if k != 'shift_labels'}}), "
-            f"which includes 'distattn_cu_seqlens'; otherwise pass "
-            f"position_ids=local['position_ids']")
+    ok = position_ids.shape[-1] == local_len and bool((position_ids == expected).all())
+    agree_error(mesh, None if ok else ValueError(
+        f"attn_implementation={name!r} (distattn): the position_ids given to the model are "
+        f"not the global positions of one sequence sharded with layout={layout!r}. A packed "
+        f"batch (positions restarting at each document) needs its document boundaries: call "
+        f"the model with every model input dtf.shard_batch returns, "
+        f"model(**{{k: v for k, v in local.items() if k != 'shift_labels'}}), which includes "
+        f"'distattn_cu_seqlens'; otherwise pass position_ids=local['position_ids']"))
     setattr(position_ids, POSITIONS_CHECKED, True)
 
 
