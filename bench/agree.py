@@ -69,7 +69,8 @@ def measure(args) -> list[tuple[str, float]]:
     q, k, v = (torch.randn(1, args.seq_local, args.heads, args.head_dim, device=device)
                for _ in range(3))
     fields = dict(q=q, k=k, v=v, causal=True, softmax_scale=args.head_dim ** -0.5,
-                  layout="zigzag", schedule="auto", backend="auto", requires_grad=False)
+                  layout="zigzag", schedule="auto", backend="auto", cu_seqlens=None,
+                  window=None, softcap=None, sinks=None, requires_grad=False)
     agree = lambda: check_agreement(mesh, "dist_flash_attn", fields)
     attn = lambda: distattn.dist_flash_attn(q, k, v, mesh=mesh, causal=True, layout="zigzag")
     if args.cuda:

@@ -168,6 +168,14 @@ def check_local_error(ctx, mesh):
     return "no error"
 
 
+def check_window(ctx, mesh):
+    """DISTATTN_CHECK=1, rank 3 passes another sliding window: the same local shapes and
+    message sizes, a silently different result without the check."""
+    with _CheckOn():
+        _attn(mesh, *ctx.qkv(), causal=True, window=(2, 0) if ctx.odd else (3, 0))
+    return "no error"
+
+
 def check_backward_skipped(ctx, mesh):
     """DISTATTN_CHECK=1, rank 3 runs without autograd: caught at the forward, not as a hang
     in the backward."""
@@ -275,5 +283,5 @@ def timeouts(ctx, mesh):
 
 
 SCENARIOS = {f.__name__: f for f in (
-    timeouts, check_causal, check_length, check_local_error, check_backward_skipped, mask,
-    documents, length, length_steady, skip, skip_check, die)}
+    timeouts, check_causal, check_length, check_local_error, check_window,
+    check_backward_skipped, mask, documents, length, length_steady, skip, skip_check, die)}

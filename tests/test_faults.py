@@ -24,6 +24,8 @@ EXPECTED = {
                       "rank 3: tensor(shape=(1, 8, 4, 8)"], (), FAST_S),
     "check_local_error": (range(WORLD), "ValueError",
                           ["softmax_scale", "-1.0", "raised on rank 3"], (), FAST_S),
+    "check_window": (range(WORLD), "ValueError",
+                     ["'window'", "ranks 0, 1, 2: (3, 0)", "rank 3: (2, 0)"], (), FAST_S),
     "check_backward_skipped": (range(WORLD), "ValueError",
                                ["'requires_grad'", "rank 3: False"], (), FAST_S),
     "mask": (range(WORLD), "ValueError", ["padding masks", "raised on rank 3"], (), FAST_S),
