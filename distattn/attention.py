@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from .agree import check_agreement, fail_everywhere
 from .documents import check_cu_seqlens
 from .hybrid import USPAttention, usp_backward
 from .kernels import BACKENDS, get_backend
@@ -235,11 +236,20 @@ def dist_flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mesh=N
     ``profiler``: a ``distattn.profile.StepProfiler`` to record per-step compute and
     communication-wait times.
     """
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
-    cfg = prepare(q, k, v, mesh=mesh, causal=causal, softmax_scale=softmax_scale,
-                  layout=layout, schedule=schedule, backend=backend, profiler=profiler,
-                  cu_seqlens=cu_seqlens, window=window, softcap=softcap, sinks=sinks)
+    try:
+        if not isinstance(return_lse, bool):
+            raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+        cfg = prepare(q, k, v, mesh=mesh, causal=causal, softmax_scale=softmax_scale,
+                      layout=layout, schedule=schedule, backend=backend, profiler=profiler,
+                      cu_seqlens=cu_seqlens, window=window, softcap=softcap, sinks=sinks)
+    except Exception as exc:   # raises it (with DISTATTN_CHECK: on every rank, at once)
+        fail_everywhere(mesh, "dist_flash_attn", exc)
+    check_agreement(cfg.mesh, "dist_flash_attn", dict(
+        q=q, k=k, v=v, causal=causal, softmax_scale=cfg.scale, layout=layout,
+        schedule=schedule, backend=backend, cu_seqlens=check_cu_seqlens(cu_seqlens),
+        window=window, softcap=softcap, sinks=sinks,
+        requires_grad=torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, sinks))))
     out, lse = USPAttention.apply(q, k, v, sinks, cfg)
     return (out, lse) if return_lse else out
 
@@ -250,7 +260,15 @@ def dist_flash_attn_backward(dout, q, k, v, out, lse, **kwargs):
     ``sinks=`` also this rank's share of dsinks as a fourth element. Runs the backward's
     communication and kernels only, never the forward (rematerialization-aware checkpointing
     uses this). Every rank of the mesh must call it."""
-    cfg = prepare(q, k, v, **kwargs)
+    try:
+        cfg = prepare(q, k, v, **kwargs)
+    except Exception as exc:   # raises it (with DISTATTN_CHECK: on every rank, at once)
+        fail_everywhere(kwargs.get("mesh"), "dist_flash_attn_backward", exc)
+    check_agreement(cfg.mesh, "dist_flash_attn_backward", dict(
+        dout=dout, q=q, k=k, v=v, out=out, lse=lse, softmax_scale=cfg.scale,
+        **{name: value for name, value in kwargs.items()
+           if name not in ("mesh", "profiler", "softmax_scale", "cu_seqlens")},
+        cu_seqlens=check_cu_seqlens(kwargs.get("cu_seqlens"))))
     grads = usp_backward(dout, q, k, v, out, lse, cfg)
     sinks = kwargs.get("sinks")
     return grads if sinks is None else grads + (sinks_grad(dout, out, lse, sinks),)
