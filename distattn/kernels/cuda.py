@@ -26,11 +26,15 @@ not yet been run on a GPU; tests/test_cuda_kernels.py is the check to run there.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..merge import merge_ as torch_merge_
 from ..merge import new_accumulators
-from .base import BlockAttention, empty_result, piece_blocks
+from .base import BlockAttention, empty_result
+from .mask import Mask
+from .varlen import merge_bands, tight_bands
 
 _IMPORT_ERROR: str | None = None
 try:  # the compiled extension; absent on CPU-only builds
@@ -100,30 +104,27 @@ def _accumulator_ok(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 and _rows_aligned(t, 2, 8)
 
 
-def _launch_groups(blocks, keys_too: bool) -> list[list]:
-    """A mask's pieces (``piece_blocks``: rows, cols, single-piece mask) grouped into kernel
-    launches. One launch runs pieces with disjoint query rows (and disjoint keys for the
-    backward), so every output row has one owner; pieces that share rows with an earlier one
-    go to a later launch, whose fused epilogue merges (forward) or adds (backward)."""
-    def apart(a: slice, b: slice) -> bool:
-        return a.stop <= b.start or b.stop <= a.start
+@functools.lru_cache(maxsize=4096)
+def _launch_groups(mask: Mask, sq: int, sk: int, keys_too: bool) -> tuple:
+    """A mask's pieces as the kernels' launches: each launch a tuple of pieces
+    (q0, q1, k0, k1, lo, hi), a band on its smallest rectangle (``varlen.tight_bands``, pieces
+    a layout cut from one document merged back where their union is one band). One launch runs
+    pieces with disjoint query rows (and disjoint keys for the backward), so every output row
+    has one owner; a piece that shares rows with earlier ones goes to a later launch, whose
+    fused epilogue merges (forward) or adds (backward)."""
+    def apart(a0, a1, b0, b1) -> bool:
+        return a1 <= b0 or b1 <= a0
 
     groups: list[list] = []
-    for blk in blocks:
+    for b in merge_bands(tight_bands(mask, sq, sk)):
         for group in groups:
-            if all(apart(blk[0], o[0]) and (not keys_too or apart(blk[1], o[1])) for o in group):
-                group.append(blk)
+            if all(apart(b.q0, b.q1, o.q0, o.q1) and
+                   (not keys_too or apart(b.k0, b.k1, o.k0, o.k1)) for o in group):
+                group.append(b)
                 break
         else:
-            groups.append([blk])
-    return groups
-
-
-def _piece_args(group) -> list[tuple]:
-    """The extension's pieces (q0, q1, k0, k1, lo, hi): rectangle in the block, band in the
-    piece's own coordinates (None: unbounded)."""
-    return [(r.start, r.stop, c.start, c.stop, m.pieces[0].lo, m.pieces[0].hi)
-            for r, c, m in group]
+            groups.append([b])
+    return tuple(tuple((b.q0, b.q1, b.k0, b.k1, b.lo, b.hi) for b in g) for g in groups)
 
 
 class CudaBackend(BlockAttention):
@@ -204,10 +205,10 @@ class CudaBackend(BlockAttention):
         return True
 
     # -- forward ----------------------------------------------------------------------------
-    # Any mask: its pieces (piece_blocks, each on its smallest rectangle) run as one varlen
-    # launch per group of pieces with disjoint rows (_launch_groups); softcap in the kernels.
+    # Any mask: its pieces (each on its smallest rectangle) run as one varlen launch per group
+    # of pieces with disjoint rows (_launch_groups); softcap in the kernels.
     def forward(self, q, k, v, *, scale, mask, softcap=0.0):
-        groups = _launch_groups(piece_blocks(mask, q.shape[1], k.shape[1]), keys_too=False)
+        groups = _launch_groups(mask, q.shape[1], k.shape[1], False)
         if not groups:
             return empty_result(q, torch.float32)
         if len(groups) > 1:  # rows met by several pieces: merge them in the fused epilogue
@@ -219,13 +220,13 @@ class CudaBackend(BlockAttention):
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
         # rows outside every piece: out = 0, lse = -inf (the binding fills them)
-        self._ext.fwd(q, k, v, out, lse, float(scale), _piece_args(groups[0]), float(softcap))
+        self._ext.fwd(q, k, v, out, lse, float(scale), list(groups[0]), float(softcap))
         return out, lse
 
     def forward_into(self, q, k, v, out_acc, lse_acc, *, scale, mask, softcap=0.0) -> None:
         """The fused ring step: fold this block into (out_acc, lse_acc), one launch per group
         of pieces with disjoint rows."""
-        groups = _launch_groups(piece_blocks(mask, q.shape[1], k.shape[1]), keys_too=False)
+        groups = _launch_groups(mask, q.shape[1], k.shape[1], False)
         if not groups:
             return
         if out_acc.dtype != torch.float32 or lse_acc.dtype != torch.float32:
@@ -240,7 +241,7 @@ class CudaBackend(BlockAttention):
     def _forward_groups_into(self, groups, q, k, v, out_acc, lse_acc, scale, softcap):
         q, k, v = _kernel_input(q), _kernel_input(k), _kernel_input(v)
         for group in groups:
-            self._ext.fwd_acc(q, k, v, out_acc, lse_acc, float(scale), _piece_args(group),
+            self._ext.fwd_acc(q, k, v, out_acc, lse_acc, float(scale), list(group),
                               float(softcap))
 
     # The base contract's single-piece calls are the general ones here.
@@ -272,7 +273,7 @@ class CudaBackend(BlockAttention):
     def backward(self, dout, q, k, v, out, lse, *, scale, mask, softcap=0.0):
         """float32 (dq, dk, dv) of this block; ``out``/``lse`` are the final ones. One launch
         per group of pieces with disjoint rows and keys."""
-        groups = _launch_groups(piece_blocks(mask, q.shape[1], k.shape[1]), keys_too=True)
+        groups = _launch_groups(mask, q.shape[1], k.shape[1], True)
         f32 = dict(dtype=torch.float32, device=q.device)
         if len(groups) > 1:
             dq, dk, dv = (torch.zeros(t.shape, **f32) for t in (q, k, v))
@@ -283,14 +284,14 @@ class CudaBackend(BlockAttention):
         dq, dk, dv = (torch.empty(t.shape, **f32) for t in (q, k, v))
         # rows and keys outside every piece get zero gradients (the binding fills them)
         self._ext.bwd(dout, q, k, v, out, lse, dq, dk, dv, float(scale),
-                      _piece_args(groups[0]) if groups else [], float(softcap), False)
+                      list(groups[0]) if groups else [], float(softcap), False)
         return dq, dk, dv
 
     def backward_into(self, dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc, *,
                       scale, mask, softcap=0.0) -> None:
         """Add this block's gradients into float32 accumulators (in the kernels themselves
         when the accumulators allow it)."""
-        groups = _launch_groups(piece_blocks(mask, q.shape[1], k.shape[1]), keys_too=True)
+        groups = _launch_groups(mask, q.shape[1], k.shape[1], True)
         if not groups:
             return
         if not all(_accumulator_ok(t) for t in (dq_acc, dk_acc, dv_acc)):
@@ -308,7 +309,7 @@ class CudaBackend(BlockAttention):
         dout, q, k, v, out, lse = self._bwd_inputs(dout, q, k, v, out, lse)
         for group in groups:
             self._ext.bwd(dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc, float(scale),
-                          _piece_args(group), float(softcap), True)
+                          list(group), float(softcap), True)
 
     def backward_piece(self, dout, q, k, v, out, lse, *, scale, mask, softcap=0.0):
         return self.backward(dout, q, k, v, out, lse, scale=scale, mask=mask, softcap=softcap)
