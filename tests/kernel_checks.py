@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from distattn.kernels import Mask
@@ -128,6 +129,29 @@ def check_forward_backward(be, device, dtype, d, shape, mask, softcap=0.0, seed=
     for name, got, m, r in (("dq", dq, m_dq, r_dq), ("dk", dk, m_dk, r_dk),
                             ("dv", dv, m_dv, r_dv)):
         assert_close_2x(name, got, m, r, atol=grad_atol(r))
+
+
+def check_bad_inputs(be, device):
+    """The backend's check and the extension refuse bad inputs with Python errors naming them."""
+    q = torch.randn(1, 8, 2, 64, device=device, dtype=torch.float16)
+    out = torch.empty_like(q)
+    lse = torch.empty(1, 2, 8, device=device)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        be.check(q.float(), q.float(), q.float())
+    with pytest.raises(ValueError, match="head_dim"):
+        be.check(q[..., :48], q[..., :48], q[..., :48])
+    with pytest.raises(ValueError, match="multiple"):
+        be.check(q, q[:, :, :1].repeat(1, 1, 3, 1), q[:, :, :1].repeat(1, 1, 3, 1))
+    good = dict(q=q, k=q, v=q, out=out, lse=lse, scale=0.125,
+                pieces=[(0, 8, 0, 8, None, None)], softcap=0.0)
+    bad = [dict(out=out.float()), dict(lse=lse.half()), dict(scale=-1.0),
+           dict(softcap=float("nan")), dict(q=q[:, :, :, ::2].contiguous()[..., :32]),
+           dict(pieces=[(0, 9, 0, 8, None, None)])]
+    if device != "cpu":
+        bad.append(dict(k=q.cpu()))
+    for change in bad:
+        with pytest.raises((TypeError, ValueError, RuntimeError)):
+            be._ext.fwd(**{**good, **change})
 
 
 def check_backend_api_and_strided_views(be, device, dtype, s=333):

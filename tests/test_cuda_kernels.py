@@ -117,28 +117,7 @@ def test_backend_api_and_strided_views(dtype):
 @pytest.mark.cuda
 @needs_gpu
 def test_bad_inputs_raise_python_errors():
-    from distattn import _C  # noqa: PLC0415
-    q = torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.float16)
-    out = torch.empty_like(q)
-    lse = torch.empty(1, 2, 8, device="cuda")
-    be = CudaBackend()
-    with pytest.raises(TypeError, match="float16 or bfloat16"):
-        be.check(q.float(), q.float(), q.float())
-    with pytest.raises(ValueError, match="head_dim"):
-        be.check(q[..., :48], q[..., :48], q[..., :48])
-    with pytest.raises(ValueError, match="multiple"):
-        be.check(q, q[:, :, :1].repeat(1, 1, 3, 1), q[:, :, :1].repeat(1, 1, 3, 1))
-    whole = [(0, 8, 0, 8, None, None)]
-    with pytest.raises((TypeError, ValueError, RuntimeError)):
-        _C.fwd(q, q, q, out.float(), lse, 0.125, whole, 0.0)   # out dtype
-    with pytest.raises((TypeError, ValueError, RuntimeError)):
-        _C.fwd(q, q, q, out, lse.half(), 0.125, whole, 0.0)    # lse dtype
-    with pytest.raises((TypeError, ValueError, RuntimeError)):
-        _C.fwd(q, q.cpu(), q, out, lse, 0.125, whole, 0.0)     # device
-    with pytest.raises((TypeError, ValueError, RuntimeError)):
-        _C.fwd(q, q, q, out, lse, -1.0, whole, 0.0)            # scale
-    with pytest.raises((TypeError, ValueError, RuntimeError)):
-        _C.fwd(q[:, :, :, ::2].contiguous()[..., :32], q, q, out, lse, 0.1, whole, 0.0)
+    kc.check_bad_inputs(CudaBackend(), "cuda")
 
 
 @pytest.mark.cuda

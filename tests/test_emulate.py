@@ -58,14 +58,8 @@ def test_absent_extension_raises_clearly(monkeypatch):
         get_backend("emulate", q, q, q)
 
 
-def test_check_names_argument_and_fix(be):
-    q = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16)
-    with pytest.raises(TypeError, match="float16 or bfloat16"):
-        be.check(q.float(), q.float(), q.float())
-    with pytest.raises(ValueError, match="head_dim"):
-        be.check(q[..., :48], q[..., :48], q[..., :48])
-    with pytest.raises(ValueError, match="multiple"):
-        be.check(q, q[:, :, :1].repeat(1, 1, 3, 1), q[:, :, :1].repeat(1, 1, 3, 1))
+def test_bad_inputs_raise_python_errors(be):
+    kc.check_bad_inputs(be, "cpu")
     assert be.head_dims() == (64, 128)
 
 

@@ -83,47 +83,33 @@ struct alignas(16) uint128_t {
   uint64_t lo, hi;
 };
 
-struct SM80_16x8x16_F32F16F16F32_TN {
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32
+template <distattn::emu::MmaType kType>
+struct EmulatedMma16x8x16 {
   static void fma(float& d0, float& d1, float& d2, float& d3, uint32_t const& a0,
                   uint32_t const& a1, uint32_t const& a2, uint32_t const& a3, uint32_t const& b0,
                   uint32_t const& b1, float const& c0, float const& c1, float const& c2,
                   float const& c3) {
     float d[4];
-    distattn::emu::mma_m16n8k16(distattn::emu::MmaType::kF16, d, {a0, a1, a2, a3}, {b0, b1},
-                                {c0, c1, c2, c3});
+    distattn::emu::mma_m16n8k16(kType, d, {a0, a1, a2, a3}, {b0, b1}, {c0, c1, c2, c3});
     d0 = d[0], d1 = d[1], d2 = d[2], d3 = d[3];
   }
 };
+struct SM80_16x8x16_F32F16F16F32_TN : EmulatedMma16x8x16<distattn::emu::MmaType::kF16> {};
+struct SM80_16x8x16_F32BF16BF16F32_TN : EmulatedMma16x8x16<distattn::emu::MmaType::kBF16> {};
 
-struct SM80_16x8x16_F32BF16BF16F32_TN {
-  static void fma(float& d0, float& d1, float& d2, float& d3, uint32_t const& a0,
-                  uint32_t const& a1, uint32_t const& a2, uint32_t const& a3, uint32_t const& b0,
-                  uint32_t const& b1, float const& c0, float const& c1, float const& c2,
-                  float const& c3) {
-    float d[4];
-    distattn::emu::mma_m16n8k16(distattn::emu::MmaType::kBF16, d, {a0, a1, a2, a3}, {b0, b1},
-                                {c0, c1, c2, c3});
-    d0 = d[0], d1 = d[1], d2 = d[2], d3 = d[3];
-  }
-};
-
-struct SM75_U32x4_LDSM_N {
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16
+template <bool kTrans>
+struct EmulatedLdsmX4 {
   static void copy(uint128_t const& smem_src, uint32_t& dst0, uint32_t& dst1, uint32_t& dst2,
                    uint32_t& dst3) {
     uint32_t d[4];
-    distattn::emu::ldmatrix_x4(&smem_src, false, d);
+    distattn::emu::ldmatrix_x4(&smem_src, kTrans, d);
     dst0 = d[0], dst1 = d[1], dst2 = d[2], dst3 = d[3];
   }
 };
-
-struct SM75_U16x8_LDSM_T {
-  static void copy(uint128_t const& smem_src, uint32_t& dst0, uint32_t& dst1, uint32_t& dst2,
-                   uint32_t& dst3) {
-    uint32_t d[4];
-    distattn::emu::ldmatrix_x4(&smem_src, true, d);
-    dst0 = d[0], dst1 = d[1], dst2 = d[2], dst3 = d[3];
-  }
-};
+struct SM75_U32x4_LDSM_N : EmulatedLdsmX4<false> {};
+struct SM75_U16x8_LDSM_T : EmulatedLdsmX4<true> {};
 
 template <typename TS, typename TD = TS>
 struct SM80_CP_ASYNC_CACHEGLOBAL_ZFILL {
