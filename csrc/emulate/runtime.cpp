@@ -672,7 +672,10 @@ void lane_wait(Fiber& f) {
 class Pool {
  public:
   // Runs job() on `extra` pool threads and on the caller; returns when all have returned.
+  // While another OS thread's launch holds the pool, the caller runs job() alone.
   void run(int extra, const std::function<void()>& job) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock()) return job();
     std::unique_lock<std::mutex> lock(mu_);
     while (int(threads_.size()) < extra) threads_.emplace_back([this] { loop(); });
     job_ = &job;
@@ -703,7 +706,7 @@ class Pool {
     }
   }
 
-  std::mutex mu_;
+  std::mutex busy_, mu_;
   std::condition_variable cv_, done_cv_;
   std::vector<std::thread> threads_;  // detached at exit (the pool is never destroyed)
   const std::function<void()>* job_ = nullptr;

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "emulate/device.h"
@@ -269,6 +270,22 @@ void test_launch_rules() {
   for (int cta = 0; cta < 8; ++cta)
     for (int t = 0; t < 1024; ++t)
       CHECK(out[cta * 1024 + t] == cta * 1000 + 1023 - t) << cta << " " << t;
+  // Two OS threads launching at once (the pool serves one launch; the other runs alone).
+  std::vector<int> out2(1024 * 8, -1);
+  std::string err1, err2;
+  std::thread other([&] {
+    for (int i = 0; i < 3; ++i) {
+      DISTATTN_LAUNCH(grid_kernel, dim3(2, 2, 2), 1024, 64 * 1024, nullptr, out2.data());
+      err2 += launch_result();
+    }
+  });
+  for (int i = 0; i < 3; ++i) {
+    DISTATTN_LAUNCH(grid_kernel, dim3(2, 2, 2), 1024, 64 * 1024, nullptr, out.data());
+    err1 += launch_result();
+  }
+  other.join();
+  CHECK(err1.empty() && err2.empty()) << err1 << err2;
+  CHECK(out == out2);
   emu::set_num_threads(1);
   DISTATTN_LAUNCH(grid_kernel, 1, 2048, 0, nullptr, out.data());
   CHECK(contains(launch_result(), "1..1024 allowed"));
