@@ -309,3 +309,5 @@ class _RematCheckpoint:
 
     def __call__(self, function, *args, **kwargs):
         return _ckpt.checkpoint_with_remat(function, *args, slot=self.slot, **kwargs)
+
+from .generation import ShardedCache, generate  # noqa: E402,F401  (dtf.generate: see generation.py)
