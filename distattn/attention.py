@@ -10,9 +10,10 @@ import math
 
 import torch
 
+from .documents import check_cu_seqlens
 from .hybrid import USPAttention, usp_backward
 from .kernels import BACKENDS, get_backend
-from .layout import check_layout, seq_multiple
+from .layout import RingLayout, check_layout, ring_layout, seq_multiple
 from .mesh import as_mesh
 from .plan import helper_plan, ring_plan
 from .ring import RingConfig
@@ -23,8 +24,8 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @functools.lru_cache(maxsize=128)
-def _plan(world: int, layout: str, causal: bool, schedule: str):
-    return helper_plan(world) if schedule == "helper" else ring_plan(world, layout, causal)
+def _plan(lay: RingLayout, causal: bool, schedule: str):
+    return helper_plan(lay, causal) if schedule == "helper" else ring_plan(lay, causal)
 
 
 def _check_tensors(q, k, v) -> None:
@@ -61,14 +62,18 @@ def _check_tensors(q, k, v) -> None:
                          f"use a k/v head count that divides {hq}")
 
 
-def _resolve_schedule(schedule: str, layout: str, causal: bool, part_len: int, R: int) -> str:
-    """"auto" -> "helper" for contiguous causal attention over a ring (when the ring part
-    splits in the halves its last step needs), else "ring". An explicit "helper" is checked."""
+def _resolve_schedule(schedule: str, layout: str, causal: bool, part_len: int, R: int,
+                      documents: bool) -> str:
+    """"auto" -> "helper" for contiguous causal attention over a ring without documents (when
+    the ring part splits in the halves its last step needs), else "ring". With documents the
+    helper schedule's balance no longer holds, so "auto" keeps the ring. An explicit "helper"
+    is checked."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     needs_even = R % 2 == 0 and R > 1
     if schedule == "auto":
-        usable = layout == "contiguous" and causal and R > 1 and not (needs_even and part_len % 2)
+        usable = (layout == "contiguous" and causal and R > 1 and not documents
+                  and not (needs_even and part_len % 2))
         return "helper" if usable else "ring"
     if schedule == "helper":
         if layout != "contiguous" or not causal:
@@ -84,8 +89,38 @@ def _resolve_schedule(schedule: str, layout: str, causal: bool, part_len: int, R
     return schedule
 
 
+def _ring_layout(q, mesh, layout: str, cu_seqlens) -> RingLayout:
+    """The layout the caller sharded with, checked against q's local length."""
+    U, R = mesh.ulysses_degree, mesh.ring_degree
+    s_local = q.shape[1]
+    if cu_seqlens is None:
+        if layout == "packed":
+            raise ValueError("layout='packed' places whole documents and needs cu_seqlens "
+                             "(the same list shard used)")
+        multiple = seq_multiple(layout, R, U)
+        if (s_local * U * R) % multiple:
+            local_multiple = multiple // math.gcd(multiple, U * R)
+            raise ValueError(
+                f"q has {s_local} local tokens; layout={layout!r} over ring_degree={R} x "
+                f"ulysses_degree={U} needs a multiple of {local_multiple} per rank (a global "
+                f"length multiple of {multiple}); shard with cu_seqlens=[0, length] to accept "
+                f"any length")
+        return ring_layout(layout, s_local * U * R, R, U)
+    if q.shape[0] != 1:
+        raise ValueError(f"cu_seqlens describes one packed row, but q has batch {q.shape[0]}; "
+                         f"pack the batch into one row (batch 1) with its document boundaries")
+    lay = ring_layout(layout, cu_seqlens[-1], R, U, cu_seqlens)
+    if lay.local_len != s_local:
+        raise ValueError(
+            f"q has {s_local} local tokens, but layout={layout!r} over ring_degree={R} x "
+            f"ulysses_degree={U} with these cu_seqlens (length {cu_seqlens[-1]}) gives every "
+            f"rank {lay.local_len}: shard q, k and v with distattn.shard(..., layout="
+            f"{layout!r}, cu_seqlens=...) using the same cu_seqlens")
+    return lay
+
+
 def prepare(q, k, v, *, mesh=None, causal=False, softmax_scale=None, layout="contiguous",
-            schedule="auto", backend="auto", profiler=None) -> RingConfig:
+            schedule="auto", backend="auto", profiler=None, cu_seqlens=None) -> RingConfig:
     """Check every argument of ``dist_flash_attn`` (raising before any communication) and
     return the execution config: mesh, plan, block backend, scale."""
     _check_tensors(q, k, v)
@@ -102,32 +137,34 @@ def prepare(q, k, v, *, mesh=None, causal=False, softmax_scale=None, layout="con
                          f"1/sqrt(head_dim)), got {softmax_scale!r}")
     if profiler is not None and not callable(getattr(profiler, "span", None)):
         raise TypeError("profiler must be a distattn.profile.StepProfiler (or None)")
+    cu_seqlens = check_cu_seqlens(cu_seqlens)
     mesh = as_mesh(mesh)
     U, R = mesh.ulysses_degree, mesh.ring_degree
     if U > 1:
         check_heads(q.shape[2], k.shape[2], U)
-    s_local = q.shape[1]
-    multiple = seq_multiple(layout, R, U)
-    if (s_local * U * R) % multiple:
-        local_multiple = multiple // math.gcd(multiple, U * R)
-        raise ValueError(
-            f"q has {s_local} local tokens; layout={layout!r} over ring_degree={R} x "
-            f"ulysses_degree={U} needs a multiple of {local_multiple} per rank (a global "
-            f"length multiple of {multiple}); pad the sequence")
-    schedule = _resolve_schedule(schedule, layout, causal, s_local * U, R)
+    lay = _ring_layout(q, mesh, layout, cu_seqlens)
+    schedule = _resolve_schedule(schedule, layout, causal, lay.part_len, R,
+                                 cu_seqlens is not None)
     block_backend = get_backend(backend, q, k, v)
-    return RingConfig(mesh, _plan(R, layout, causal, schedule), block_backend,
+    return RingConfig(mesh, _plan(lay, causal, schedule), block_backend,
                       float(softmax_scale), profiler)
 
 
 def dist_flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mesh=None,
                     causal: bool = False, softmax_scale: float | None = None,
                     layout: str = "contiguous", schedule: str = "auto",
-                    backend: str = "auto", return_lse: bool = False, profiler=None):
+                    backend: str = "auto", return_lse: bool = False, profiler=None,
+                    cu_seqlens=None):
     """Exact softmax attention over a sequence sharded across the ranks of ``mesh``.
 
     q [B, S_local, Hq, D]; k, v [B, S_local, Hkv, D] with Hq % Hkv == 0: this rank's tokens,
-    sharded by ``layout`` ("contiguous", "zigzag" or "stripe"; see ``distattn.shard``).
+    sharded by ``layout`` ("contiguous", "zigzag", "stripe" or "packed"; see
+    ``distattn.shard``).
+
+    ``cu_seqlens``: global document boundaries of one packed row (batch 1), the same list on
+    every rank and the one ``shard`` used; the last entry is the true length (any length).
+    A query then sees keys of its own document only; padding slots of the layout are inert
+    (out 0, lse -inf, zero gradients, whatever they hold).
     ``mesh``: an SPMesh, a ProcessGroup (pure ring) or None (pure ring over the default
     group). Returns out [B, S_local, Hq, D] in q's dtype, differentiable in q, k and v, and
     with ``return_lse`` also lse [B, Hq, S_local] (natural log; float32, or float64 for
@@ -142,7 +179,8 @@ def dist_flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mesh=N
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
     cfg = prepare(q, k, v, mesh=mesh, causal=causal, softmax_scale=softmax_scale,
-                  layout=layout, schedule=schedule, backend=backend, profiler=profiler)
+                  layout=layout, schedule=schedule, backend=backend, profiler=profiler,
+                  cu_seqlens=cu_seqlens)
     out, lse = USPAttention.apply(q, k, v, cfg)
     return (out, lse) if return_lse else out
 

@@ -13,22 +13,29 @@ from .mesh import SPMesh
 
 
 class RingExchange:
-    """Send to the next ring rank while receiving from the previous one.
+    """Send to the ring rank ``hops`` ahead while receiving from the one ``hops`` behind.
 
-    ``start(send, recv)`` posts both as one ``batch_isend_irecv`` and returns a handle;
+    ``start(send, recv, hops=1)`` posts both as one ``batch_isend_irecv`` and returns a handle;
     ``wait(handle)`` completes it. Every rank of the ring must post the same sequence of
-    exchanges with same-shaped buffers.
+    exchanges, and the sizes of each sender and its receiver must agree (plans make them
+    agree). Empty tensors are neither sent nor received.
     """
 
     def __init__(self, mesh: SPMesh):
         self.group = mesh.ring_group
-        self.next = mesh.ring_next
-        self.prev = mesh.ring_prev
+        self.ranks = mesh.ring_ranks
+        self.rank = mesh.ring_rank
 
-    def start(self, send: torch.Tensor, recv: torch.Tensor):
-        ops = [dist.P2POp(dist.isend, send, self.next, self.group),
-               dist.P2POp(dist.irecv, recv, self.prev, self.group)]
-        return dist.batch_isend_irecv(ops)
+    def start(self, send: torch.Tensor, recv: torch.Tensor, hops: int = 1):
+        R = len(self.ranks)
+        ops = []
+        if send.numel():
+            ops.append(dist.P2POp(dist.isend, send, self.ranks[(self.rank + hops) % R],
+                                  self.group))
+        if recv.numel():
+            ops.append(dist.P2POp(dist.irecv, recv, self.ranks[(self.rank - hops) % R],
+                                  self.group))
+        return dist.batch_isend_irecv(ops) if ops else []
 
     @staticmethod
     def wait(handle) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .kernels.mask import Mask, accumulation_dtype
+from .kernels.mask import accumulation_dtype
 from .merge import merge_, new_accumulators
 from .profile import span
 from .ring import RingConfig, _start_profile
@@ -103,7 +103,7 @@ def _global(cfg: RingConfig, rank: int) -> int:
 
 def helper_forward(q, k, v, cfg: RingConfig):
     """out [B, n, Hq, D] (q's dtype), lse [B, Hq, n] (accumulation dtype)."""
-    plan, r, be, scale = cfg.plan, cfg.mesh.ring_rank, cfg.backend, cfg.scale
+    plan, r, be, scale, cap = cfg.plan, cfg.mesh.ring_rank, cfg.backend, cfg.scale, cfg.softcap
     n = q.shape[1]
     chunk = n // plan.chunks
     acc = accumulation_dtype(q.dtype)
@@ -126,15 +126,15 @@ def helper_forward(q, k, v, cfg: RingConfig):
     def compute(t):
         task = plan.tasks[r][t]
         if task.kind == "diag":
-            be.forward_into(q, k, v, out_acc, lse_acc, scale=scale, mask=Mask.causal(0))
+            be.forward_into(q, k, v, out_acc, lse_acc, scale=scale, mask=task.mask, softcap=cap)
             return None
         sl = _rows(task.rows, chunk)
         buf = inputs.pop(t)
         if task.kind == "own":
             be.forward_into(q[:, sl], buf[0], buf[1], out_acc[:, sl], lse_acc[:, :, sl],
-                            scale=scale, mask=task.mask)
+                            scale=scale, mask=task.mask, softcap=cap)
             return None
-        return be.forward(buf, k, v, scale=scale, mask=task.mask)   # help: (out, lse)
+        return be.forward(buf, k, v, scale=scale, mask=task.mask, softcap=cap)  # help: (out, lse)
 
     def post_returns(ex, s, result):
         task = plan.tasks[r][s]
@@ -163,7 +163,7 @@ def helper_forward(q, k, v, cfg: RingConfig):
 
 def helper_backward(dout, q, k, v, out, lse, cfg: RingConfig):
     """(dq, dk, dv) in the dtypes of q, k, v."""
-    plan, r, be, scale = cfg.plan, cfg.mesh.ring_rank, cfg.backend, cfg.scale
+    plan, r, be, scale, cap = cfg.plan, cfg.mesh.ring_rank, cfg.backend, cfg.scale, cfg.softcap
     n = q.shape[1]
     chunk = n // plan.chunks
     acc = accumulation_dtype(q.dtype)
@@ -202,7 +202,7 @@ def helper_backward(dout, q, k, v, out, lse, cfg: RingConfig):
         task = plan.tasks[r][t]
         if task.kind == "diag":
             be.backward_into(dout, q, k, v, out, lse, dq_acc, dkv_acc[0], dkv_acc[1],
-                             scale=scale, mask=Mask.causal(0))
+                             scale=scale, mask=task.mask, softcap=cap)
             return None
         sl = _rows(task.rows, chunk)
         buf = inputs.pop(t)
@@ -210,13 +210,13 @@ def helper_backward(dout, q, k, v, out, lse, cfg: RingConfig):
             dkv = pool.get("dkv_out", t, lambda: torch.empty_like(dkv_acc)).zero_()
             be.backward_into(dout[:, sl], q[:, sl], buf[0], buf[1], out[:, sl],
                              lse[:, :, sl], dq_acc[:, sl], dkv[0], dkv[1],
-                             scale=scale, mask=task.mask)
+                             scale=scale, mask=task.mask, softcap=cap)
             return dkv
         (hq, ho, hdo), hlse = buf[0], buf[1]   # help: dq rows go back, dK/dV stay here
         dq = pool.get(("dq_out", hq.shape), t, lambda: torch.empty(
             hq.shape, dtype=acc, device=q.device)).zero_()
         be.backward_into(hdo, hq, k, v, ho, hlse, dq, dkv_acc[0], dkv_acc[1],
-                         scale=scale, mask=task.mask)
+                         scale=scale, mask=task.mask, softcap=cap)
         return dq
 
     def post_returns(ex, s, result):

@@ -1,149 +1,142 @@
 """Schedules, as pure data (no torch.distributed): who computes which block at which step.
 
-A *ring plan* describes ring attention over R ranks. Every rank's local sequence is cut into
-``chunks`` equal chunks (1 for contiguous and stripe, 2 for zigzag). At step t, rank r holds
-the K/V of rank ``(r - t) mod R`` (they travel one hop forward per step) and computes the
-blocks ``plan.blocks[r][t]``: each meets a chunk range of r's queries with a chunk range of
-that K/V under a mask. Masks are token-level (DESIGN.md section 2) and only appear on blocks
-whose query and key ranges have equal length and start, so they hold for any chunk size.
+Every plan is derived from a ``layout.RingLayout`` (which global token sits in which slot of
+which ring part) and the attention's global bounds (causal, window; ``segments``), so
+documents, padding, windows and every layout share one mechanism.
 
-A *helper plan* (DistFlashAttn's schedule, for the contiguous layout with causal masking)
-pairs rank r at step t >= 1 with rank (r - t) mod P. If r >= t, r computes its queries
-against that rank's K/V ("own"); otherwise r is idle in a plain ring, so it helps: it computes
-that rank's queries against its own K/V and returns the partial (out, lse) ("help"). For even
-P the last step's pairs would meet twice, so owner and helper each take half of the query
-rows. P // 2 + 1 steps in all, every rank doing the same work.
+A *ring plan* (``RingPlan``): at step t, rank r holds the K/V of rank ``(r - t) mod R`` (they
+travel one hop forward per step) and computes one block, ``masks[r][t]``: all of r's slots
+against the keys it holds. At step 0 those are r's own slots; at step t >= 1 they are the
+owner's *payload*, the range of its slots that some other rank needs (``payload[owner]``), so
+tokens nobody else sees (whole documents of the packed layout, keys outside every window) never
+travel. The ring stops after ``steps`` steps, the last one at which any rank sees anything.
 
-Both plans answer ``computes(rank, step)`` with ``Work`` items (whose queries meet whose keys);
-``visible_pairs`` and ``work`` turn that into (query, key) token pairs and per-rank loads, so
-tests can check coverage (every visible pair computed exactly once) and balance.
+A *helper plan* (``HelperPlan``; DistFlashAttn's schedule for causal attention on the
+contiguous layout) pairs rank r at step t >= 1 with rank (r - t) mod P. If r >= t, r computes
+its queries against that rank's K/V ("own"); otherwise r is idle in a plain ring, so it helps:
+it computes that rank's queries against its own K/V and returns the partial (out, lse)
+("help"). For even P the last step's pairs would meet twice, so owner and helper each take half
+of the query rows. P // 2 + 1 steps in all, every rank doing the same work (without documents).
+
+Both plans answer ``computes(rank, step)`` with ``Work`` items; ``visible_pairs`` and ``work``
+turn those into global (query, key) pairs and per-rank loads, so tests can check coverage
+(every visible pair computed exactly once) and balance.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-
-import torch
+from typing import Optional
 
 from .kernels.mask import Mask
-from .layout import LAYOUTS, ring_part_indices
-
-CHUNKS = {"contiguous": 1, "zigzag": 2, "stripe": 1}
-
-
-@dataclass(frozen=True)
-class Block:
-    q: tuple  # [start, stop) in chunks of the query owner's local sequence
-    k: tuple  # [start, stop) in chunks of the K/V owner's local sequence
-    mask: Mask
+from .layout import RingLayout
+from .segments import attention_bounds, block_mask
 
 
 @dataclass(frozen=True)
 class Work:
-    """One block computed somewhere: ``q_owner``'s query chunks ``q`` meet ``kv_owner``'s key
-    chunks ``k`` under ``mask``."""
+    """One block computed somewhere: ``q_owner``'s slots ``q`` meet ``kv_owner``'s slots ``k``
+    (slices of local slots of their ring parts) under ``mask`` (in the block's coordinates)."""
     q_owner: int
-    q: tuple
+    q: slice
     kv_owner: int
-    k: tuple
+    k: slice
     mask: Mask
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RingPlan:
-    world: int
-    layout: str
-    causal: bool
-    chunks: int
-    blocks: tuple  # blocks[rank][step] -> tuple[Block, ...]
+    layout: RingLayout
+    bounds: tuple    # (lo, hi) on key - query, global tokens (segments.attention_bounds)
+    steps: int       # steps executed, <= world
+    payload: tuple   # payload[owner] = (start, stop): the owner's slots that travel
+
+    @property
+    def world(self) -> int:
+        return self.layout.ring_degree
 
     def kv_source(self, rank: int, step: int) -> int:
         return (rank - step) % self.world
 
-    @property
-    def steps(self) -> int:
-        return self.world
+    def key_slots(self, rank: int, step: int) -> slice:
+        """The K/V owner's slots that ``rank`` holds at ``step``."""
+        if step == 0:
+            return slice(0, self.layout.part_len)
+        return slice(*self.payload[self.kv_source(rank, step)])
 
-    def computes(self, rank: int, step: int) -> list[Work]:
-        s = self.kv_source(rank, step)
-        return [Work(rank, b.q, s, b.k, b.mask) for b in self.blocks[rank][step]]
+    def masks(self, rank: int) -> tuple:
+        """``rank``'s mask at every step: its part x (own part | the owner's payload).
+        Computed for one rank at a time (an executor needs only its own), then cached."""
+        return _rank_masks(self, rank)
 
-
-def _ring_blocks(r: int, s: int, layout: str, causal: bool) -> tuple:
-    """Blocks where rank r's queries meet rank s's keys."""
-    c = CHUNKS[layout]
-    whole = (0, c)
-    if not causal:
-        return (Block(whole, whole, Mask.none()),)
-    if s == r:  # the local diagonal: every layout keeps local tokens in global order
-        return (Block(whole, whole, Mask.causal(0)),)
-    if layout == "contiguous":
-        return (Block(whole, whole, Mask.none()),) if s < r else ()
-    if layout == "zigzag":
-        # queries hold chunks (r, 2R-1-r), keys (s, 2R-1-s). s < r: both query chunks see
-        # key chunk s, neither sees 2R-1-s. s > r: only query chunk 2R-1-r sees, and it sees
-        # both key chunks.
-        return ((Block(whole, (0, 1), Mask.none()),) if s < r
-                else (Block((1, 2), whole, Mask.none()),))
-    # stripe: query m of r is token r + R*m, key m' of s is token s + R*m'; visible iff
-    # m' <= m when s < r, and m' <= m - 1 when s > r.
-    return (Block(whole, whole, Mask.causal(0 if s < r else -1)),)
+    def computes(self, rank: int, step: int) -> list:
+        mask = self.masks(rank)[step]
+        if not mask.pieces:
+            return []
+        return [Work(rank, slice(0, self.layout.part_len), self.kv_source(rank, step),
+                     self.key_slots(rank, step), mask)]
 
 
-def ring_plan(world: int, layout: str = "contiguous", causal: bool = False) -> RingPlan:
-    """The plan of plain ring attention for a layout (its own causal balance)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if world < 1:
-        raise ValueError(f"world must be >= 1, got {world}")
-    blocks = tuple(
-        tuple(_ring_blocks(r, (r - t) % world, layout, causal) for t in range(world))
-        for r in range(world))
-    return RingPlan(world, layout, causal, CHUNKS[layout], blocks)
+@functools.lru_cache(maxsize=256)
+def _rank_masks(plan: RingPlan, rank: int) -> tuple:
+    lay, n = plan.layout, plan.layout.part_len
+    return tuple(block_mask(lay.parts[rank], lay.parts[plan.kv_source(rank, t)], plan.bounds,
+                            cols=plan.key_slots(rank, t)).simplify(n, n)
+                 if t else block_mask(lay.parts[rank], lay.parts[rank], plan.bounds).simplify(n, n)
+                 for t in range(plan.steps))
 
 
-def _chunk_tokens(rng: tuple, chunk_len: int) -> slice:
-    return slice(rng[0] * chunk_len, rng[1] * chunk_len)
+def _reach(lay: RingLayout, bounds: tuple) -> tuple:
+    """(steps, payload) of a ring over ``lay``: the last step at which any rank sees a key it
+    receives, and per owner the slots that some other rank sees.
+
+    Without a lower bound on key - query (no left window) this works per document from each
+    rank's first and last token in it, in time linear in the segments (a packed row of
+    thousands of documents over 64 ranks plans in milliseconds). With one, every pair of runs
+    of a document is checked exactly (``block_mask``)."""
+    R, lo_g, hi_g = lay.ring_degree, bounds[0], bounds[1]
+    holders: dict = {}            # doc -> {rank: [segments]}
+    for r, segs in enumerate(lay.parts):
+        for sg in segs:
+            holders.setdefault(sg.doc, {}).setdefault(r, []).append(sg)
+    last = lambda sg: sg.g0 + sg.stride * (sg.length - 1)
+    far, need = 0, [[] for _ in range(R)]
+    for ranks in holders.values():
+        if len(ranks) < 2:
+            continue
+        if lo_g is None:
+            qmax = {r: max(last(sg) for sg in segs) for r, segs in ranks.items()}
+            kmin = {r: min(sg.g0 for sg in segs) for r, segs in ranks.items()}
+            for o, segs in ranks.items():
+                for r in ranks:
+                    if r != o and (hi_g is None or qmax[r] + hi_g >= kmin[o]):
+                        far = max(far, (r - o) % R)
+                top = max((qmax[r] for r in ranks if r != o), default=None)
+                for sg in segs:         # keys some other rank's query reaches: a prefix
+                    count = sg.length if hi_g is None else \
+                        min(sg.length, max(0, (top + hi_g - sg.g0) // sg.stride + 1))
+                    if count:
+                        need[o].append((sg.start, sg.start + count))
+        else:
+            for o, ksegs in ranks.items():
+                for r, qsegs in ranks.items():
+                    if r == o:
+                        continue
+                    mask = block_mask(qsegs, ksegs, bounds)
+                    for p in mask.simplify(lay.part_len, lay.part_len).pieces:
+                        _, _, k0, k1 = p.tight(lay.part_len, lay.part_len)
+                        need[o].append((k0, k1))
+                        far = max(far, (r - o) % R)
+    payload = tuple((min(a for a, _ in spans), max(b for _, b in spans)) if spans else (0, 0)
+                    for spans in need)
+    return far + 1, payload
 
 
-def token_slices(block: Block, local_len: int, chunks: int) -> tuple[slice, slice]:
-    """(query slice, key slice) of a block in tokens of a local sequence of ``local_len``."""
-    chunk_len = local_len // chunks
-    return _chunk_tokens(block.q, chunk_len), _chunk_tokens(block.k, chunk_len)
-
-
-def visible_pairs(plan, chunk_len: int = 3) -> dict:
-    """Count, over the whole plan, how often each global (query, key) token pair is computed
-    with the key visible. Returns {(q, k): count}."""
-    local_len = chunk_len * plan.chunks
-    seq_len = local_len * plan.world
-    owned = [ring_part_indices(seq_len, plan.world, r, plan.layout).tolist()
-             for r in range(plan.world)]
-    counts: dict = {}
-    for r in range(plan.world):
-        for t in range(plan.steps):
-            for w in plan.computes(r, t):
-                qs, ks = _chunk_tokens(w.q, chunk_len), _chunk_tokens(w.k, chunk_len)
-                qi, ki = owned[w.q_owner][qs], owned[w.kv_owner][ks]
-                visible = w.mask.dense(len(qi), len(ki))
-                for a, gq in enumerate(qi):
-                    for b, gk in enumerate(ki):
-                        if visible[a, b]:
-                            counts[(gq, gk)] = counts.get((gq, gk), 0) + 1
-    return counts
-
-
-def work(plan, chunk_len: int = 64) -> list[int]:
-    """Visible (query, key) pairs each rank computes: its compute load."""
-    loads = []
-    for r in range(plan.world):
-        total = 0
-        for t in range(plan.steps):
-            for w in plan.computes(r, t):
-                sq = (w.q[1] - w.q[0]) * chunk_len
-                sk = (w.k[1] - w.k[0]) * chunk_len
-                total += int(w.mask.simplify(sq, sk).dense(sq, sk).sum())
-        loads.append(total)
-    return loads
+def ring_plan(lay: RingLayout, causal: bool = False, window: Optional[tuple] = None) -> RingPlan:
+    """The ring plan of a layout (its own causal balance)."""
+    bounds = attention_bounds(causal, window)
+    steps, payload = _reach(lay, bounds)
+    return RingPlan(lay, bounds, steps, payload)
 
 
 # -- DistFlashAttn's helper schedule ------------------------------------------------------------
@@ -152,11 +145,12 @@ def work(plan, chunk_len: int = 64) -> list[int]:
 class Task:
     """What one rank does at one step of a helper plan.
 
-    kind "diag": its own queries with its own K/V (step 0, causal(0));
+    kind "diag": its own queries with its own K/V (step 0);
     kind "own":  its query chunks ``rows`` with ``peer``'s K/V, which it receives;
     kind "help": ``peer``'s query chunks ``rows`` (received) with its own K/V; the partial
                  result goes back to ``peer`` (in backward: dq goes back, dK/dV stay).
-    In backward an "own" task sends the dK/dV of ``peer``'s K/V back to ``peer``.
+    In backward an "own" task sends the dK/dV of ``peer``'s K/V back to ``peer``. ``mask`` is
+    in the coordinates of (the ``rows`` slots) x (the K/V owner's whole part).
     """
     kind: str
     peer: int
@@ -166,68 +160,111 @@ class Task:
 
 @dataclass(frozen=True)
 class HelperPlan:
-    world: int
+    layout: RingLayout
     chunks: int
-    tasks: tuple  # tasks[rank][step] -> Task | None
-    layout: str = "contiguous"
-    causal: bool = True
+    tasks: tuple  # tasks[rank][step] -> Task
+
+    @property
+    def world(self) -> int:
+        return self.layout.ring_degree
 
     @property
     def steps(self) -> int:
         return len(self.tasks[0])
 
-    def computes(self, rank: int, step: int) -> list[Work]:
-        task = self.tasks[rank][step]
-        whole = (0, self.chunks)
-        if task is None:
-            return []
-        if task.kind == "help":
-            return [Work(task.peer, task.rows, rank, whole, task.mask)]
-        return [Work(rank, task.rows, task.peer, whole, task.mask)]
+    def rows(self, task: Task) -> slice:
+        """The query slots of a task."""
+        chunk = self.layout.part_len // self.chunks
+        return slice(task.rows[0] * chunk, task.rows[1] * chunk)
 
-    def inbound(self, rank: int, step: int) -> list[tuple]:
+    def computes(self, rank: int, step: int) -> list:
+        task = self.tasks[rank][step]
+        if not task.mask.pieces:
+            return []
+        q_owner, kv_owner = (task.peer, rank) if task.kind == "help" else (rank, task.peer)
+        return [Work(q_owner, self.rows(task), kv_owner, slice(0, self.layout.part_len),
+                     task.mask)]
+
+    def inbound(self, rank: int, step: int) -> list:
         """Who sends what to ``rank`` at ``step``: [(kind "kv" | "q", src, rows)]."""
         task = self.tasks[rank][step]
-        if task is None or task.kind == "diag":
+        if task.kind == "diag":
             return []
         return [("kv" if task.kind == "own" else "q", task.peer, task.rows)]
 
-    def outbound(self, rank: int, step: int) -> list[tuple]:
+    def outbound(self, rank: int, step: int) -> list:
         """What ``rank`` sends at ``step``: [(kind "kv" | "q", dst, rows)], the mirror image
         of the other ranks' ``inbound``."""
         out = []
         for dst in range(self.world):
             task = self.tasks[dst][step]
-            if dst != rank and task is not None and task.peer == rank and task.kind != "diag":
+            if dst != rank and task.peer == rank and task.kind != "diag":
                 out.append(("kv" if task.kind == "own" else "q", dst, task.rows))
         return out
 
 
-def helper_plan(world: int) -> HelperPlan:
-    """DistFlashAttn's balanced schedule for causal attention on the contiguous layout."""
-    if world < 1:
-        raise ValueError(f"world must be >= 1, got {world}")
-    P = world
+def helper_plan(lay: RingLayout, causal: bool = True, window: Optional[tuple] = None) -> HelperPlan:
+    """DistFlashAttn's balanced schedule for causal attention on the contiguous layout. Masks
+    come from the layout, so documents and windows only skip work (the messages stay)."""
+    if lay.layout != "contiguous" or not causal:
+        raise ValueError("the helper schedule is for causal attention on the contiguous layout")
+    P = lay.ring_degree
     even = P % 2 == 0
     chunks = 2 if even and P > 1 else 1
     whole, first, second = (0, chunks), (0, 1), (1, 2)
+    bounds = attention_bounds(causal, window)
+    chunk = lay.part_len // chunks
+
+    def task(kind, q_owner, kv_owner, peer, rows):
+        mask = block_mask(lay.parts[q_owner], lay.parts[kv_owner], bounds,
+                          rows=slice(rows[0] * chunk, rows[1] * chunk),
+                          cols=slice(0, lay.part_len))
+        return Task(kind, peer, rows, mask)
+
     tasks = []
     for r in range(P):
-        row = [Task("diag", r, whole, Mask.causal(0))]
+        row = [task("diag", r, r, r, whole)]
         for t in range(1, P // 2 + 1):
             split = even and t == P // 2   # pairs meet twice at this step: halve the rows
             if r >= t:
-                row.append(Task("own", r - t, first if split else whole, Mask.none()))
+                row.append(task("own", r, r - t, r - t, first if split else whole))
             else:
-                row.append(Task("help", r - t + P, second if split else whole, Mask.none()))
+                p = r - t + P
+                row.append(task("help", p, r, p, second if split else whole))
         tasks.append(tuple(row))
-    return HelperPlan(P, chunks, tuple(tasks))
+    return HelperPlan(lay, chunks, tuple(tasks))
 
 
-def balance(plan, chunk_len: int = 64) -> dict:
+# -- coverage and balance (tests, benchmarks) ---------------------------------------------------
+
+def visible_pairs(plan) -> dict:
+    """Count, over the whole plan, how often each global (query, key) token pair is computed
+    with the key visible. Returns {(q, k): count}."""
+    lay = plan.layout
+    owned = [lay.indices(r).tolist() for r in range(lay.ring_degree)]
+    counts: dict = {}
+    for r in range(plan.world):
+        for t in range(plan.steps):
+            for w in plan.computes(r, t):
+                qi, ki = owned[w.q_owner][w.q], owned[w.kv_owner][w.k]
+                visible = w.mask.dense(len(qi), len(ki))
+                for a, b in visible.nonzero().tolist():
+                    pair = (qi[a], ki[b])
+                    counts[pair] = counts.get(pair, 0) + 1
+    return counts
+
+
+def work(plan) -> list[int]:
+    """Visible (query, key) pairs each rank computes: its compute load."""
+    return [sum(w.mask.pairs(w.q.stop - w.q.start, w.k.stop - w.k.start)
+                for t in range(plan.steps) for w in plan.computes(r, t))
+            for r in range(plan.world)]
+
+
+def balance(plan) -> dict:
     """Balance report: steps, per-rank load, and the busiest rank's load over the mean (1.0 is
     perfect balance; a step-synchronous schedule runs as slowly as its busiest rank)."""
-    loads = work(plan, chunk_len)
+    loads = work(plan)
     mean = sum(loads) / len(loads)
     return {"steps": plan.steps, "loads": loads,
             "max_over_mean": max(loads) / mean if mean else 1.0}

@@ -1,19 +1,22 @@
 """Ring attention executor: runs a ``RingPlan`` with a ``RingExchange`` and a backend.
 
-Forward, per rank: K and V are packed into one buffer [2, B, n, Hkv, D] and travel one hop
-per step through two preallocated buffers. The exchange for step t+1 is posted before the
-compute of step t, so communication overlaps compute. Each block folds into float32 (float64
-for float64 inputs) running accumulators with the stable merge; the output is cast to q's
-dtype once, at the end.
+Forward, per rank: at step 0 the rank's queries meet its own K/V. K and V then travel packed in
+one buffer [2, B, m, Hkv, D], where m is the K/V owner's *payload* (the slots other ranks need;
+``plan.payload``), through two preallocated buffers: the exchange for step t+1 is posted before
+the compute of step t, so communication overlaps compute. The ring stops after ``plan.steps``
+steps. Each block folds into float32 (float64 for float64 inputs) running accumulators with the
+stable merge; the output is cast to q's dtype once, at the end.
 
-Backward, per rank: K/V travel again the same way. dq accumulates locally. dK/dV travel with
-the K/V they belong to: at step t a rank adds its contribution to the partial sum received
-from the previous rank and passes it on; after the last step one more hop delivers each sum
-to its owner. That hop is posted after the step's compute and waited for only after the
-next step's compute, so it overlaps too.
+Backward, per rank: K/V travel again the same way. dq accumulates locally, and so do the dK/dV
+of step 0. The dK/dV of a payload travel with it: at step t a rank adds its contribution to the
+partial sum received from the previous rank and passes it on; after the last step the holder
+sends the sum straight back to the owner (one ring hop when the ring ran all the way round).
+Each of those sends is posted after the step's compute and waited for only after the next
+step's compute, so it overlaps too.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,7 +27,7 @@ from .kernels.base import BlockAttention
 from .kernels.mask import accumulation_dtype
 from .merge import new_accumulators
 from .mesh import SPMesh
-from .plan import RingPlan, token_slices
+from .plan import RingPlan
 from .profile import span
 
 
@@ -37,13 +40,7 @@ class RingConfig:
     backend: BlockAttention
     scale: float
     profiler: Optional[object] = None  # a profile.StepProfiler, or None
-
-
-def _blocks(cfg: RingConfig, step: int, local_len: int):
-    """This rank's blocks at ``step`` as (query slice, key slice, mask)."""
-    for blk in cfg.plan.blocks[cfg.mesh.ring_rank][step]:
-        qs, ks = token_slices(blk, local_len, cfg.plan.chunks)
-        yield qs, ks, blk.mask
+    softcap: float = 0.0
 
 
 def _start_profile(cfg: RingConfig, pass_name: str):
@@ -52,72 +49,97 @@ def _start_profile(cfg: RingConfig, pass_name: str):
     return cfg.profiler
 
 
-def _lse_rows(lse: torch.Tensor, rows: slice) -> torch.Tensor:
-    return lse[:, :, rows]
+class _Payloads:
+    """Views of the travelling K/V (or dK/dV) of each owner, inside flat buffers sized for the
+    largest payload. ``shape(owner)`` is [2, B, m_owner, H, D]."""
+
+    def __init__(self, plan: RingPlan, kv_shape, dtype, device, count: int):
+        self.plan = plan
+        self.base = tuple(kv_shape)
+        largest = max(b - a for a, b in plan.payload)
+        numel = math.prod(self.base[:2]) * largest * math.prod(self.base[3:])
+        self.bufs = [torch.empty(numel, dtype=dtype, device=device) for _ in range(count)]
+
+    def shape(self, owner: int) -> tuple:
+        a, b = self.plan.payload[owner]
+        return self.base[:2] + (b - a,) + self.base[3:]
+
+    def view(self, i: int, owner: int) -> torch.Tensor:
+        shape = self.shape(owner)
+        return self.bufs[i][:math.prod(shape)].view(shape)
+
+
+def _own_payload(kv: torch.Tensor, plan: RingPlan, rank: int) -> torch.Tensor:
+    a, b = plan.payload[rank]
+    return kv if (a, b) == (0, kv.shape[2]) else kv[:, :, a:b].contiguous()
 
 
 def ring_forward(q, k, v, cfg: RingConfig):
     """out [B, n, Hq, D] (q's dtype), lse [B, Hq, n] (accumulation dtype)."""
-    R, n = cfg.plan.world, q.shape[1]
+    plan, r, T = cfg.plan, cfg.mesh.ring_rank, cfg.plan.steps
     acc = accumulation_dtype(q.dtype)
     out_acc, lse_acc = new_accumulators(q, acc)
-    kv = [torch.stack([k, v]), None]
-    if R > 1:
-        kv[1] = torch.empty_like(kv[0])
+    masks = plan.masks(r)
+    kv = torch.stack([k, v])
+    if T > 1:
+        travel = _Payloads(plan, kv.shape, kv.dtype, q.device, 2)
         ring = RingExchange(cfg.mesh)
     prof = _start_profile(cfg, "forward")
-    for t in range(R):
-        cur = kv[t % 2]
-        if t + 1 < R:
-            handle = ring.start(cur, kv[(t + 1) % 2])
+    cur = kv
+    for t in range(T):
+        if t + 1 < T:
+            nxt = travel.view((t + 1) % 2, plan.kv_source(r, t + 1))
+            handle = ring.start(_own_payload(kv, plan, r) if t == 0 else cur, nxt)
         with span(prof, "compute", t, q.device):
-            for qs, ks, mask in _blocks(cfg, t, n):
-                cfg.backend.forward_into(q[:, qs], cur[0][:, ks], cur[1][:, ks],
-                                         out_acc[:, qs], _lse_rows(lse_acc, qs),
-                                         scale=cfg.scale, mask=mask)
-        if t + 1 < R:
+            cfg.backend.forward_into(q, cur[0], cur[1], out_acc, lse_acc, scale=cfg.scale,
+                                     mask=masks[t], softcap=cfg.softcap)
+        if t + 1 < T:
             with span(prof, "wait", t, q.device):
                 ring.wait(handle)
+            cur = nxt
     return out_acc.to(q.dtype), lse_acc
 
 
 def ring_backward(dout, q, k, v, out, lse, cfg: RingConfig):
     """(dq, dk, dv) in the dtypes of q, k, v."""
-    R, n = cfg.plan.world, q.shape[1]
+    plan, r, T, R = cfg.plan, cfg.mesh.ring_rank, cfg.plan.steps, cfg.plan.world
     acc = accumulation_dtype(q.dtype)
     dq_acc = torch.zeros(q.shape, dtype=acc, device=q.device)
-    kv = [torch.stack([k, v]), None]
-    dkv = [torch.empty(kv[0].shape, dtype=acc, device=q.device) for _ in range(2)]
-    if R > 1:
-        kv[1] = torch.empty_like(kv[0])
-        dkv_in = torch.empty_like(dkv[0])
+    masks = plan.masks(r)
+    kv = torch.stack([k, v])
+    dkv_local = torch.zeros(kv.shape, dtype=acc, device=q.device)
+    if T > 1:
+        travel = _Payloads(plan, kv.shape, kv.dtype, q.device, 2)
+        grads = _Payloads(plan, kv.shape, acc, q.device, 3)   # two partial sums + one inbox
         ring = RingExchange(cfg.mesh)
     grad_handle = None
     prof = _start_profile(cfg, "backward")
-    for t in range(R):
-        cur = kv[t % 2]
-        if t + 1 < R:
-            kv_handle = ring.start(cur, kv[(t + 1) % 2])
-        mine = dkv[t % 2]
+    cur = kv
+    for t in range(T):
+        if t + 1 < T:
+            nxt = travel.view((t + 1) % 2, plan.kv_source(r, t + 1))
+            kv_handle = ring.start(_own_payload(kv, plan, r) if t == 0 else cur, nxt)
+        owner = plan.kv_source(r, t)
+        mine = dkv_local if t == 0 else grads.view(t % 2, owner).zero_()
         with span(prof, "compute", t, q.device):
-            mine.zero_()
-            for qs, ks, mask in _blocks(cfg, t, n):
-                cfg.backend.backward_into(
-                    dout[:, qs], q[:, qs], cur[0][:, ks], cur[1][:, ks], out[:, qs],
-                    _lse_rows(lse, qs), dq_acc[:, qs], mine[0][:, ks], mine[1][:, ks],
-                    scale=cfg.scale, mask=mask)
+            cfg.backend.backward_into(dout, q, cur[0], cur[1], out, lse, dq_acc, mine[0],
+                                      mine[1], scale=cfg.scale, mask=masks[t],
+                                      softcap=cfg.softcap)
         with span(prof, "wait", t, q.device):
             if grad_handle is not None:   # partial sum for the K/V held now, from prev rank
                 ring.wait(grad_handle)
-                mine.add_(dkv_in)
-            if R > 1:                     # pass it on (after the last step: to its owner)
-                grad_handle = ring.start(mine, dkv_in)
-            if t + 1 < R:
+                mine.add_(grads.view(2, owner))
+                grad_handle = None
+            if t >= 1 and t + 1 < T:      # pass it on to the next holder
+                grad_handle = ring.start(mine, grads.view(2, plan.kv_source(r, t + 1)))
+            elif t >= 1:                  # last step: straight back to the owner
+                grad_handle = ring.start(mine, grads.view(2, r), hops=R - t)
+            if t + 1 < T:
                 ring.wait(kv_handle)
-    if R > 1:
-        with span(prof, "wait", R, q.device):
+                cur = nxt
+    if grad_handle is not None:
+        with span(prof, "wait", T, q.device):
             ring.wait(grad_handle)
-        total = dkv_in
-    else:
-        total = dkv[0]
-    return dq_acc.to(q.dtype), total[0].to(k.dtype), total[1].to(v.dtype)
+        a, b = plan.payload[r]
+        dkv_local[:, :, a:b].add_(grads.view(2, r))
+    return dq_acc.to(q.dtype), dkv_local[0].to(k.dtype), dkv_local[1].to(v.dtype)

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import torch
 
 import distattn
-from distattn.kernels import reference_attention
+from distattn.layout import local_indices, ring_layout
 
-DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16,
+          "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -32,17 +33,45 @@ class Case:
     dtype: str
     backend: str
     schedule: str = "auto"
+    docs: str = ""          # a name in DOC_SETS: packed documents (cu_seqlens), any length
 
     @property
     def id(self) -> str:
         return (f"w{self.world}-u{self.ulysses}r{self.ring}-{self.placement}-{self.layout}-"
                 f"{'causal' if self.causal else 'full'}-h{self.hq}kv{self.hkv}-d{self.head_dim}"
-                f"-b{self.batch}-{self.dtype}-{self.backend}-{self.schedule}")
+                f"-b{self.batch}-{self.dtype}-{self.backend}-{self.schedule}"
+                + (f"-docs_{self.docs}" if self.docs else ""))
+
+    @property
+    def cu_seqlens(self):
+        return DOC_SETS[self.docs](self.world) if self.docs else None
 
     @property
     def seq_len(self) -> int:
+        if self.docs:
+            return self.cu_seqlens[-1]
         # 3 tokens per zigzag chunk (odd on purpose): a multiple of every layout's need.
         return 2 * self.world * 3
+
+
+def _mixed_docs(world: int) -> tuple:
+    """A 1-token document, one shorter than a zigzag chunk, one over every rank, a short
+    tail; the true length divides by nothing the layouts need."""
+    long = 5 * world + 3
+    return (0, 1, 3, 3 + long, 3 + long + 2, 3 + long + 2 + world + 1)
+
+
+def _random_docs(world: int) -> tuple:
+    gen = torch.Generator().manual_seed(world)
+    lens = torch.randint(1, 3 * world + 2, (2 * world + 1,), generator=gen).tolist()
+    return tuple(int(x) for x in torch.tensor([0] + lens).cumsum(0))
+
+
+DOC_SETS = {
+    "mixed": _mixed_docs,
+    "random": _random_docs,
+    "one": lambda world: (0, 4 * world + 1),     # any length: one document, odd length
+}
 
 
 def mesh_shapes(world: int):
@@ -72,6 +101,33 @@ def attention_cases(world: int) -> list[Case]:
                                           ("fp64", "fp32")[(i // 4) % 2],
                                           ("torch", "reference")[(i // 3) % 2], schedule))
                         i += 1
+    return cases
+
+
+def document_cases(world: int) -> list[Case]:
+    """Packed documents and any length: mesh x placement x layout (packed too) x causal fully
+    crossed; document sets, K/V heads, dtypes and backends cycle. Contiguous causal cases
+    also run the helper schedule explicitly; a few run in bf16 and fp16."""
+    cases, i = [], 0
+    names = sorted(DOC_SETS)
+    for u, r, placement in mesh_shapes(world):
+        for layout in ("contiguous", "zigzag", "stripe", "packed"):
+            for causal in (False, True):
+                name = names[i % len(names)]
+                helper = (layout == "contiguous" and causal and r > 1 and
+                          (r % 2 or ring_layout(layout, DOC_SETS[name](world)[-1], r, u,
+                                                DOC_SETS[name](world)).part_len % 2 == 0))
+                for schedule in (("ring", "helper") if helper else ("auto",)):
+                    cases.append(Case(world, u, r, placement, layout, causal, 8, (8, 2, 1)[i % 3],
+                                      32, 1, ("fp64", "fp64", "fp32")[i % 3],
+                                      ("torch", "reference")[(i // 2) % 2], schedule, name))
+                    i += 1
+    if world in (2, 4):
+        for dtype in ("bf16", "fp16"):
+            cases.append(Case(world, 1, world, "ulysses_inner", "packed", True, 4, 2, 32, 1,
+                              dtype, "torch", "auto", "mixed"))
+            cases.append(Case(world, 2, world // 2, "ulysses_inner", "zigzag", True, 4, 1, 32,
+                              1, dtype, "reference", "auto", "random"))
     return cases
 
 
@@ -105,8 +161,46 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float(((a - ref)[finite].abs().max() / scale) if finite.any() else 0.0)
 
 
+def visibility(seq_len: int, cu_seqlens=None, causal: bool = False, window=None):
+    """[S, S] bool: query i sees key j. Brute force on global indices, independent of
+    distattn's mask algebra."""
+    i = torch.arange(seq_len).unsqueeze(1)
+    j = torch.arange(seq_len).unsqueeze(0)
+    vis = torch.ones(seq_len, seq_len, dtype=torch.bool)
+    if cu_seqlens is not None:
+        doc = torch.bucketize(torch.arange(seq_len), torch.tensor(cu_seqlens[1:]), right=True)
+        vis &= doc.unsqueeze(1) == doc.unsqueeze(0)
+    if causal:
+        vis &= j <= i
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            vis &= j >= i - left
+        if right >= 0:
+            vis &= j <= i + right
+    return vis
+
+
+def dense_attention(q, k, v, visible, scale=None, softcap=0.0, sinks=None):
+    """(out [B, S, Hq, D], lse [B, Hq, S]) in q's dtype with an explicit [S, S] mask: plain
+    tensor math (K/V heads repeated for GQA), no distattn code. Differentiable."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    group = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    if sinks is not None:
+        lse = torch.logaddexp(lse, sinks.to(lse.dtype).view(1, -1, 1))
+    p = torch.exp(s - lse.unsqueeze(-1))
+    return torch.einsum("bhqk,bkhd->bqhd", p, v), lse
+
+
 def run_case(case: Case, mesh) -> dict:
     dtype = DTYPES[case.dtype]
+    cu = case.cu_seqlens
     # crc32, not hash(): str hashes differ between processes, and every rank needs the same data
     gen = torch.Generator().manual_seed(zlib.crc32(case.id.encode()))
     S, B, D = case.seq_len, case.batch, case.head_dim
@@ -118,25 +212,48 @@ def run_case(case: Case, mesh) -> dict:
 
     # float64 reference from the same (rounded) inputs, gradients by autograd.
     ref_in = [t.to(torch.float64, copy=True).requires_grad_() for t in (q, k, v)]
-    ref_out, ref_lse = reference_attention(*ref_in, causal=case.causal)
+    ref_out, ref_lse = dense_attention(*ref_in, visibility(S, cu, case.causal))
     ref_grads = torch.autograd.grad(ref_out, ref_in, dout.double())
+    math_err = {}
+    if dtype in (torch.bfloat16, torch.float16):   # FlashAttention's rule needs PyTorch math
+        low_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]  # error in dtype
+        low_out, low_lse = dense_attention(*low_in, visibility(S, cu, case.causal))
+        low_grads = torch.autograd.grad(low_out, low_in, dout)
+        math_err = {"out": _rel(low_out, ref_out), "lse": _rel(low_lse, ref_lse),
+                    **{n: _rel(g, r) for n, g, r in zip(("dq", "dk", "dv"), low_grads,
+                                                         ref_grads)}}
 
     def local(t, dim=1):
-        return distattn.shard(t, mesh, dim=dim, layout=case.layout)
+        return distattn.shard(t, mesh, dim=dim, layout=case.layout, cu_seqlens=cu)
 
-    ql, kl, vl = (local(t).clone().requires_grad_() for t in (q, k, v))
+    # Padding slots hold NaN in q/k/v and random upstream gradients: they must stay inert.
+    pad = local_indices(S, mesh, case.layout, cu) < 0
+    real = ~pad
+    ql, kl, vl = (local(t).clone() for t in (q, k, v))
+    for t in (ql, kl, vl):
+        t[:, pad] = float("nan")
+    ql, kl, vl = (t.requires_grad_() for t in (ql, kl, vl))
+    dl = local(dout).clone()
+    dl[:, pad] = torch.randn(dl[:, pad].shape, generator=gen).to(dtype)
     out, lse = distattn.dist_flash_attn(ql, kl, vl, mesh=mesh, causal=case.causal,
                                         layout=case.layout, backend=case.backend,
-                                        schedule=case.schedule, return_lse=True)
-    out.backward(local(dout))
+                                        schedule=case.schedule, return_lse=True,
+                                        cu_seqlens=cu)
+    out.backward(dl)
+    inert = bool(pad.any()) and (
+        bool((out[:, pad] == 0).all()) and bool((lse[:, :, pad] == float("-inf")).all())
+        and all(bool((g[:, pad] == 0).all()) for g in (ql.grad, kl.grad, vl.grad)))
     return {
         "dtype_ok": out.dtype == dtype and ql.grad.dtype == dtype and kl.grad.dtype == dtype,
         "lse_dtype": str(lse.dtype),
-        "out": _rel(out, local(ref_out)),
-        "lse": _rel(lse, local(ref_lse, dim=2)),
-        "dq": _rel(ql.grad, local(ref_grads[0])),
-        "dk": _rel(kl.grad, local(ref_grads[1])),
-        "dv": _rel(vl.grad, local(ref_grads[2])),
+        "math_err": math_err,
+        "padding": int(pad.sum()),
+        "inert": inert,
+        "out": _rel(out[:, real], local(ref_out)[:, real]),
+        "lse": _rel(lse[:, :, real], local(ref_lse, dim=2)[:, :, real]),
+        "dq": _rel(ql.grad[:, real], local(ref_grads[0])[:, real]),
+        "dk": _rel(kl.grad[:, real], local(ref_grads[1])[:, real]),
+        "dv": _rel(vl.grad[:, real], local(ref_grads[2])[:, real]),
     }
 
 

@@ -120,6 +120,6 @@ def test_mask_validation():
     with pytest.raises(ValueError):
         Mask("diagonal")
     with pytest.raises(ValueError):
-        Mask("none", 3)
+        Mask((3,))
     assert Mask.causal(5).simplify(3, 4) == Mask.none()
     assert Mask.causal(-3).simplify(3, 4) == Mask.empty()

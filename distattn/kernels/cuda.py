@@ -76,6 +76,17 @@ def _accumulator_ok(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 and _rows_aligned(t, 2, 8)
 
 
+def _refuse(mask: Mask, softcap: float) -> None:
+    """The kernels run one causal or unmasked piece; windows and softcap are not in them yet."""
+    if mask.kind not in ("none", "causal", "empty"):
+        raise NotImplementedError(
+            f"backend='cuda' does not run {mask!r} pieces (sliding windows) yet; use "
+            f"backend='torch' or 'reference'")
+    if softcap:
+        raise NotImplementedError("backend='cuda' has no softcap yet; use backend='torch' "
+                                  "(reference math for softcap) or 'reference'")
+
+
 def _mask_args(mask: Mask) -> tuple[bool, int]:
     return (mask.kind == "causal", mask.offset if mask.kind == "causal" else 0)
 
@@ -130,7 +141,8 @@ class CudaBackend(BlockAttention):
         return True
 
     # -- forward ----------------------------------------------------------------------------
-    def forward(self, q, k, v, *, scale, mask):
+    def forward_piece(self, q, k, v, *, scale, mask, softcap=0.0):
+        _refuse(mask, softcap)
         mask = mask.simplify(q.shape[1], k.shape[1])
         if mask.kind == "empty":
             return empty_result(q, torch.float32)
@@ -142,7 +154,9 @@ class CudaBackend(BlockAttention):
         _C.fwd(q, k, v, out, lse, float(scale), causal, offset)
         return out, lse
 
-    def forward_into(self, q, k, v, out_acc, lse_acc, *, scale, mask) -> None:
+    def forward_piece_into(self, q, k, v, out_acc, lse_acc, *, scale, mask,
+                           softcap=0.0) -> None:
+        _refuse(mask, softcap)
         """The fused ring step: fold this block into (out_acc, lse_acc) in one launch."""
         mask = mask.simplify(q.shape[1], k.shape[1])
         if mask.kind == "empty":
@@ -151,7 +165,7 @@ class CudaBackend(BlockAttention):
             raise TypeError(f"backend='cuda' accumulates in float32; out_acc is "
                             f"{out_acc.dtype}, lse_acc is {lse_acc.dtype}")
         if not _accumulator_ok(out_acc):
-            out, lse = self.forward(q, k, v, scale=scale, mask=mask)
+            out, lse = self.forward_piece(q, k, v, scale=scale, mask=mask)
             self.merge_(out_acc, lse_acc, out, lse)
             return
         q, k, v = _kernel_input(q), _kernel_input(k), _kernel_input(v)
@@ -178,7 +192,8 @@ class CudaBackend(BlockAttention):
             out = out.contiguous()
         return dout, q, k, v, out, lse.to(torch.float32)
 
-    def backward(self, dout, q, k, v, out, lse, *, scale, mask):
+    def backward_piece(self, dout, q, k, v, out, lse, *, scale, mask, softcap=0.0):
+        _refuse(mask, softcap)
         """float32 (dq, dk, dv) of this block; ``out``/``lse`` are the final ones."""
         mask = mask.simplify(q.shape[1], k.shape[1])
         f32 = dict(dtype=torch.float32, device=q.device)
@@ -193,15 +208,16 @@ class CudaBackend(BlockAttention):
         _C.bwd(dout, q, k, v, out, lse, dq, dk, dv, float(scale), causal, offset, False)
         return dq, dk, dv
 
-    def backward_into(self, dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc, *,
-                      scale, mask) -> None:
+    def backward_piece_into(self, dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc, *,
+                            scale, mask, softcap=0.0) -> None:
+        _refuse(mask, softcap)
         """Add this block's gradients into float32 accumulators (in the kernels themselves
         when the accumulators allow it)."""
         mask = mask.simplify(q.shape[1], k.shape[1])
         if mask.kind == "empty":
             return
         if not all(_accumulator_ok(t) for t in (dq_acc, dk_acc, dv_acc)):
-            dq, dk, dv = self.backward(dout, q, k, v, out, lse, scale=scale, mask=mask)
+            dq, dk, dv = self.backward_piece(dout, q, k, v, out, lse, scale=scale, mask=mask)
             dq_acc.add_(dq)
             dk_acc.add_(dk)
             dv_acc.add_(dv)

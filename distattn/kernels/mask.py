@@ -1,67 +1,201 @@
-"""The mask of one block-attention call (DESIGN.md section 2).
+"""The mask of one block-attention call: a small algebra of band pieces (docs/DESIGN.md, "Masks").
 
-A block is a query slice of length Sq meeting a key slice of length Sk. Positions are local to
-the block (query row i, key column j, both from 0):
+A block is a query slice of Sq rows meeting a key slice of Sk columns; positions are local to
+the block (query row i, key column j, both from 0). Everything distattn masks -- causality,
+sliding windows, document boundaries, padding slots, layouts that interleave tokens -- is
+expressed with one shape:
 
-- ``Mask.none()``          every key is visible to every query;
-- ``Mask.causal(offset)``  key j is visible to query i iff ``j <= i + offset`` (top-left aligned:
-                           offset 0 is the usual diagonal block, -1 the strictly-lower block of
-                           the stripe layout);
-- ``Mask.empty()``         nothing is visible; the call is skipped.
+    Piece(q0, q1, k0, k1, lo, hi): query i sees key j iff q0 <= i < q1, k0 <= j < k1 and
+                                   lo <= j - i <= hi        (lo / hi None: unbounded)
+
+A ``Mask`` is a tuple of pieces that are disjoint as sets of (i, j) pairs (a document is one
+piece; two pieces may share rows when one query range meets two key ranges). ``q1`` / ``k1``
+may be None: "to the end of the block", so the common masks need no block size:
+
+- ``Mask.none()``          one piece, the whole block, no band;
+- ``Mask.causal(offset)``  the whole block with ``hi = offset``: key j is visible to query i
+                           iff ``j <= i + offset`` (top-left aligned; offset 0 is the usual
+                           diagonal block, -1 the strictly-lower block of the stripe layout);
+- ``Mask.band(lo, hi)``    the whole block with both bounds (a sliding window);
+- ``Mask.empty()``         no piece: nothing is visible and the call is skipped.
+
+Plans build masks (``distattn.segments``), backends run them piece by piece (or in one varlen
+launch), and tests compare them through ``dense``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 
+def _end(x: Optional[int], n: int) -> int:
+    return n if x is None else min(x, n)
+
+
+@dataclass(frozen=True)
+class Piece:
+    q0: int = 0
+    q1: Optional[int] = None  # None: the block's last row + 1
+    k0: int = 0
+    k1: Optional[int] = None  # None: the block's last column + 1
+    lo: Optional[int] = None  # visible iff lo <= j - i (block coordinates); None: no bound
+    hi: Optional[int] = None  # visible iff j - i <= hi; None: no bound
+
+    def resolve(self, sq: int, sk: int) -> Optional["Piece"]:
+        """This piece inside an (sq x sk) block with bounds that cut nothing dropped, or None
+        when it shows nothing. Spans that reach the block's end are written as None."""
+        q0, q1, k0, k1 = self.span(sq, sk)
+        if q0 >= q1 or k0 >= k1:
+            return None
+        lo, hi = self.lo, self.hi
+        # The smallest and largest j - i inside the rectangle.
+        dmin, dmax = k0 - (q1 - 1), (k1 - 1) - q0
+        if (lo is not None and lo > dmax) or (hi is not None and hi < dmin) or \
+                (lo is not None and hi is not None and lo > hi):
+            return None
+        lo = None if lo is not None and lo <= dmin else lo
+        hi = None if hi is not None and hi >= dmax else hi
+        return Piece(q0, None if q1 == sq else q1, k0, None if k1 == sk else k1, lo, hi)
+
+    def span(self, sq: int, sk: int) -> tuple[int, int, int, int]:
+        """(q0, q1, k0, k1) with None resolved against the block size."""
+        return max(self.q0, 0), _end(self.q1, sq), max(self.k0, 0), _end(self.k1, sk)
+
+    def tight(self, sq: int, sk: int) -> tuple[int, int, int, int]:
+        """The smallest rectangle (q0, q1, k0, k1) holding every visible pair: rows that see
+        no key and keys that no row sees are cut off (the band's corners)."""
+        q0, q1, k0, k1 = self.span(sq, sk)
+        if self.hi is not None:          # row i sees some key iff i + hi >= k0
+            q0 = max(q0, k0 - self.hi)
+            k1 = min(k1, q1 - 1 + self.hi + 1)
+        if self.lo is not None:          # row i sees some key iff i + lo <= k1 - 1
+            q1 = min(q1, k1 - self.lo)
+            k0 = max(k0, q0 + self.lo)
+        return q0, q1, k0, k1
+
+    def pairs(self, sq: int, sk: int) -> int:
+        """How many (query, key) pairs this piece shows, counted row by row."""
+        q0, q1, k0, k1 = self.tight(sq, sk)
+        if q0 >= q1:
+            return 0
+        i = torch.arange(q0, q1, dtype=torch.int64)
+        first = torch.full_like(i, k0) if self.lo is None else (i + self.lo).clamp(min=k0)
+        last = torch.full_like(i, k1 - 1) if self.hi is None else (i + self.hi).clamp(max=k1 - 1)
+        return int((last - first + 1).clamp(min=0).sum())
+
+    def visible(self, sq: int, sk: int, device=None) -> torch.Tensor:
+        """Boolean [sq, sk], True where this piece shows the key."""
+        q0, q1, k0, k1 = self.span(sq, sk)
+        i = torch.arange(sq, device=device).unsqueeze(1)
+        j = torch.arange(sk, device=device).unsqueeze(0)
+        vis = (i >= q0) & (i < q1) & (j >= k0) & (j < k1)
+        if self.lo is not None:
+            vis &= (j - i) >= self.lo
+        if self.hi is not None:
+            vis &= (j - i) <= self.hi
+        return vis
+
+    def shifted(self, dq: int, dk: int) -> "Piece":
+        """The same pairs in a block whose origin moved by (dq, dk): rows i -> i - dq."""
+        sh = lambda x, d: None if x is None else x - d
+        band = dq - dk   # j - i changes by -(dk) + dq
+        return Piece(self.q0 - dq, sh(self.q1, dq), self.k0 - dk, sh(self.k1, dk),
+                     sh(self.lo, -band), sh(self.hi, -band))
+
+
 @dataclass(frozen=True)
 class Mask:
-    kind: str  # "none" | "causal" | "empty"
-    offset: int = 0
+    pieces: tuple = ()
 
     def __post_init__(self):
-        if self.kind not in ("none", "causal", "empty"):
-            raise ValueError(f"Mask.kind must be 'none', 'causal' or 'empty', got {self.kind!r}")
-        if self.kind != "causal" and self.offset != 0:
-            raise ValueError("Mask.offset is only meaningful for causal masks")
+        if not isinstance(self.pieces, tuple) or not all(isinstance(p, Piece)
+                                                         for p in self.pieces):
+            raise ValueError(f"Mask takes a tuple of Piece, got {self.pieces!r}; build masks "
+                             f"with Mask.none(), Mask.causal(offset), Mask.band(lo, hi)")
 
+    # -- constructors --------------------------------------------------------------------------
     @staticmethod
     def none() -> "Mask":
-        return Mask("none")
+        return Mask((Piece(),))
 
     @staticmethod
     def causal(offset: int = 0) -> "Mask":
-        return Mask("causal", int(offset))
+        return Mask((Piece(hi=int(offset)),))
+
+    @staticmethod
+    def band(lo: Optional[int], hi: Optional[int]) -> "Mask":
+        return Mask((Piece(lo=lo, hi=hi),))
 
     @staticmethod
     def empty() -> "Mask":
-        return Mask("empty")
+        return Mask(())
 
-    def simplify(self, sq: int, sk: int) -> "Mask":
-        """The equivalent mask for a (sq x sk) block: a causal mask that hides nothing becomes
-        ``none``, one that shows nothing becomes ``empty``."""
+    # -- the familiar names of single-piece masks ---------------------------------------------
+    @property
+    def kind(self) -> str:
+        """"empty", "none" / "causal" / "band" for one piece over the whole block, else
+        "pieces"."""
+        if not self.pieces:
+            return "empty"
+        if len(self.pieces) > 1:
+            return "pieces"
+        p = self.pieces[0]
+        if (p.q0, p.q1, p.k0, p.k1) != (0, None, 0, None):
+            return "pieces"
+        if p.lo is None:
+            return "none" if p.hi is None else "causal"
+        return "band"
+
+    @property
+    def offset(self) -> int:
+        """The diagonal offset of a ``causal`` mask."""
         if self.kind != "causal":
-            return self
-        if sq == 0 or sk == 0 or self.offset <= -sq:
-            return Mask.empty()
-        if self.offset >= sk - 1:
-            return Mask.none()
-        return self
+            raise ValueError(f"offset is defined for causal masks, not {self!r}")
+        return self.pieces[0].hi
+
+    # -- algebra ------------------------------------------------------------------------------
+    def simplify(self, sq: int, sk: int) -> "Mask":
+        """The equivalent mask for an (sq x sk) block: pieces that show nothing dropped,
+        bounds that cut nothing removed (so a causal mask hiding nothing becomes ``none``)."""
+        pieces = tuple(r for p in self.pieces if (r := p.resolve(sq, sk)) is not None)
+        return Mask(pieces)
+
+    def restrict(self, rows: slice, cols: slice) -> "Mask":
+        """The mask of the sub-block ``[rows, cols]`` (slices with explicit start and stop), in
+        the sub-block's coordinates."""
+        out = []
+        for p in self.pieces:
+            cut = Piece(max(p.q0, rows.start), rows.stop if p.q1 is None else min(p.q1, rows.stop),
+                        max(p.k0, cols.start), cols.stop if p.k1 is None else min(p.k1, cols.stop),
+                        p.lo, p.hi).shifted(rows.start, cols.start)
+            r = cut.resolve(rows.stop - rows.start, cols.stop - cols.start)
+            if r is not None:
+                out.append(r)
+        return Mask(tuple(out))
 
     def dense(self, sq: int, sk: int, device=None) -> torch.Tensor:
         """Boolean [sq, sk] tensor, True where the key is visible."""
-        if self.kind == "none":
-            return torch.ones(sq, sk, dtype=torch.bool, device=device)
-        if self.kind == "empty":
-            return torch.zeros(sq, sk, dtype=torch.bool, device=device)
-        i = torch.arange(sq, device=device).unsqueeze(1)
-        j = torch.arange(sk, device=device).unsqueeze(0)
-        return j <= i + self.offset
+        vis = torch.zeros(sq, sk, dtype=torch.bool, device=device)
+        for p in self.pieces:
+            vis |= p.visible(sq, sk, device)
+        return vis
+
+    def pairs(self, sq: int, sk: int) -> int:
+        """How many (query, key) pairs are visible: the block's compute load."""
+        return sum(p.pairs(sq, sk) for p in self.pieces)
 
     def __repr__(self) -> str:
-        return f"causal({self.offset})" if self.kind == "causal" else self.kind
+        kind = self.kind
+        if kind == "causal":
+            return f"causal({self.offset})"
+        if kind == "band":
+            p = self.pieces[0]
+            return f"band({p.lo}, {p.hi})"
+        if kind in ("none", "empty"):
+            return kind
+        return f"pieces{list(self.pieces)}"
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

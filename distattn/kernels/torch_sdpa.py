@@ -5,12 +5,16 @@
   a multiple of 8 up to 256. Other CUDA dtypes have no fused ATen kernel that returns the LSE:
   ``check`` refuses them, and ``backend="auto"`` uses the reference backend there.
 
+The base class runs a mask's pieces one by one (documents, padding and layouts become pieces).
 The ATen kernels know one mask beyond ``none``: causal on a square block. Every
-``causal(offset)`` block is therefore cut into at most three pieces (``causal_pieces``): rows
+``causal(offset)`` piece is therefore cut into at most three parts (``causal_pieces``): rows
 that see nothing, a rectangle every remaining row sees entirely, and a square causal diagonal.
 Square causal blocks are the same under top-left and bottom-right alignment, so the result does
 not depend on which convention a kernel version uses. GQA runs one call per query-head group
 (``Hq // Hkv`` calls on ``Hkv`` heads each): K/V are never expanded.
+
+What the ATen kernels cannot express -- a band with a lower bound (sliding windows) and
+softcap -- runs on the reference math for that piece only (``ReferenceBackend``).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import torch
 from ..merge import merge_, new_accumulators
 from .base import BlockAttention, empty_result
 from .mask import Mask, accumulation_dtype
+from .reference import ReferenceBackend
 
 aten = torch.ops.aten
 
@@ -104,7 +109,14 @@ class TorchBackend(BlockAttention):
         grouped = t.reshape(b, s, hkv, g, x)
         return [grouped[:, :, :, i] for i in range(g)]
 
-    def forward(self, q, k, v, *, scale, mask):
+    @staticmethod
+    def _needs_reference(mask: Mask, softcap: float) -> bool:
+        return bool(softcap) or mask.kind not in ("none", "causal", "empty")
+
+    def forward_piece(self, q, k, v, *, scale, mask, softcap=0.0):
+        if self._needs_reference(mask, softcap):
+            return ReferenceBackend().forward_piece(q, k, v, scale=scale, mask=mask,
+                                                    softcap=softcap)
         acc = accumulation_dtype(q.dtype)
         b, sq, hq, _ = q.shape
         sk, hkv = k.shape[1], k.shape[2]
@@ -131,7 +143,10 @@ class TorchBackend(BlockAttention):
                            o.transpose(1, 2), l)
         return out.to(q.dtype), lse
 
-    def backward(self, dout, q, k, v, out, lse, *, scale, mask):
+    def backward_piece(self, dout, q, k, v, out, lse, *, scale, mask, softcap=0.0):
+        if self._needs_reference(mask, softcap):
+            return ReferenceBackend().backward_piece(dout, q, k, v, out, lse, scale=scale,
+                                                     mask=mask, softcap=softcap)
         acc = accumulation_dtype(q.dtype)
         b, sq, hq, _ = q.shape
         sk, hkv = k.shape[1], k.shape[2]
