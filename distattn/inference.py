@@ -51,12 +51,13 @@ import torch.distributed as dist
 from .attention import DTYPES, dist_flash_attn
 from .comm import all_to_all
 from .kernels import BACKENDS, Mask, accumulation_dtype, get_backend
-from .layout import _all_gather, check_layout, local_indices, seq_multiple
+from .layout import _all_gather, local_indices, seq_multiple
 from .merge import merge_, new_accumulators
 from .mesh import as_mesh
 from .ulysses import check_heads
 
 STRATEGIES = ("auto", "pass_kv", "pass_q")
+LAYOUTS = ("zigzag", "contiguous", "stripe")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +168,7 @@ class _LayerKV:
         if self.buf is None or self.length + n > self.buf.shape[2]:
             need = self.length + n
             # grow by a quarter: a decode step copies the shard only now and then
-            cap = need if self.buf is None else max(need, self.buf.shape[2] * 5 // 4 + 16)
+            cap = need if self.buf is None else max(need, self.buf.shape[2] * 5 // 4 + 1)
             b, _, h, d = k.shape
             new = torch.empty(2, b, cap, h, d, dtype=k.dtype, device=k.device)
             if self.buf is not None:
@@ -265,7 +266,9 @@ class ShardedKVCache:
         self.mesh = as_mesh(mesh)
         if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
             raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
-        check_layout(layout)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS} (the layouts of one sequence; "
+                             f"'packed' places documents), got {layout!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.num_layers = num_layers
