@@ -23,8 +23,9 @@ causally, to every cached token and to each other:
 
 - ``pass_kv`` (sharded): the new tokens attend to themselves with ``dist_flash_attn`` (the
   core's ring / Ulysses / USP, exactly as in training) and to the cached tokens, whose K/V
-  are all-gathered piece by piece (pieces of the new chunk's local length, so the transient
-  memory stays the size of the chunk's own K/V). The queries stay put; the K/V move.
+  are all-gathered in a few pieces (at most ``CACHE_PIECES`` per layer, each at least the
+  chunk's local length: the transient memory is the larger of the chunk's own K/V and
+  1/CACHE_PIECES of the cache). The queries stay put; the K/V move.
 - ``pass_q`` (sharded): the new queries are all-gathered; every rank attends all of them to
   its own tokens (cached and new); the partial (out, lse) go back to the owners of the
   queries (all-to-all) and merge exactly. The K/V stay put; the queries move.
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +60,8 @@ from .ulysses import check_heads
 
 STRATEGIES = ("auto", "pass_kv", "pass_q")
 LAYOUTS = ("zigzag", "contiguous", "stripe")
+# pass-KV all-gathers the cached K/V of a layer in at most this many pieces per rank
+CACHE_PIECES = 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,6 +125,48 @@ class MeshCollectives:
         _, group, world = next(g for g in self._groups() if g[0] == which)
         self.bytes_sent += x.numel() * x.element_size() * (world - 1) // world
         return all_to_all(x.contiguous(), group, world, scatter_dim=0, gather_dim=0)
+
+
+@contextmanager
+def count_sent_bytes():
+    """Measure what this process sends through torch.distributed inside the ``with`` block
+    (for benchmarks and tests): yields ``{"calls": n, "bytes": b}``, filled as collectives
+    run. Counted: all-gather (the input, to every other rank of the group), all-to-all (the
+    parts for other ranks), all-reduce and broadcast (the tensor), ``send`` and the sends of
+    ``batch_isend_irecv`` (a bare ``isend`` is not seen). The
+    functions of ``torch.distributed`` are wrapped for the duration of the block only."""
+    stats = {"calls": 0, "bytes": 0}
+    nbytes = lambda t: t.numel() * t.element_size()
+    others = lambda group: dist.get_world_size(group) - 1
+    isend = dist.isend
+    sent = {
+        "all_gather": lambda out, t, group=None, **_: nbytes(t) * others(group),
+        "all_gather_into_tensor": lambda out, t, group=None, **_: nbytes(t) * others(group),
+        "all_to_all_single": lambda out, t, *a, group=None, **_:
+            nbytes(t) * others(group) // (others(group) + 1),
+        "all_reduce": lambda t, *a, **_: nbytes(t),
+        "broadcast": lambda t, *a, **_: nbytes(t),
+        "send": lambda t, *a, **_: nbytes(t),
+        # (isend itself stays unwrapped: P2POp insists on the real function)
+        "batch_isend_irecv": lambda ops: sum(nbytes(op.tensor) for op in ops
+                                             if op.op is isend),
+    }
+    originals = {name: getattr(dist, name) for name in sent}
+
+    def wrapped(name):
+        def call(*args, **kwargs):
+            stats["calls"] += 1
+            stats["bytes"] += sent[name](*args, **kwargs)
+            return originals[name](*args, **kwargs)
+        return call
+
+    for name in sent:
+        setattr(dist, name, wrapped(name))
+    try:
+        yield stats
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,11 +591,14 @@ class ShardedKVCache:
     def _attend_cached_pieces(self, q, layer, c_old, counts, out, lse, scale, backend):
         """Fold the attention of ``q`` over every rank's cached tokens (``counts`` [R][U];
         this rank's are the first ``c_old`` of the layer) into (out, lse): the cached K/V are
-        all-gathered in pieces of ``q``'s local length per rank (shorter shards padded, the
-        padding cut off again using ``counts``)."""
+        all-gathered in at most ``CACHE_PIECES`` pieces per rank, each at least ``q``'s local
+        length (shorter shards padded, the padding cut off again using ``counts``). The
+        gathered K/V of one piece are the transient memory: the larger of the new chunk's
+        K/V and 1/CACHE_PIECES of the cache."""
         kv = self._layers[layer].view()[:, :, :c_old]           # [2, B, c_old, Hkv, D]
-        piece = q.shape[1]
         longest = max(max(row) for row in counts)
+        piece = longest if self.mesh.size == 1 else max(q.shape[1],
+                                                         -(-longest // CACHE_PIECES))
         for start in range(0, longest, piece):
             mine = kv[:, :, start:start + piece]
             if mine.shape[2] < piece:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -26,53 +25,10 @@ import torch
 
 from spawn import run_world
 
+from distattn.inference import count_sent_bytes
+
 WORLD = 4
 TOL = 1e-10
-
-
-# ---------------------------------------------------------------------------------------------
-# measuring what goes over the wire (inside a worker)
-# ---------------------------------------------------------------------------------------------
-@contextmanager
-def count_collectives():
-    """Wrap torch.distributed's collectives; yields a dict with the number of calls and the
-    bytes this rank sends (all-gather: its input to every other rank; all-to-all: the parts
-    for other ranks; point-to-point: every isend)."""
-    import torch.distributed as dist
-
-    stats = {"calls": 0, "bytes": 0}
-    originals = {}
-
-    def nbytes(t):
-        return t.numel() * t.element_size()
-
-    def wrap(name, sent):
-        fn = getattr(dist, name)
-        originals[name] = fn
-
-        def wrapper(*args, **kwargs):
-            stats["calls"] += 1
-            stats["bytes"] += sent(*args, **kwargs)
-            return fn(*args, **kwargs)
-        setattr(dist, name, wrapper)
-
-    def world(group):
-        return dist.get_world_size(group)
-
-    wrap("all_gather", lambda out, t, group=None, **_: nbytes(t) * (world(group) - 1))
-    wrap("all_to_all_single", lambda out, t, *a, group=None, **_:
-         nbytes(t) * (world(group) - 1) // world(group))
-    wrap("batch_isend_irecv", lambda ops: sum(nbytes(op.tensor) for op in ops
-                                              if op.op is originals["isend"]))
-    originals["isend"] = dist.isend
-    wrap("all_reduce", lambda t, *a, group=None, **_: nbytes(t))
-    wrap("broadcast", lambda t, *a, group=None, **_: nbytes(t))
-    try:
-        yield stats
-    finally:
-        for name, fn in originals.items():
-            if name != "isend":
-                setattr(dist, name, fn)
 
 
 def _error(fn):
@@ -215,7 +171,7 @@ def decode_bytes(mesh, prompt: int) -> dict:
     before = cache.comm.bytes_sent
     cache.begin_replicated(1)
     token = [torch.randn(b, 1, h, d, generator=gen) for h in (hq, hkv, hkv)]
-    with count_collectives() as wire:
+    with count_sent_bytes() as wire:
         cache.attend(0, *token)
     return {"wire": wire["bytes"], "calls": wire["calls"],
             "counter": cache.comm.bytes_sent - before,
@@ -234,7 +190,7 @@ def core_refusals(mesh) -> dict:
     opened = fresh()
     step = opened.begin_sharded(8)
     res = {}
-    with count_collectives() as wire:
+    with count_sent_bytes() as wire:
         res["short_prompt"] = _error(lambda: fresh().begin_sharded(WORLD - 1))
         res["bad_strategy"] = _error(lambda: fresh().begin_sharded(8, "pass_z"))
         res["bad_layout"] = _error(lambda: ShardedKVCache(mesh, 2, layout="packed"))
@@ -410,7 +366,7 @@ def tf_refusals(dtf, meshes, ids):
     left_padded[0, :3] = 0
     window = build_model("mistral", sliding_window=8)
     res = {}
-    with count_collectives() as wire:
+    with count_sent_bytes() as wire:
         call = lambda model=llama, x=ids, mesh=ring, **kw: (
             lambda: dtf.generate(model, x, mesh, max_new_tokens=2, **kw))
         res["short_prompt"] = _error(call(x=ids[:, :WORLD]))
@@ -429,7 +385,7 @@ def tf_refusals(dtf, meshes, ids):
     first = dtf.generate(llama, ids, ring, past_key_values=cache, max_new_tokens=2)
     wrong = first.clone()
     wrong[0, 0] = (wrong[0, 0] + 1) % VOCAB
-    with count_collectives() as wire:
+    with count_sent_bytes() as wire:
         res["wrong_continuation"] = _error(lambda: dtf.generate(
             llama, torch.cat([wrong, ids[:, :3]], 1), ring, past_key_values=cache,
             max_new_tokens=2))
