@@ -21,6 +21,7 @@ if _ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+from distattn.layout import ring_layout  # noqa: E402
 from distattn.plan import helper_plan, ring_plan  # noqa: E402
 
 #: (layout, schedule) pairs compared for causal attention, in table order.
@@ -38,16 +39,16 @@ def label(layout: str, schedule: str) -> str:
     return f"{layout}/{schedule}"
 
 
-def make_plan(world: int, layout: str, schedule: str):
-    """The causal plan of ``world`` ring ranks: a RingPlan for schedule "ring", the
-    DistFlashAttn HelperPlan for schedule "helper" (contiguous layout only)."""
-    if schedule == "helper":
-        if layout != "contiguous":
-            raise ValueError("the helper schedule is defined for the contiguous layout")
-        return helper_plan(world)
-    if schedule != "ring":
+def make_plan(world: int, layout: str, schedule: str, tokens: int):
+    """The causal plan of ``world`` ring ranks holding ``tokens`` tokens each (one document of
+    ``tokens * world`` tokens, so the length must split evenly): a RingPlan for schedule
+    "ring", the DistFlashAttn HelperPlan for schedule "helper" (contiguous layout only)."""
+    if schedule not in ("ring", "helper"):
         raise ValueError(f"unknown schedule {schedule!r}")
-    return ring_plan(world, layout, causal=True)
+    if schedule == "helper" and layout != "contiguous":
+        raise ValueError("the helper schedule is defined for the contiguous layout")
+    lay = ring_layout(layout, tokens * world, world, 1)
+    return helper_plan(lay) if schedule == "helper" else ring_plan(lay, causal=True)
 
 
 def ulysses_degrees(world: int, hq: int, hkv: int) -> list[int]:
@@ -166,3 +167,29 @@ def write_csv(path: str, columns: list[str], rows: list[dict]) -> None:
         w.writeheader()
         for row in rows:
             w.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in columns})
+
+
+def ints(text: str) -> list[int]:
+    """argparse type of comma-separated integers: ``"8,64"`` -> ``[8, 64]``."""
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def save_plot(path: str, draw, skip: bool = False) -> str:
+    """Draw and save a figure, and say what happened (the line the benchmarks print).
+
+    ``draw(plt)`` gets ``matplotlib.pyplot`` (Agg backend) and returns the figure; it is laid
+    out, saved to ``path`` and closed. Nothing is drawn when ``skip`` (``--no-plot``) or when
+    matplotlib is not installed."""
+    if skip:
+        return "plot skipped (--no-plot)"
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plot skipped: matplotlib is not installed"
+    fig = draw(plt)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"plot written to {path}"

@@ -47,7 +47,7 @@ import torch  # noqa: E402
 from distattn.kernels import get_backend  # noqa: E402
 from distattn.kernels.mask import Mask, accumulation_dtype  # noqa: E402
 from distattn.merge import merge_  # noqa: E402
-from distattn.plan import HelperPlan  # noqa: E402
+from distattn.plan import HelperPlan, work  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # The work of one rank, as data (pure: no tensors)
@@ -83,57 +83,47 @@ class Window:
     messages: int
 
 
-def _tokens(rng: tuple, chunk_len: int) -> tuple:
-    return rng[0] * chunk_len, rng[1] * chunk_len
+def _range(sl: slice) -> tuple:
+    return sl.start, sl.stop
 
 
-def _len(rng: tuple) -> int:
+def _len(rng) -> int:
+    """Length of a (start, stop) range or of a slice with explicit bounds."""
+    if isinstance(rng, slice):
+        return rng.stop - rng.start
     return rng[1] - rng[0]
 
 
-def visible_pairs(sq: int, sk: int, mask: Mask) -> int:
-    """Number of visible (query, key) pairs of an sq x sk block under ``mask``."""
-    mask = mask.simplify(sq, sk)
-    if mask.kind == "empty":
-        return 0
-    if mask.kind == "none":
-        return sq * sk
-    o = mask.offset            # row i sees min(max(i + o + 1, 0), sk) keys
-    i0 = max(0, -o)            # first row that sees a key
-    i1 = max(i0, min(sq, sk - o - 1))   # first row that sees every key
-    n = i1 - i0
-    partial = n * ((i0 + o + 1) + (i1 - 1 + o + 1)) // 2 if n > 0 else 0
-    return partial + (sq - i1) * sk
-
-
-def _work_items(plan, rank: int, step: int, local_len: int):
-    """(Work, query token range, key token range, simplified mask) of non-empty blocks."""
-    cl = local_len // plan.chunks
+def _work_items(plan, rank: int, step: int):
+    """(Work, query slot range, key slot range, simplified mask) of the blocks ``rank``
+    computes at ``step`` that show something."""
     for w in plan.computes(rank, step):
-        q, k = _tokens(w.q, cl), _tokens(w.k, cl)
+        q, k = _range(w.q), _range(w.k)
         mask = w.mask.simplify(_len(q), _len(k))
-        if mask.kind != "empty":
+        if mask.pieces:
             yield w, q, k, mask
 
 
-def rank_load(plan, rank: int, local_len: int) -> int:
-    """Visible (query, key) pairs rank ``rank`` computes over the whole plan."""
-    return sum(visible_pairs(_len(q), _len(k), m)
-               for t in range(plan.steps) for _, q, k, m in _work_items(plan, rank, t, local_len))
+def _helper_rows(plan: HelperPlan, rows: tuple) -> int:
+    """Slots of a helper message's query rows ``(first chunk, stop chunk)``."""
+    return (rows[1] - rows[0]) * (plan.layout.part_len // plan.chunks)
 
 
 class Bytes:
-    """Message sizes in bytes for one ring rank's shape (see docs/BENCHMARKS.md)."""
+    """Message sizes in bytes for one ring rank's shape, per slot (see docs/BENCHMARKS.md)."""
 
     def __init__(self, shape: common.Shape):
         s = shape
         acc = torch.empty((), dtype=accumulation_dtype(s.dtype)).element_size()
-        self.kv = 2 * s.batch * s.tokens * s.hkv * s.head_dim * s.elt
-        self.dkv_whole = 2 * s.batch * s.tokens * s.hkv * s.head_dim * acc
+        self._kv_row = 2 * s.batch * s.hkv * s.head_dim * s.elt    # one slot of K and V
         self._q_row = s.batch * s.hq * s.head_dim * s.elt      # one token of q / out / dout
         self._lse_row = s.batch * s.hq * acc
         self._dq_row = s.batch * s.hq * s.head_dim * acc
         self._dkv_row = 2 * s.batch * s.hkv * s.head_dim * acc
+
+    def kv(self, n: int) -> int:
+        """K and V of ``n`` slots."""
+        return n * self._kv_row
 
     def q_rows(self, n: int, pass_: str) -> int:
         """Query rows a helper receives: q (forward); q, out, dout and lse (backward)."""
@@ -150,7 +140,7 @@ class Bytes:
         return n * self._dkv_row
 
 
-def _returns(plan, step: int, local_len: int, pass_: str) -> list[tuple]:
+def _returns(plan, step: int, pass_: str) -> list[tuple]:
     """Results computed at ``step`` that travel back after it: (src, dst, kind, range).
 
     Forward: a block computed away from its queries' owner returns (out, lse) rows.
@@ -159,7 +149,7 @@ def _returns(plan, step: int, local_len: int, pass_: str) -> list[tuple]:
     helper = isinstance(plan, HelperPlan)
     out = []
     for c in range(plan.world):
-        for w, q, k, _ in _work_items(plan, c, step, local_len):
+        for w, q, k, _ in _work_items(plan, c, step):
             if w.q_owner != c:
                 out.append((c, w.q_owner, "partial" if pass_ == "fwd" else "dq", q))
             if pass_ == "bwd" and helper and w.kv_owner != c:
@@ -167,9 +157,22 @@ def _returns(plan, step: int, local_len: int, pass_: str) -> list[tuple]:
     return out
 
 
+def _ring_dkv(plan, rank: int, t: int, nb: Bytes):
+    """Ring backward, window ``t``: the dK/dV partial sum of step t - 1 (steps >= 1 only; step
+    0's stays local) moves on to the next holder, or after the last step straight back to
+    its owner. Returns (send bytes, recv bytes, messages, absorb ops) of ``rank``."""
+    if t < 2 or plan.steps < 2:
+        return 0, 0, 0, ()
+    sent = _len(plan.key_slots(rank, t - 1))
+    # What arrives: the partial sum for the keys held at step t, or one's own payload back.
+    got = plan.key_slots(rank, t) if t < plan.steps else slice(*plan.payload[rank])
+    return (nb.dkv(sent), nb.dkv(_len(got)), 2,
+            (Op("add_dkv", k=_range(got)),) if _len(got) else ())
+
+
 def rank_program(plan, rank: int, shape: common.Shape, pass_: str) -> list[Window]:
-    """The ``plan.steps + 1`` windows of ``rank`` for pass "fwd" or "bwd"."""
-    L = shape.tokens
+    """The ``plan.steps + 1`` windows of ``rank`` for pass "fwd" or "bwd". ``shape.tokens``
+    is the plan's ``part_len`` (slots per ring rank)."""
     nb = Bytes(shape)
     helper = isinstance(plan, HelperPlan)
     steps = plan.steps
@@ -179,7 +182,7 @@ def rank_program(plan, rank: int, shape: common.Shape, pass_: str) -> list[Windo
         compute, absorb = [], []
         send = recv = messages = 0
         if t < steps:
-            for w, q, k, mask in _work_items(plan, rank, t, L):
+            for w, q, k, mask in _work_items(plan, rank, t):
                 if w.q_owner == rank:
                     compute.append(Op(f"{pass_}_own", q, k, mask, w.kv_owner != rank))
                 else:
@@ -187,16 +190,18 @@ def rank_program(plan, rank: int, shape: common.Shape, pass_: str) -> list[Windo
         # inputs of step t + 1, prefetched during step t
         if t + 1 < steps:
             if helper:
-                cl = L // plan.chunks
+                whole = plan.layout.part_len
                 for kind, _, rows in plan.inbound(rank, t + 1):
-                    recv += nb.kv if kind == "kv" else nb.q_rows(_len(_tokens(rows, cl)), pass_)
+                    recv += nb.kv(whole) if kind == "kv" else \
+                        nb.q_rows(_helper_rows(plan, rows), pass_)
                     messages += 1
                 for kind, _, rows in plan.outbound(rank, t + 1):
-                    send += nb.kv if kind == "kv" else nb.q_rows(_len(_tokens(rows, cl)), pass_)
+                    send += nb.kv(whole) if kind == "kv" else \
+                        nb.q_rows(_helper_rows(plan, rows), pass_)
                     messages += 1
-            else:                          # the ring passes every K/V on, needed or not
-                send += nb.kv
-                recv += nb.kv
+            else:   # the ring passes each owner's payload on, as far as the plan goes
+                send += nb.kv(_len(plan.key_slots((rank + 1) % plan.world, t + 1)))
+                recv += nb.kv(_len(plan.key_slots(rank, t + 1)))
                 messages += 1
         # results of step t - 1 travelling back during step t (after the last step: alone)
         for src, dst, kind, rng in prev_returns:
@@ -210,15 +215,12 @@ def rank_program(plan, rank: int, shape: common.Shape, pass_: str) -> list[Windo
                 absorb.append(Op({"partial": "merge", "dq": "add_dq", "dkv": "add_dkv"}[kind],
                                  q=rng if kind != "dkv" else (0, 0),
                                  k=rng if kind == "dkv" else (0, 0)))
-        # ring backward: the dK/dV partial sum of step t - 1 moves one hop during step t
-        if pass_ == "bwd" and not helper and plan.world > 1 and t >= 1:
-            send += nb.dkv_whole
-            recv += nb.dkv_whole
-            messages += 1
-            if t < steps:
-                absorb.append(Op("add_dkv", k=(0, L)))
+        if pass_ == "bwd" and not helper:
+            s_, r_, m_, ops = _ring_dkv(plan, rank, t, nb)
+            send, recv, messages = send + s_, recv + r_, messages + m_
+            absorb.extend(ops)
         windows.append(Window(tuple(compute), tuple(absorb), send, recv, messages))
-        prev_returns = _returns(plan, t, L, pass_) if t < steps else []
+        prev_returns = _returns(plan, t, pass_) if t < steps else []
     return windows
 
 
@@ -489,8 +491,8 @@ def efficiency_rows(args, device, timer: Timer, mono: Mono):
         fwd_mono, bwd_mono, _ = mono.get(P * shape.tokens)
         link = nv if P <= args.gpus_per_node else ib
         for layout, schedule in common.CAUSAL_SCHEDULES:
-            plan = common.make_plan(P, layout, schedule)
-            loads = [rank_load(plan, r, shape.tokens) for r in range(P)]
+            plan = common.make_plan(P, layout, schedule, shape.tokens)
+            loads = work(plan)
             mean = sum(loads) / P
             busiest = max(range(P), key=lambda r: loads[r])
             name = common.label(layout, schedule)
@@ -536,7 +538,7 @@ def split_rows(args, device, timer: Timer, mono: Mono):
             a2a = {p: ulysses_ms(per_rank, U, p, args.gpus_per_node, nv, ib)
                    for p in ("fwd", "bwd")}
             for layout, schedule in common.CAUSAL_SCHEDULES:
-                plan = common.make_plan(R, layout, schedule)
+                plan = common.make_plan(R, layout, schedule, ring_shape.tokens)
                 res = {}
                 for pass_ in ("fwd", "bwd"):
                     programs = [rank_program(plan, r, ring_shape, pass_) for r in range(R)]
@@ -558,15 +560,9 @@ def split_rows(args, device, timer: Timer, mono: Mono):
     return rows
 
 
-def plot(path: str, eff_rows, split_rows_, clusters) -> bool:
+def plot(plt, eff_rows, split_rows_, clusters):
     """Efficiency vs P (measured compute-only and predicted) and predicted fwd+bwd it/s per
-    split. Returns False when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+    split: the figure (``common.save_plot`` draws with it)."""
     names = [common.label(*s) for s in common.CAUSAL_SCHEDULES]
     fig, axes = plt.subplots(1, 2 + len(clusters), figsize=(6 * (2 + len(clusters)), 4.5))
     for ax, pass_ in zip(axes[:2], ("fwd", "bwd")):
@@ -599,14 +595,7 @@ def plot(path: str, eff_rows, split_rows_, clusters) -> bool:
         ax.set_title(f"{gpus} GPUs (model)")
         ax.grid(alpha=0.3, axis="y")
     axes[2].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    return fig
 
 
 def parse_args(argv=None):
@@ -620,9 +609,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(common.DTYPES), default="bf16")
     p.add_argument("--backend", default="auto", help="auto | cuda | torch | reference")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--worlds", type=_ints, default=[2, 4, 8, 16, 32],
+    p.add_argument("--worlds", type=common.ints, default=[2, 4, 8, 16, 32],
                    help="ring sizes P of the single-GPU view (comma-separated)")
-    p.add_argument("--clusters", type=_ints, default=[8, 64],
+    p.add_argument("--clusters", type=common.ints, default=[8, 64],
                    help="GPU counts whose Ulysses x ring splits are predicted")
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--nvlink-gbps", type=float, default=450.0,
@@ -701,13 +690,8 @@ def main(argv=None) -> int:
     print()
     print(eff_md)
     print(split_md)
-    png = os.path.join(args.out, "schedule.png")
-    if args.no_plot:
-        print("plot skipped (--no-plot)")
-    elif plot(png, eff, splits, args.clusters):
-        print(f"plot written to {png}")
-    else:
-        print("plot skipped: matplotlib is not installed")
+    print(common.save_plot(os.path.join(args.out, "schedule.png"),
+                           lambda plt: plot(plt, eff, splits, args.clusters), args.no_plot))
     print(f"tables written to {args.out} ({time.perf_counter() - t_start:.1f}s)")
     return 0
 

@@ -17,6 +17,7 @@ from .layout import RingLayout, check_layout, ring_layout, seq_multiple
 from .mesh import as_mesh
 from .plan import helper_plan, ring_plan
 from .ring import RingConfig
+from .sinks import sinks_grad
 from .ulysses import check_heads
 
 SCHEDULES = ("auto", "ring", "helper")
@@ -24,8 +25,49 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @functools.lru_cache(maxsize=128)
-def _plan(lay: RingLayout, causal: bool, schedule: str):
-    return helper_plan(lay, causal) if schedule == "helper" else ring_plan(lay, causal)
+def _plan(lay: RingLayout, causal: bool, window, schedule: str):
+    if schedule == "helper":
+        return helper_plan(lay, causal, window)
+    return ring_plan(lay, causal, window)
+
+
+def _check_window(window):
+    """(left, right) with -1 = unbounded (flash-attn's convention), or None."""
+    if window is None:
+        return None
+    if (not isinstance(window, (tuple, list)) or len(window) != 2 or
+            not all(isinstance(x, int) and not isinstance(x, bool) for x in window)):
+        raise ValueError(f"window must be a pair of ints (left, right), e.g. (4095, 0) for "
+                         f"transformers' sliding_window=4096 with causal; got {window!r}")
+    for side, x in zip(("left", "right"), window):
+        if x < -1:
+            raise ValueError(f"window {side}={x}: use a distance >= 0, or -1 for unbounded")
+    return None if tuple(window) == (-1, -1) else tuple(window)
+
+
+def _check_softcap(softcap) -> float:
+    if softcap is None:
+        return 0.0
+    if (not isinstance(softcap, (int, float)) or isinstance(softcap, bool)
+            or not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(f"softcap must be a positive finite float (scores become "
+                         f"softcap * tanh(score / softcap)) or None for off; got {softcap!r}")
+    return float(softcap)
+
+
+def _check_sinks(sinks, q):
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"sinks must be a tensor of shape [Hq], got {type(sinks).__name__}")
+    if sinks.shape != (q.shape[2],):
+        raise ValueError(f"sinks must have shape [Hq] = [{q.shape[2]}] (one logit per query "
+                         f"head), got {tuple(sinks.shape)}")
+    if not sinks.dtype.is_floating_point:
+        raise TypeError(f"sinks must be a floating tensor, got {sinks.dtype}")
+    if sinks.device != q.device:
+        raise ValueError(f"sinks must be on q's device {q.device}, got {sinks.device}")
+    return sinks
 
 
 def _check_tensors(q, k, v) -> None:
@@ -120,7 +162,8 @@ def _ring_layout(q, mesh, layout: str, cu_seqlens) -> RingLayout:
 
 
 def prepare(q, k, v, *, mesh=None, causal=False, softmax_scale=None, layout="contiguous",
-            schedule="auto", backend="auto", profiler=None, cu_seqlens=None) -> RingConfig:
+            schedule="auto", backend="auto", profiler=None, cu_seqlens=None, window=None,
+            softcap=None, sinks=None) -> RingConfig:
     """Check every argument of ``dist_flash_attn`` (raising before any communication) and
     return the execution config: mesh, plan, block backend, scale."""
     _check_tensors(q, k, v)
@@ -138,6 +181,9 @@ def prepare(q, k, v, *, mesh=None, causal=False, softmax_scale=None, layout="con
     if profiler is not None and not callable(getattr(profiler, "span", None)):
         raise TypeError("profiler must be a distattn.profile.StepProfiler (or None)")
     cu_seqlens = check_cu_seqlens(cu_seqlens)
+    window = _check_window(window)
+    softcap = _check_softcap(softcap)
+    sinks = _check_sinks(sinks, q)
     mesh = as_mesh(mesh)
     U, R = mesh.ulysses_degree, mesh.ring_degree
     if U > 1:
@@ -145,16 +191,20 @@ def prepare(q, k, v, *, mesh=None, causal=False, softmax_scale=None, layout="con
     lay = _ring_layout(q, mesh, layout, cu_seqlens)
     schedule = _resolve_schedule(schedule, layout, causal, lay.part_len, R,
                                  cu_seqlens is not None)
-    block_backend = get_backend(backend, q, k, v)
-    return RingConfig(mesh, _plan(lay, causal, schedule), block_backend,
-                      float(softmax_scale), profiler)
+    block_backend = get_backend(backend, q, k, v, window=window is not None,
+                                softcap=bool(softcap))
+    if sinks is not None and U > 1:        # the executor sees this rank's head shard
+        per = q.shape[2] // U
+        sinks = sinks[mesh.ulysses_rank * per:(mesh.ulysses_rank + 1) * per]
+    return RingConfig(mesh, _plan(lay, causal, window, schedule), block_backend,
+                      float(softmax_scale), profiler, softcap, sinks)
 
 
 def dist_flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mesh=None,
                     causal: bool = False, softmax_scale: float | None = None,
                     layout: str = "contiguous", schedule: str = "auto",
                     backend: str = "auto", return_lse: bool = False, profiler=None,
-                    cu_seqlens=None):
+                    cu_seqlens=None, window=None, softcap=None, sinks=None):
     """Exact softmax attention over a sequence sharded across the ranks of ``mesh``.
 
     q [B, S_local, Hq, D]; k, v [B, S_local, Hkv, D] with Hq % Hkv == 0: this rank's tokens,
@@ -165,6 +215,15 @@ def dist_flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mesh=N
     every rank and the one ``shard`` used; the last entry is the true length (any length).
     A query then sees keys of its own document only; padding slots of the layout are inert
     (out 0, lse -inf, zero gradients, whatever they hold).
+
+    ``window=(left, right)``: query i sees key j only if ``i - left <= j <= i + right`` in
+    global token positions (-1 = unbounded; transformers' ``sliding_window=W`` is ``(W - 1,
+    0)`` with causal). Ring steps and blocks no window reaches are neither computed nor sent.
+    ``softcap=c``: scores become ``c * tanh(score / c)`` before the softmax (Gemma 2).
+    ``sinks`` [Hq] (differentiable): one extra logit per head in the softmax denominator,
+    attached to no value (gpt-oss); the returned lse includes it. Its gradient on each rank
+    is that rank's share: summed over the SP group it is the single-device gradient.
+
     ``mesh``: an SPMesh, a ProcessGroup (pure ring) or None (pure ring over the default
     group). Returns out [B, S_local, Hq, D] in q's dtype, differentiable in q, k and v, and
     with ``return_lse`` also lse [B, Hq, S_local] (natural log; float32, or float64 for
@@ -180,15 +239,18 @@ def dist_flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mesh=N
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
     cfg = prepare(q, k, v, mesh=mesh, causal=causal, softmax_scale=softmax_scale,
                   layout=layout, schedule=schedule, backend=backend, profiler=profiler,
-                  cu_seqlens=cu_seqlens)
-    out, lse = USPAttention.apply(q, k, v, cfg)
+                  cu_seqlens=cu_seqlens, window=window, softcap=softcap, sinks=sinks)
+    out, lse = USPAttention.apply(q, k, v, sinks, cfg)
     return (out, lse) if return_lse else out
 
 
 def dist_flash_attn_backward(dout, q, k, v, out, lse, **kwargs):
     """(dq, dk, dv) of ``dist_flash_attn(q, k, v, **kwargs)`` given what it returned (``out``
-    and, with ``return_lse=True``, ``lse``) and the gradient ``dout`` of ``out``. Runs the
-    backward's communication and kernels only, never the forward (rematerialization-aware
-    checkpointing uses this). Every rank of the mesh must call it."""
+    and, with ``return_lse=True``, ``lse``) and the gradient ``dout`` of ``out``; with
+    ``sinks=`` also this rank's share of dsinks as a fourth element. Runs the backward's
+    communication and kernels only, never the forward (rematerialization-aware checkpointing
+    uses this). Every rank of the mesh must call it."""
     cfg = prepare(q, k, v, **kwargs)
-    return usp_backward(dout, q, k, v, out, lse, cfg)
+    grads = usp_backward(dout, q, k, v, out, lse, cfg)
+    sinks = kwargs.get("sinks")
+    return grads if sinks is None else grads + (sinks_grad(dout, out, lse, sinks),)

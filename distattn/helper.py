@@ -28,7 +28,7 @@ import torch.distributed as dist
 from .kernels.mask import accumulation_dtype
 from .merge import merge_, new_accumulators
 from .profile import span
-from .ring import RingConfig, _start_profile
+from .ring import RingConfig, _start_profile, finish_forward
 
 
 class _Pool:
@@ -158,7 +158,7 @@ def helper_forward(q, k, v, cfg: RingConfig):
             merge_(out_acc[:, sl], lse_acc[:, :, sl], o, l)
 
     _drive(cfg, q.device, "forward", post_inputs, post_returns, compute, absorb)
-    return out_acc.to(q.dtype), lse_acc
+    return finish_forward(out_acc, lse_acc, q.dtype, cfg)
 
 
 def helper_backward(dout, q, k, v, out, lse, cfg: RingConfig):

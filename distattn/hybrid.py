@@ -19,6 +19,7 @@ from .comm import all_to_all
 from .helper import helper_backward, helper_forward
 from .plan import HelperPlan
 from .ring import RingConfig, ring_backward, ring_forward
+from .sinks import sinks_grad
 from .ulysses import repeat_kv_heads
 
 
@@ -70,18 +71,19 @@ def usp_backward(dout, q, k, v, out, lse, cfg: RingConfig):
 
 
 class USPAttention(torch.autograd.Function):
-    """(q, k, v) -> (out, lse); lse is not differentiable."""
+    """(q, k, v, sinks) -> (out, lse); ``sinks`` [Hq] or None; lse is not differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cfg: RingConfig):
+    def forward(ctx, q, k, v, sinks, cfg: RingConfig):
         out, lse = usp_forward(q, k, v, cfg)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.cfg = cfg
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         dq, dk, dv = usp_backward(dout, q, k, v, out, lse, ctx.cfg)
-        return dq, dk, dv, None
+        dsinks = None if sinks is None else sinks_grad(dout, out, lse, sinks)
+        return dq, dk, dv, dsinks, None

@@ -29,6 +29,7 @@ from .merge import new_accumulators
 from .mesh import SPMesh
 from .plan import RingPlan
 from .profile import span
+from .sinks import fold_sinks_
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,8 @@ class RingConfig:
     backend: BlockAttention
     scale: float
     profiler: Optional[object] = None  # a profile.StepProfiler, or None
-    softcap: float = 0.0
+    softcap: float = 0.0               # 0: off
+    sinks: Optional[torch.Tensor] = None  # sink logits of the heads this executor sees
 
 
 def _start_profile(cfg: RingConfig, pass_name: str):
@@ -97,7 +99,14 @@ def ring_forward(q, k, v, cfg: RingConfig):
             with span(prof, "wait", t, q.device):
                 ring.wait(handle)
             cur = nxt
-    return out_acc.to(q.dtype), lse_acc
+    return finish_forward(out_acc, lse_acc, q.dtype, cfg)
+
+
+def finish_forward(out_acc, lse_acc, dtype, cfg: RingConfig):
+    """Fold the sinks in (once, in the accumulation dtype) and cast the output once."""
+    if cfg.sinks is not None:
+        fold_sinks_(out_acc, lse_acc, cfg.sinks)
+    return out_acc.to(dtype), lse_acc
 
 
 def ring_backward(dout, q, k, v, out, lse, cfg: RingConfig):

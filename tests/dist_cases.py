@@ -34,13 +34,19 @@ class Case:
     backend: str
     schedule: str = "auto"
     docs: str = ""          # a name in DOC_SETS: packed documents (cu_seqlens), any length
+    window: tuple = None    # (left, right), -1 unbounded
+    softcap: float = 0.0
+    sinks: bool = False
 
     @property
     def id(self) -> str:
         return (f"w{self.world}-u{self.ulysses}r{self.ring}-{self.placement}-{self.layout}-"
                 f"{'causal' if self.causal else 'full'}-h{self.hq}kv{self.hkv}-d{self.head_dim}"
                 f"-b{self.batch}-{self.dtype}-{self.backend}-{self.schedule}"
-                + (f"-docs_{self.docs}" if self.docs else ""))
+                + (f"-docs_{self.docs}" if self.docs else "")
+                + (f"-win{self.window[0]}_{self.window[1]}" if self.window else "")
+                + (f"-cap{self.softcap}" if self.softcap else "")
+                + ("-sinks" if self.sinks else ""))
 
     @property
     def cu_seqlens(self):
@@ -131,6 +137,44 @@ def document_cases(world: int) -> list[Case]:
     return cases
 
 
+# (causal, window, softcap, sinks, docs): sliding windows narrower and wider than a zigzag
+# chunk (3 tokens), asymmetric non-causal windows, softcap, sinks, windows with documents,
+# and everything together.
+VARIANTS = (
+    (True, (2, 0), 0.0, False, ""),
+    (True, (7, 0), 0.0, False, ""),
+    (False, (3, 5), 0.0, False, ""),
+    (True, None, 1.5, False, ""),
+    (True, None, 0.0, True, ""),
+    (False, (2, 2), 0.0, False, "random"),
+    (True, (4, 0), 2.0, True, "mixed"),
+    (False, None, 0.0, True, "one"),
+)
+
+
+def variant_cases(world: int) -> list[Case]:
+    """Windows, softcap and sinks over every mesh and layout: each (mesh, layout) runs two
+    variants, cycling through VARIANTS; contiguous causal ones also run the helper schedule
+    where the ring part halves."""
+    cases, i = [], 0
+    for u, r, placement in mesh_shapes(world):
+        for layout in ("contiguous", "zigzag", "stripe", "packed"):
+            for _ in range(2):
+                causal, window, softcap, sinks, docs = VARIANTS[i % len(VARIANTS)]
+                docs = docs or ("one" if layout == "packed" else "")
+                seq = DOC_SETS[docs](world)[-1] if docs else 2 * world * 3
+                helper = (layout == "contiguous" and causal and r > 1 and
+                          (r % 2 or ring_layout(layout, seq, r, u, DOC_SETS[docs](world)
+                                                if docs else None).part_len % 2 == 0))
+                for schedule in (("ring", "helper") if helper else ("auto",)):
+                    cases.append(Case(world, u, r, placement, layout, causal, 8,
+                                      (8, 2, 1)[i % 3], 32, 1, "fp64",
+                                      ("torch", "reference")[(i // 3) % 2], schedule, docs,
+                                      window, softcap, sinks))
+                i += 1
+    return cases
+
+
 def helper_cases(world: int) -> list[Case]:
     """The helper schedule on a pure ring of any size (odd too), fp64, MHA/GQA/MQA."""
     return [Case(world, 1, world, "ulysses_inner", "contiguous", True, 8, hkv, 32, b, "fp64",
@@ -210,14 +254,22 @@ def run_case(case: Case, mesh) -> dict:
     dout = torch.randn(B, S, case.hq, D, generator=gen, dtype=torch.float64)
     q, k, v, dout = (t.to(dtype) for t in (q, k, v, dout))
 
+    sinks = (torch.randn(case.hq, generator=gen, dtype=torch.float64).to(dtype)
+             if case.sinks else None)
+    variant = dict(softcap=case.softcap, sinks=sinks)
+    visible = visibility(S, cu, case.causal, case.window)
+
     # float64 reference from the same (rounded) inputs, gradients by autograd.
     ref_in = [t.to(torch.float64, copy=True).requires_grad_() for t in (q, k, v)]
-    ref_out, ref_lse = dense_attention(*ref_in, visibility(S, cu, case.causal))
+    if sinks is not None:
+        ref_in.append(sinks.to(torch.float64, copy=True).requires_grad_())
+    ref_out, ref_lse = dense_attention(*ref_in[:3], visible, softcap=case.softcap,
+                                       sinks=ref_in[3] if sinks is not None else None)
     ref_grads = torch.autograd.grad(ref_out, ref_in, dout.double())
     math_err = {}
     if dtype in (torch.bfloat16, torch.float16):   # FlashAttention's rule needs PyTorch math
         low_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]  # error in dtype
-        low_out, low_lse = dense_attention(*low_in, visibility(S, cu, case.causal))
+        low_out, low_lse = dense_attention(*low_in, visible)
         low_grads = torch.autograd.grad(low_out, low_in, dout)
         math_err = {"out": _rel(low_out, ref_out), "lse": _rel(low_lse, ref_lse),
                     **{n: _rel(g, r) for n, g, r in zip(("dq", "dk", "dv"), low_grads,
@@ -235,11 +287,16 @@ def run_case(case: Case, mesh) -> dict:
     ql, kl, vl = (t.requires_grad_() for t in (ql, kl, vl))
     dl = local(dout).clone()
     dl[:, pad] = torch.randn(dl[:, pad].shape, generator=gen).to(dtype)
+    sl = sinks.clone().requires_grad_() if sinks is not None else None
     out, lse = distattn.dist_flash_attn(ql, kl, vl, mesh=mesh, causal=case.causal,
                                         layout=case.layout, backend=case.backend,
                                         schedule=case.schedule, return_lse=True,
-                                        cu_seqlens=cu)
+                                        cu_seqlens=cu, window=case.window,
+                                        softcap=case.softcap or None, sinks=sl)
     out.backward(dl)
+    if sl is not None:          # a replicated parameter: the SP group's sum is the gradient
+        dsinks = sl.grad.clone()
+        torch.distributed.all_reduce(dsinks)
     inert = bool(pad.any()) and (
         bool((out[:, pad] == 0).all()) and bool((lse[:, :, pad] == float("-inf")).all())
         and all(bool((g[:, pad] == 0).all()) for g in (ql.grad, kl.grad, vl.grad)))
@@ -254,6 +311,7 @@ def run_case(case: Case, mesh) -> dict:
         "dq": _rel(ql.grad[:, real], local(ref_grads[0])[:, real]),
         "dk": _rel(kl.grad[:, real], local(ref_grads[1])[:, real]),
         "dv": _rel(vl.grad[:, real], local(ref_grads[2])[:, real]),
+        "dsinks": _rel(dsinks, ref_grads[3]) if sl is not None else 0.0,
     }
 
 
@@ -279,6 +337,15 @@ def run_layout_roundtrips(rank: int, world: int) -> dict:
             pos = distattn.positions(seq, mesh, layout=layout)
             ok &= torch.equal(pos, distattn.shard(torch.arange(seq), mesh, dim=0, layout=layout))
             results[f"u{u}r{r}-{placement}-{layout}"] = (ok, pos.tolist())
+        for layout in ("contiguous", "zigzag", "stripe", "packed"):   # documents, any length
+            cu = _mixed_docs(world)
+            x = torch.randn(2, cu[-1], 3, dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(7))   # same on every rank
+            ok = all(torch.equal(distattn.unshard(distattn.shard(x, mesh, dim=dim, layout=layout,
+                                                                 cu_seqlens=cu),
+                                                  mesh, dim=dim, layout=layout, cu_seqlens=cu), x)
+                     for dim in (1, -2))
+            results[f"u{u}r{r}-{placement}-{layout}-docs"] = (ok, None)
     return results
 
 
@@ -330,6 +397,22 @@ def run_error_cases(rank: int, world: int) -> dict:
         "causal_type": call(q, k, v, mesh=ring, causal="yes"),
         "mesh_type": call(q, k, v, mesh="world"),
         "cuda_missing": call(q, k, v, mesh=ring, backend="cuda"),
+        "cu_not_increasing": call(q, k, v, mesh=ring, cu_seqlens=[0, 8, 8, 16]),
+        "cu_not_from_zero": call(q, k, v, mesh=ring, cu_seqlens=[1, 16]),
+        "cu_not_ints": call(q, k, v, mesh=ring, cu_seqlens=[0.0, 16.0]),
+        "cu_differs_from_shard": call(q, k, v, mesh=ring, cu_seqlens=[0, 7, 20]),
+        "cu_with_batch": call(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1),
+                              v.expand(2, -1, -1, -1), mesh=ring, cu_seqlens=[0, 16]),
+        "packed_without_cu": call(q, k, v, mesh=ring, layout="packed"),
+        "window_negative": call(q, k, v, mesh=ring, window=(-2, 0)),
+        "window_shape": call(q, k, v, mesh=ring, window=4),
+        "softcap_zero": call(q, k, v, mesh=ring, softcap=0.0),
+        "softcap_negative": call(q, k, v, mesh=ring, softcap=-30.0),
+        "sinks_shape": call(q, k, v, mesh=ring, sinks=torch.zeros(H + 1)),
+        "sinks_dtype": call(q, k, v, mesh=ring, sinks=torch.zeros(H, dtype=torch.long)),
+        "shard_cu_past_tensor": lambda: distattn.shard(torch.zeros(1, 16), ring,
+                                                       cu_seqlens=[0, 9, 20]),
+        "unshard_cu_differs": lambda: distattn.unshard(q, ring, cu_seqlens=[0, 7, 20]),
         "build_bad_degree": lambda: distattn.SPMesh.build(ulysses_degree=3),
         "build_bad_product": lambda: distattn.SPMesh.build(ulysses_degree=2, ring_degree=4),
         "build_bad_placement": lambda: distattn.SPMesh.build(ulysses_degree=2,

@@ -123,3 +123,20 @@ def test_mask_validation():
         Mask((3,))
     assert Mask.causal(5).simplify(3, 4) == Mask.none()
     assert Mask.causal(-3).simplify(3, 4) == Mask.empty()
+
+
+def test_backend_without_windows_or_softcap_is_refused_by_name(monkeypatch):
+    """A backend that cannot run bands or softcap is refused before any communication (the
+    cuda backend today); "auto" never picks one for such a call."""
+    import distattn.kernels as kernels
+
+    class NoBands(ReferenceBackend):
+        name = "nobands"
+        supports_bands = False
+        supports_softcap = False
+
+    q, k, v, _ = _inputs(4, 4, 2, 2)
+    monkeypatch.setattr(kernels, "_get_backend", lambda *a: NoBands())
+    with pytest.raises(ValueError, match="sliding windows and softcap.*'torch' or 'reference'"):
+        kernels.get_backend("cuda", q, k, v, window=True, softcap=True)
+    assert kernels.get_backend("cuda", q, k, v).name == "nobands"

@@ -77,3 +77,26 @@ def test_throughput_smoke(tmp_path):
                 and r["ring_degree x ulysses_degree"] == "4x1" and r["pass"] == "forward"}
     assert len(helper_4) >= 3   # floor(4/2) + 1 compute steps
     assert "wait ms" in out
+
+
+def test_varlen_smoke(tmp_path):
+    """bench/varlen.py --smoke (P = 8): every mix x layout row, and the packed layout meets
+    issue 8's target on every mix: busiest rank within 5% of the mean visible-pair work, and
+    no rank sends more K/V than in a plain ring."""
+    out = _run(["bench/varlen.py", "--smoke"], tmp_path, timeout=120)
+    assert "plot" in out   # written, or an explicit note that it was skipped
+    rows = _csv(tmp_path / "varlen.csv")
+    mixes = ["one doc", "256+7392+544", "2 x 4096", "5 docs", "long-tail"]
+    layouts = ["contiguous", "zigzag", "stripe", "packed", "te-zigzag", "all-gather"]
+    assert sorted((int(r["P"]), r["mix"], r["layout"]) for r in rows) == \
+        sorted((8, m, lay) for m in mixes for lay in layouts)
+    assert "| mix | docs | layout | max/mean work |" in out   # the markdown table
+    for r in rows:
+        assert float(r["max/mean work"]) >= 1.0 and int(r["pieces/rank"]) >= 1, r
+        assert int(r["min piece"]) >= 1 and 0.0 <= float(r["padding"]) < 1.0, r
+    packed = {r["mix"]: r for r in rows if r["layout"] == "packed"}
+    for mix, r in packed.items():
+        assert float(r["max/mean work"]) <= 1.05, (mix, r)
+        assert float(r["bytes max/ring"]) <= 1.0, (mix, r)
+    # the all-gather sends (P-1) x the local K/V, as a plain ring does
+    assert all(float(r["bytes max/ring"]) == 1.0 for r in rows if r["layout"] == "all-gather")

@@ -9,16 +9,18 @@ One spawned world per world size runs all of its cases; each case is its own tes
 import pytest
 
 from dist_cases import (attention_cases, document_cases, helper_cases, run_attention_cases,
-                        run_layout_roundtrips)
+                        run_layout_roundtrips, variant_cases)
 from spawn import run_world
 
 WORLDS = (1, 2, 4, 8)
 HELPER_WORLDS = (2, 3, 4, 8)
+VARIANT_WORLDS = (2, 4, 8)
 
 
 def cases_for(world):
     """Everything one spawned world runs: the matrix and the explicit helper-schedule cases."""
     return (attention_cases(world) + document_cases(world) if world in WORLDS else []) + \
+        (variant_cases(world) if world in VARIANT_WORLDS else []) + \
         (helper_cases(world) if world in HELPER_WORLDS else [])
 
 
@@ -49,7 +51,7 @@ def test_matches_fp64_reference(world_results, case):
         assert errs["lse_dtype"] == expected_lse
         if errs["padding"]:
             assert errs["inert"], f"rank {rank}: a padding slot got a value or a gradient"
-        for name in ("out", "lse", "dq", "dk", "dv"):
+        for name in ("out", "lse", "dq", "dk", "dv") + (("dsinks",) if case.sinks else ()):
             # FlashAttention's rule below fp32: at most 2x PyTorch math's error in the same
             # dtype (both against fp64), plus a small atol.
             tol = (TOL[case.dtype] if case.dtype in TOL else
@@ -84,6 +86,12 @@ def test_case_matrix_covers_the_issue():
     assert {c.dtype for c in docs} == {"fp64", "fp32", "bf16", "fp16"}
     assert {c.schedule for c in docs if c.layout == "contiguous" and c.causal} >= {"ring",
                                                                                   "helper"}
+    variants = [c for c in ALL_CASES if c.window or c.softcap or c.sinks]
+    assert {(c.world, c.ulysses, c.ring, c.placement, c.layout) for c in variants} == {
+        (c.world, c.ulysses, c.ring, c.placement, c.layout) for c in docs if c.world > 1}
+    assert {c.window for c in variants} >= {(2, 0), (7, 0), (3, 5), (2, 2), (4, 0)}
+    assert any(c.window and c.softcap and c.sinks and c.docs == "mixed" for c in variants)
+    assert any(c.window and c.schedule == "helper" for c in variants)
 
 
 @pytest.mark.parametrize("world", (2, 4, 8))
@@ -91,6 +99,8 @@ def test_shard_unshard_positions_roundtrip(world):
     per_rank = run_world(world, run_layout_roundtrips)
     for key in per_rank[0]:
         assert all(res[key][0] for res in per_rank), key
+        if per_rank[0][key][1] is None:
+            continue
         # positions of all ranks partition the sequence
         allpos = sorted(p for res in per_rank for p in res[key][1])
         assert allpos == list(range(len(allpos))), key

@@ -83,8 +83,6 @@ def _refusals(mesh, ids, dtf):
         "padding": _error(lambda: run(build_model("llama"), attention_mask=pad)),
         "mask4d": _error(lambda: run(build_model("llama"), attention_mask=torch.zeros(
             BATCH, 1, pad.shape[1], pad.shape[1]))),
-        "sliding": _error(lambda: run(build_model(
-            "qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=0))),
         "dropout": _error(lambda: run(build_model("llama", attention_dropout=0.1))),
         "output_attentions": _error(lambda: run(build_model("llama"), output_attentions=True)),
         "builtin_name": _error(lambda: dtf.register(mesh, name="sdpa")),
@@ -235,7 +233,6 @@ def test_all_ones_mask_is_accepted(world_results):
 @pytest.mark.parametrize("what,exc,words", [
     ("padding", "ValueError", "padding"),
     ("mask4d", "ValueError", "attention_mask"),
-    ("sliding", "NotImplementedError", "sliding_window"),
     ("dropout", "NotImplementedError", "dropout"),
     ("output_attentions", "NotImplementedError", "output_attentions"),
     ("builtin_name", "ValueError", "'sdpa'"),

@@ -35,23 +35,26 @@ SLOT_ATTR = "_distattn_remat"
 
 
 class _SavedAttention(torch.autograd.Function):
-    """(q, k, v, out, lse) -> out, with the distributed attention backward as its backward.
+    """(q, k, v, sinks, out, lse) -> out, with the distributed attention backward as its
+    backward.
 
-    ``out`` and ``lse`` are a finished ``dist_flash_attn`` result for these q, k, v: the
-    forward only hands ``out`` on; the backward computes dq, dk, dv from them."""
+    ``out`` and ``lse`` are a finished ``dist_flash_attn`` result for these q, k, v (and
+    sinks, or None): the forward only hands ``out`` on; the backward computes dq, dk, dv (and
+    dsinks) from them."""
 
     @staticmethod
-    def forward(ctx, q, k, v, out, lse, params):
-        ctx.save_for_backward(q, k, v, out, lse)
+    def forward(ctx, q, k, v, sinks, out, lse, params):
+        ctx.save_for_backward(q, k, v, sinks, out, lse)
         ctx.params = params
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = distattn.attention.dist_flash_attn_backward(dout, q, k, v, out, lse,
-                                                                 **ctx.params)
-        return dq, dk, dv, None, None, None
+        q, k, v, sinks, out, lse = ctx.saved_tensors
+        grads = distattn.attention.dist_flash_attn_backward(dout, q, k, v, out, lse,
+                                                            sinks=sinks, **ctx.params)
+        dsinks = grads[3] if sinks is not None else None
+        return grads[0], grads[1], grads[2], dsinks, None, None, None
 
 
 class _Record:
@@ -118,8 +121,10 @@ def remat_attention(module: nn.Module | None, q, k, v, **params):
         with torch.no_grad():
             out, lse = distattn.dist_flash_attn(q, k, v, return_lse=True, **params)
         record.saved.append((out, lse))
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _SavedAttention.apply(q, k, v, out, lse, params)
+    sinks = params.pop("sinks", None)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (q, k, v, sinks)):
+        return _SavedAttention.apply(q, k, v, sinks, out, lse, params)
     return out
 
 

@@ -28,19 +28,18 @@ import torch.nn.functional as F
 
 from ..attention import SCHEDULES
 from ..kernels import BACKENDS
-from ..layout import check_layout, positions, seq_multiple, shard
+from ..documents import check_cu_seqlens
+from ..layout import check_layout, local_indices, positions, seq_multiple, shard
 from ..mesh import as_mesh
 from . import checkpoint as _ckpt
 
 IGNORE_INDEX = -100
+CU_SEQLENS_KEY = "distattn_cu_seqlens"   # model kwarg: global document boundaries (a tuple)
 _BUILTIN_NAMES = ("eager", "sdpa", "flash_attention_2", "flash_attention_3",
                   "flash_attention_4", "flex_attention", "paged|eager")
-# Attention kwargs some models pass that change the attention computation itself.
+# Attention kwargs some models pass that change the attention computation itself and that
+# distattn does not run.
 _UNSUPPORTED_KWARGS = {
-    "sliding_window": "sliding-window attention",
-    "softcap": "logit soft-capping",
-    "s_aux": "attention sinks",
-    "sinks": "attention sinks",
     "position_bias": "additive position bias",
     "cache": "paged KV caches",
 }
@@ -77,10 +76,6 @@ def _refuse_unsupported(name, module, query, key, attention_mask, dropout, kwarg
             raise NotImplementedError(
                 f"attn_implementation={name!r} (distattn) does not support {what} yet "
                 f"({arg}={kwargs[arg]!r})")
-    if "sliding_window" not in kwargs and getattr(module, "sliding_window", None) is not None:
-        raise NotImplementedError(
-            f"attn_implementation={name!r} (distattn) does not support sliding-window "
-            f"attention yet (module.sliding_window={module.sliding_window!r})")
     config = getattr(module, "config", None)
     if kwargs.get("output_attentions") or getattr(config, "output_attentions", False):
         raise NotImplementedError(
@@ -94,20 +89,69 @@ def _refuse_unsupported(name, module, query, key, attention_mask, dropout, kwarg
             f"use_cache=False")
 
 
+POSITIONS_CHECKED = "_distattn_positions_checked"
+
+
+def _check_positions(name, position_ids, mesh, layout, local_len) -> None:
+    """Without document boundaries the tokens must be one unpacked sequence sharded with the
+    registered layout: position_ids must be each token's global index. A packed batch
+    (positions restarting at 0), local positions 0..S_local-1 (position_ids not passed) or
+    another layout would silently attend across documents or rotate with wrong positions.
+
+    The local comparison is agreed over the SP group with one all-reduce of a flag, so every
+    rank raises or none does; the verdict is kept on the tensor, so the layers of one forward
+    (and a checkpointed recomputation) check it once."""
+    if position_ids is None or getattr(position_ids, POSITIONS_CHECKED, False):
+        return
+    expected = positions(local_len * mesh.size, mesh, layout=layout, device=position_ids.device)
+    bad = torch.tensor([0 if position_ids.shape[-1] == local_len and
+                        bool((position_ids == expected).all()) else 1],
+                       device=position_ids.device)
+    _sp_all_reduce(bad, mesh)
+    if int(bad.item()):
+        raise ValueError(
+            f"attn_implementation={name!r} (distattn): the position_ids given to the model are "
+            f"not the global positions of one sequence sharded with layout={layout!r} on "
+            f"some rank. A packed batch (positions restarting at each document) needs its "
+            f"document boundaries: call the model with every model input dtf.shard_batch "
+            f"returns, model(**{{k: v for k, v in local.items() if k != 'shift_labels'}}), "
+            f"which includes 'distattn_cu_seqlens'; otherwise pass "
+            f"position_ids=local['position_ids']")
+    setattr(position_ids, POSITIONS_CHECKED, True)
+
+
+def _variant(module, kwargs) -> dict:
+    """window / softcap / sinks of this attention call, in distattn's terms.
+
+    transformers' ``sliding_window=W`` lets query i see key j when ``|i - j| < W`` on the
+    allowed side: ``window=(W - 1, W - 1)``; with causal attention the right side is cut to
+    0, and bidirectional sliding layers (Gemma 3) keep both sides."""
+    width = kwargs["sliding_window"] if "sliding_window" in kwargs else \
+        getattr(module, "sliding_window", None)
+    sinks = kwargs.get("s_aux", kwargs.get("sinks"))
+    return {"window": None if width is None else (int(width) - 1, int(width) - 1),
+            "softcap": kwargs.get("softcap"), "sinks": sinks}
+
+
 def _make_attention(name, mesh, layout, schedule, backend):
     def distattn_attention(module, query, key, value, attention_mask, scaling=None,
                            dropout=0.0, **kwargs):
         """transformers attention function: query [B, Hq, S_local, D], key/value [B, Hkv,
         S_local, D] (this rank's tokens, sharded with the registered layout) ->
-        ([B, S_local, Hq, D], None)."""
+        ([B, S_local, Hq, D], None). ``distattn_cu_seqlens`` (from ``shard_batch``) gives the
+        global document boundaries of a packed batch."""
         _refuse_unsupported(name, module, query, key, attention_mask, dropout, kwargs)
+        cu_seqlens = kwargs.get(CU_SEQLENS_KEY)
+        if cu_seqlens is None:
+            _check_positions(name, kwargs.get("position_ids"), mesh, layout, query.shape[2])
         is_causal = kwargs.get("is_causal")
         if is_causal is None:
             is_causal = getattr(module, "is_causal", True)
         out = _ckpt.remat_attention(
             module, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
             mesh=mesh, causal=bool(is_causal), softmax_scale=scaling, layout=layout,
-            schedule=schedule, backend=backend)
+            schedule=schedule, backend=backend, cu_seqlens=cu_seqlens,
+            **_variant(module, kwargs))
         return out, None
 
     distattn_attention.mesh = mesh
@@ -140,9 +184,10 @@ def register(mesh, layout: str = "zigzag", name: str = "distattn", schedule: str
 
     Select it with ``from_config(..., attn_implementation=name)`` (or
     ``model.set_attn_implementation(name)``). The function honours the module's ``scaling``
-    and ``is_causal``, passes GQA/MQA K/V unexpanded, and raises for what it cannot do yet:
-    padding or custom attention masks, sliding windows, attention dropout > 0 in training,
-    soft-capping, sinks, ``output_attentions`` and KV-cache decoding. A mask function is
+    and ``is_causal``, sliding windows (Mistral, Qwen2, Gemma 2/3, gpt-oss), logit
+    soft-capping (Gemma 2) and attention sinks (gpt-oss), passes GQA/MQA K/V unexpanded, and
+    raises for what it cannot do: padding or custom attention masks, attention dropout > 0
+    in training, ``output_attentions`` and KV-cache decoding. A mask function is
     registered under the same name so transformers never builds an [S, S] mask.
 
     The registration is global in transformers (by ``name``): use one name per mesh/layout.
@@ -168,18 +213,36 @@ def register(mesh, layout: str = "zigzag", name: str = "distattn", schedule: str
 # ---------------------------------------------------------------------------------------------
 # data and loss
 # ---------------------------------------------------------------------------------------------
+def _document_starts(pos: torch.Tensor) -> list:
+    """Indices where a packed row's position_ids do not continue the previous token's
+    (DataCollatorWithFlattening restarts them at 0 at every document)."""
+    jumps = (pos[1:] != pos[:-1] + 1).nonzero().flatten() + 1
+    return [0] + jumps.tolist()
+
+
 def shard_batch(batch: dict, mesh, layout: str = "zigzag") -> dict:
     """This rank's part of a full batch, ready for a causal LM.
 
     ``batch``: ``input_ids`` [B, S] (the whole sequences, the same on every rank of the SP
     group), optionally ``labels`` [B, S] (default: ``input_ids``; -100 = ignore), an
     ``attention_mask`` that must be all ones (padding is not supported) and ``position_ids``
-    [B or 1, S] (default: 0..S-1). S must be a multiple of what the mesh and layout need.
+    [B or 1, S] (default: 0..S-1).
 
-    Returns ``{"input_ids", "position_ids", "shift_labels"}``, each [B, S_local]: this rank's
-    tokens, their global positions (for RoPE), and the label of the *next* token, computed
-    on the full sequence before sharding (so the prediction across a shard boundary is kept;
-    -100 for the last token, which has no next one). No communication.
+    *Packed batches*: ``position_ids`` that restart (at 0, as transformers'
+    ``DataCollatorWithFlattening`` makes them) mark document boundaries. Such a batch must be
+    one row (B = 1; any length S); labels may hold -100 at document starts. The result then
+    also holds ``distattn_cu_seqlens`` (the global boundaries, a tuple), which the registered
+    attention uses so that no token attends across documents, and no label crosses a
+    document end. A single row takes any length S (as one document, with inert padding slots
+    where the layout needs them); a batch of several rows needs S to be a multiple of what
+    the mesh and layout need.
+
+    Returns ``{"input_ids", "position_ids", "shift_labels"}`` (+ ``distattn_cu_seqlens``),
+    each [B, S_local]: this rank's tokens, their positions (for RoPE), and the label of the
+    *next* token of the same document, computed on the full sequence before sharding (so the
+    prediction across a shard boundary is kept; -100 for a document's last token and for
+    padding slots). Every key but ``shift_labels`` is a model input:
+    ``model(**{k: v for k, v in local.items() if k != "shift_labels"})``. No communication.
     """
     mesh = as_mesh(mesh)
     check_layout(layout)
@@ -194,12 +257,6 @@ def shard_batch(batch: dict, mesh, layout: str = "zigzag") -> dict:
         raise ValueError(f"input_ids must be a 2-D tensor [batch, seq_len], got "
                          f"{getattr(ids, 'shape', type(ids).__name__)}")
     bsz, seq_len = ids.shape
-    multiple = seq_multiple(layout, mesh.ring_degree, mesh.ulysses_degree)
-    if seq_len % multiple:
-        raise ValueError(
-            f"input_ids has seq_len={seq_len}, but layout={layout!r} over ring_degree="
-            f"{mesh.ring_degree} x ulysses_degree={mesh.ulysses_degree} needs a multiple of "
-            f"{multiple}: pad or crop the sequences to a multiple of {multiple}")
     labels = batch.get("labels")
     if labels is None:
         labels = ids
@@ -213,23 +270,56 @@ def shard_batch(batch: dict, mesh, layout: str = "zigzag") -> dict:
                              f"{tuple(ids.shape)}, got {tuple(mask.shape)}")
         if not bool(mask.all()):
             raise ValueError("attention_mask masks some tokens: padding is not supported by "
-                             "the distributed attention yet; pass unpadded sequences")
+                             "the distributed attention; pass unpadded sequences, or pack "
+                             "them into one row with position_ids restarting per document")
     pos = batch.get("position_ids")
-    if pos is None:
-        local_pos = positions(seq_len, mesh, layout=layout, device=ids.device)
-        local_pos = local_pos.unsqueeze(0).expand(bsz, -1).contiguous()
-    else:
+    cu = None
+    if pos is not None:
         if pos.dim() != 2 or pos.shape[1] != seq_len or pos.shape[0] not in (1, bsz):
             raise ValueError(f"position_ids must be [batch or 1, {seq_len}], got "
                              f"{tuple(pos.shape)}")
-        local_pos = shard(pos.expand(bsz, -1), mesh, dim=1, layout=layout).contiguous()
+        starts = [_document_starts(row) for row in pos]
+        if any(len(s) > 1 for s in starts):
+            if bsz != 1 or pos.shape[0] != 1:
+                raise ValueError(
+                    f"position_ids restart inside a row (a packed batch), but the batch has "
+                    f"{bsz} rows: pack every document into one row (batch 1), as "
+                    f"DataCollatorWithFlattening does")
+            cu = check_cu_seqlens(starts[0] + [seq_len])
+    if cu is None and layout == "packed":
+        raise ValueError("layout='packed' places documents: pass a packed row (position_ids "
+                         "restarting at every document)")
+    multiple = None if layout == "packed" else seq_multiple(layout, mesh.ring_degree,
+                                                            mesh.ulysses_degree)
+    if cu is None and seq_len % multiple:
+        if bsz != 1:
+            raise ValueError(
+                f"input_ids has seq_len={seq_len}, but layout={layout!r} over ring_degree="
+                f"{mesh.ring_degree} x ulysses_degree={mesh.ulysses_degree} needs a multiple "
+                f"of {multiple} for a batch of {bsz} rows: pad or crop the sequences to a "
+                f"multiple of {multiple}, or pass one row at a time (a single row takes any "
+                f"length)")
+        cu = (0, seq_len)       # one document: the layout adds inert padding slots
+    if pos is None:
+        pos = torch.arange(seq_len, device=ids.device).unsqueeze(0)
+    # The next token's label, never across a document end.
     shifted = torch.full_like(labels, IGNORE_INDEX)
     shifted[:, :-1] = labels[:, 1:]
-    return {
-        "input_ids": shard(ids, mesh, dim=1, layout=layout).contiguous(),
-        "position_ids": local_pos,
-        "shift_labels": shard(shifted, mesh, dim=1, layout=layout).contiguous(),
+    for start in (cu or (0,))[1:-1]:
+        shifted[:, start - 1] = IGNORE_INDEX
+    part = lambda t: shard(t, mesh, dim=1, layout=layout, cu_seqlens=cu).contiguous()
+    shift_labels = part(shifted)
+    if cu is not None:
+        padding = local_indices(seq_len, mesh, layout, cu) < 0
+        shift_labels[:, padding.to(shift_labels.device)] = IGNORE_INDEX
+    local = {
+        "input_ids": part(ids),
+        "position_ids": part(pos.expand(bsz, -1)),
+        "shift_labels": shift_labels,
     }
+    if cu is not None:
+        local[CU_SEQLENS_KEY] = cu
+    return local
 
 
 def _sp_all_reduce(t: torch.Tensor, mesh) -> None:

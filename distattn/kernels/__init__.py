@@ -29,7 +29,24 @@ def _cuda_backend():
     return (None, err) if err else (CudaBackend(), None)
 
 
-def get_backend(name: str, q, k, v) -> BlockAttention:
+def _features_ok(backend: BlockAttention, window: bool, softcap: bool) -> bool:
+    return (backend.supports_bands or not window) and (backend.supports_softcap or not softcap)
+
+
+def get_backend(name: str, q, k, v, window: bool = False, softcap: bool = False) -> BlockAttention:
+    """The backend ``name`` for these inputs. ``window`` / ``softcap``: the call needs bands
+    with a lower bound / soft-capping; a backend without them is refused by name (and skipped
+    by "auto")."""
+    backend = _get_backend(name, q, k, v, window, softcap)
+    if not _features_ok(backend, window, softcap):
+        what = " and ".join(w for w, on in (("sliding windows", window), ("softcap", softcap))
+                            if on)
+        raise ValueError(f"backend={name!r} does not run {what}; use backend='torch' or "
+                         f"'reference' (or 'auto')")
+    return backend
+
+
+def _get_backend(name: str, q, k, v, window: bool, softcap: bool) -> BlockAttention:
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name == "reference":
@@ -47,7 +64,8 @@ def get_backend(name: str, q, k, v) -> BlockAttention:
     # auto
     if q.device.type == "cuda" and CUDA_KERNELS_VERIFIED:
         backend, _ = _cuda_backend()
-        if backend is not None and backend.applicable(q, k, v):
+        if (backend is not None and backend.applicable(q, k, v)
+                and _features_ok(backend, window, softcap)):
             return backend
     torch_backend = TorchBackend()
     try:

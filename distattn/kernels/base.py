@@ -41,8 +41,26 @@ def piece_blocks(mask: Mask, sq: int, sk: int):
             yield slice(q0, q1), slice(k0, k1), sub
 
 
+def band_tiles(mask: Mask, sq: int, sk: int, min_rows: int = 64):
+    """A single-piece ``band(lo, hi)`` mask cut into row tiles of about the band's width, each
+    as (rows, cols, sub_mask) on its smallest rectangle: work and memory then grow with
+    Sq x width, not Sq x Sk. Other masks come back whole."""
+    p = mask.simplify(sq, sk).pieces[0] if mask.simplify(sq, sk).pieces else None
+    if p is None or p.lo is None or p.hi is None:
+        yield slice(0, sq), slice(0, sk), mask
+        return
+    step = max(min_rows, p.hi - p.lo + 1)
+    for r0 in range(0, sq, step):
+        rows = slice(r0, min(sq, r0 + step))
+        yield from ((slice(rows.start + a.start, rows.start + a.stop), b, m)
+                    for a, b, m in piece_blocks(mask.restrict(rows, slice(0, sk)),
+                                                rows.stop - rows.start, sk))
+
+
 class BlockAttention:
     name = "abstract"
+    supports_bands = True     # pieces with a lower diagonal bound (sliding windows)
+    supports_softcap = True
 
     def check(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Raise ValueError/TypeError naming the argument when this backend cannot run them."""

@@ -93,6 +93,8 @@ def _mask_args(mask: Mask) -> tuple[bool, int]:
 
 class CudaBackend(BlockAttention):
     name = "cuda"
+    supports_bands = False
+    supports_softcap = False
 
     # -- applicability ----------------------------------------------------------------------
     def check(self, q, k, v):

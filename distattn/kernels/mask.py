@@ -76,14 +76,26 @@ class Piece:
         return q0, q1, k0, k1
 
     def pairs(self, sq: int, sk: int) -> int:
-        """How many (query, key) pairs this piece shows, counted row by row."""
-        q0, q1, k0, k1 = self.tight(sq, sk)
-        if q0 >= q1:
+        """How many (query, key) pairs this piece shows. Row i sees keys [max(k0, i + lo),
+        min(k1 - 1, i + hi)]: a count linear in i between the two rows where a bound starts
+        to bind, so each stretch is an arithmetic series."""
+        if self.resolve(sq, sk) is None:
             return 0
-        i = torch.arange(q0, q1, dtype=torch.int64)
-        first = torch.full_like(i, k0) if self.lo is None else (i + self.lo).clamp(min=k0)
-        last = torch.full_like(i, k1 - 1) if self.hi is None else (i + self.hi).clamp(max=k1 - 1)
-        return int((last - first + 1).clamp(min=0).sum())
+        q0, q1, k0, k1 = self.tight(sq, sk)
+        first = lambda i: k0 if self.lo is None else max(k0, i + self.lo)
+        last = lambda i: k1 - 1 if self.hi is None else min(k1 - 1, i + self.hi)
+        count = lambda i: max(0, last(i) - first(i) + 1)
+        cuts = sorted({q0, q1} | {c for c in (
+            None if self.hi is None else k1 - 1 - self.hi + 1,   # last() stops growing
+            None if self.lo is None else k0 - self.lo + 1)       # first() starts growing
+            if c is not None and q0 < c < q1})
+        total = 0
+        for a, b in zip(cuts[:-1], cuts[1:]):   # count() is linear on [a, b) ...
+            if count(a) and count(b - 1):
+                total += (count(a) + count(b - 1)) * (b - a) // 2
+            else:                               # ... unless it touches 0 (a corner)
+                total += sum(count(i) for i in range(a, b))
+        return total
 
     def visible(self, sq: int, sk: int, device=None) -> torch.Tensor:
         """Boolean [sq, sk], True where this piece shows the key."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import BlockAttention
+from .base import BlockAttention, band_tiles, empty_result
 from .mask import Mask, accumulation_dtype
 
 
@@ -41,10 +41,39 @@ def _probabilities(scores, lse_or_none, mask: Mask):
 
 
 class ReferenceBackend(BlockAttention):
-    """Every mask and softcap; pieces run one by one on their own rectangles (base class)."""
+    """Every mask and softcap; pieces run one by one on their own rectangles (base class), a
+    narrow band (sliding window) in row tiles of its width (``band_tiles``)."""
     name = "reference"
 
     def forward_piece(self, q, k, v, *, scale, mask, softcap=0.0):
+        tiles = list(band_tiles(mask, q.shape[1], k.shape[1]))
+        if len(tiles) == 1 and tiles[0][2] is mask:
+            return self._forward_dense(q, k, v, scale=scale, mask=mask, softcap=softcap)
+        out, lse = empty_result(q, accumulation_dtype(q.dtype))
+        for rows, cols, sub in tiles:       # disjoint rows: each row written once
+            o, l = self._forward_dense(q[:, rows], k[:, cols], v[:, cols], scale=scale,
+                                       mask=sub, softcap=softcap)
+            out[:, rows] = o
+            lse[:, :, rows] = l
+        return out, lse
+
+    def backward_piece(self, dout, q, k, v, out, lse, *, scale, mask, softcap=0.0):
+        tiles = list(band_tiles(mask, q.shape[1], k.shape[1]))
+        if len(tiles) == 1 and tiles[0][2] is mask:
+            return self._backward_dense(dout, q, k, v, out, lse, scale=scale, mask=mask,
+                                        softcap=softcap)
+        acc = accumulation_dtype(q.dtype)
+        dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v))
+        for rows, cols, sub in tiles:
+            g = self._backward_dense(dout[:, rows], q[:, rows], k[:, cols], v[:, cols],
+                                     out[:, rows], lse[:, :, rows], scale=scale, mask=sub,
+                                     softcap=softcap)
+            dq[:, rows] += g[0]
+            dk[:, cols] += g[1]
+            dv[:, cols] += g[2]
+        return dq, dk, dv
+
+    def _forward_dense(self, q, k, v, *, scale, mask, softcap=0.0):
         acc = accumulation_dtype(q.dtype)
         b, sq, hq, d = q.shape
         hkv = k.shape[2]
@@ -53,7 +82,7 @@ class ReferenceBackend(BlockAttention):
         out = torch.einsum("bhgqk,bkhd->bqhgd", p, v.to(acc)).reshape(b, sq, hq, -1)
         return out.to(q.dtype), lse.reshape(b, hq, sq)
 
-    def backward_piece(self, dout, q, k, v, out, lse, *, scale, mask, softcap=0.0):
+    def _backward_dense(self, dout, q, k, v, out, lse, *, scale, mask, softcap=0.0):
         acc = accumulation_dtype(q.dtype)
         b, sq, hq, d = q.shape
         hkv = k.shape[2]
