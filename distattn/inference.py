@@ -43,6 +43,7 @@ computes bit-identical replicated outputs. Everything here is inference only (no
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -51,11 +52,15 @@ import torch
 import torch.distributed as dist
 
 from .attention import DTYPES, dist_flash_attn
+from .attention import _check_sinks as check_sinks
+from .attention import _check_softcap as check_softcap
+from .attention import _check_window as check_window
 from .comm import all_to_all
 from .kernels import BACKENDS, Mask, accumulation_dtype, get_backend
 from .layout import _all_gather, local_indices, seq_multiple
 from .merge import merge_, new_accumulators
 from .mesh import as_mesh
+from .sinks import fold_sinks_
 from .ulysses import check_heads
 
 STRATEGIES = ("auto", "pass_kv", "pass_q")
@@ -228,8 +233,11 @@ class _LayerKV:
     def view(self) -> torch.Tensor:
         return self.buf[:, :, :self.length]
 
-    def nbytes(self) -> int:
-        return 0 if self.buf is None else self.buf.numel() * self.buf.element_size()
+    def nbytes(self, used: bool = False) -> int:
+        if self.buf is None:
+            return 0
+        per_token = self.buf[:, :, :1].numel() * self.buf.element_size()
+        return per_token * (self.length if used else self.buf.shape[2])
 
 
 @dataclass
@@ -255,6 +263,7 @@ class Step:
     slot_offsets: torch.Tensor | None = None
     slots: torch.Tensor | None = None
     done: set = field(default_factory=set)
+    window_keys: dict = field(default_factory=dict)   # window left -> local keys it shows
 
     @property
     def positions(self) -> torch.Tensor:
@@ -279,6 +288,19 @@ class Step:
         padded = torch.cat([x, torch.full(shape, pad_value, dtype=x.dtype, device=x.device)],
                            dim=dim)
         return padded.index_select(dim, self.slots.to(x.device))
+
+
+@dataclass
+class _Call:
+    """One ``attend`` call's settings: softmax scale, window (and its left reach when it hides
+    something), softcap (0: off), sinks, and the layer and backend."""
+    scale: float
+    window: tuple | None
+    left: int | None
+    softcap: float
+    sinks: torch.Tensor | None
+    layer: int = 0
+    backend: object = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,11 +361,15 @@ class ShardedKVCache:
     @property
     def local_positions(self) -> torch.Tensor:
         """Global positions of this rank's tokens, in the order they are stored (int64)."""
-        return torch.cat(self._positions) if self._positions else torch.zeros(0, dtype=torch.long)
+        if len(self._positions) != 1:    # steps append pieces; join them on the first read
+            self._positions = [torch.cat(self._positions) if self._positions
+                               else torch.zeros(0, dtype=torch.long)]
+        return self._positions[0]
 
-    def nbytes(self) -> int:
-        """Bytes this rank's K/V buffers occupy (allocated, all layers)."""
-        return sum(layer.nbytes() for layer in self._layers)
+    def nbytes(self, used: bool = False) -> int:
+        """Bytes of this rank's K/V buffers, all layers: allocated (buffers grow by a quarter
+        when full), or with ``used=True`` only the tokens held."""
+        return sum(layer.nbytes(used) for layer in self._layers)
 
     def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's (K, V) of ``layer``, [B, tokens, Hkv, D] each, in storage order."""
@@ -439,7 +465,8 @@ class ShardedKVCache:
 
     # -- attention ---------------------------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-               softmax_scale: float | None = None) -> torch.Tensor:
+               softmax_scale: float | None = None, window=None, softcap: float | None = None,
+               sinks: torch.Tensor | None = None) -> torch.Tensor:
         """Store this layer's new K/V and return the new tokens' attention output.
 
         q [B, step.local_slots, Hq, D]; k, v [B, step.local_slots, Hkv, D] (Hq % Hkv == 0):
@@ -447,21 +474,26 @@ class ShardedKVCache:
         replicated: all new tokens). Returns out [B, step.local_slots, Hq, D] in q's dtype:
         causal softmax attention of each new token over every cached token and the new
         tokens up to itself (padding slots: zeros). Every rank of the mesh must call it for
-        the same layer. Arguments are checked before any communication."""
+        the same layer. Arguments are checked before any communication.
+
+        Variants, as in ``dist_flash_attn``: ``window=(left, right)`` (a query at position p
+        sees keys from p - left; with causal attention ``right`` changes nothing),
+        ``softcap``, and ``sinks`` [Hq] (one extra logit per head, attached to no value).
+        A window is supported where it is exact without per-token masks: on the prompt (a
+        sharded step of an empty cache) and on one-token replicated steps (decoding); on
+        other steps it raises NotImplementedError unless it hides nothing there."""
         step = self._check_attend(layer, q, k, v)
-        scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-        if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"softmax_scale must be a positive finite float or None, got "
-                             f"{softmax_scale!r}")
-        backend = get_backend(self.backend, q, k, v)
+        call = self._check_variant(step, q, softmax_scale, window, softcap, sinks)
+        call.backend = get_backend(self.backend, q, k, v, softcap=call.softcap > 0)
+        call.layer = layer
         try:
             with torch.no_grad():
                 if step.kind == "pass_kv":
-                    out = self._attend_pass_kv(layer, q, k, v, scale, backend)
+                    out = self._attend_pass_kv(q, k, v, call)
                 elif step.kind == "pass_q":
-                    out = self._attend_pass_q(layer, q, k, v, scale, backend)
+                    out = self._attend_pass_q(q, k, v, call)
                 else:
-                    out = self._attend_replicated(layer, q, k, v, scale, backend)
+                    out = self._attend_replicated(q, k, v, call)
         except BaseException as exc:
             self._broken = f"layer {layer} of a {step.kind} step failed ({exc!r})"
             raise
@@ -471,6 +503,26 @@ class ShardedKVCache:
             self.step = None
         return out
 
+    def _check_variant(self, step, q, softmax_scale, window, softcap, sinks) -> "_Call":
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+        if (not isinstance(scale, (int, float)) or isinstance(scale, bool)
+                or not math.isfinite(scale) or scale <= 0):
+            raise ValueError(f"softmax_scale must be a positive finite float or None, got "
+                             f"{softmax_scale!r}")
+        window = check_window(window)
+        left = None if window is None or window[0] < 0 else window[0]
+        last = step.start + step.n_new - 1           # the step's last query position
+        if left is not None and last <= left:
+            left = window = None                     # every query sees every earlier token
+        if left is not None and step.start > 0 and not (step.kind == "replicated"
+                                                        and step.n_new == 1):
+            raise NotImplementedError(
+                f"a sliding window (left={left}) on a {step.kind} step of {step.n_new} tokens "
+                f"over {step.start} cached ones is not supported: windows run on the prompt "
+                f"and on one-token decode steps. Prefill the prompt in one step, or use a "
+                f"window of at least {last} tokens")
+        return _Call(float(scale), window, left, check_softcap(softcap) or 0.0,
+                     check_sinks(sinks, q))
     def _check_attend(self, layer, q, k, v) -> Step:
         if self._broken:
             raise RuntimeError(f"this ShardedKVCache is unusable: {self._broken}")
@@ -511,39 +563,58 @@ class ShardedKVCache:
         self._meta = meta
         return step
 
-    def _attend_local(self, q_all, layer, c_old, step, scale, backend):
+    def _attend_local(self, q_all, c_old, step, call):
         """Partial (out, lse) of the queries ``q_all`` (the step's new tokens in order, on
         every rank) over this rank's tokens: the cached ones (all visible) and its new ones
-        (visible up to the query's own offset)."""
-        kv = self._layers[layer].view()
+        (visible up to the query's own offset). With a window (one query, decoding) only
+        the tokens at positions from ``start - left`` on are read."""
+        kv = self._layers[call.layer].view()
         out, lse = new_accumulators(q_all, accumulation_dtype(q_all.dtype))
+        fold = functools.partial(call.backend.forward_into, out_acc=out, lse_acc=lse,
+                                 scale=call.scale, softcap=call.softcap)
+        if call.left is not None:
+            if call.left not in step.window_keys:   # the same for every layer of the step
+                lowest = step.start - call.left
+                step.window_keys[call.left] = torch.nonzero(
+                    self.local_positions >= lowest).flatten().to(kv.device)
+            seen = step.window_keys[call.left]
+            if seen.numel():
+                keys = kv.index_select(2, seen)
+                fold(q_all, keys[0], keys[1], mask=Mask.none())
+            return out, lse
         if c_old:
-            backend.forward_into(q_all, kv[0, :, :c_old], kv[1, :, :c_old], out, lse,
-                                 scale=scale, mask=Mask.none())
+            fold(q_all, kv[0, :, :c_old], kv[1, :, :c_old], mask=Mask.none())
         for first, offset, length in _runs(step.own_offsets):
             rows = slice(c_old + first, c_old + first + length)
             # key j of the run is token `offset + j`: query i sees it iff offset + j <= i
-            backend.forward_into(q_all, kv[0, :, rows], kv[1, :, rows], out, lse,
-                                 scale=scale, mask=Mask.causal(-offset))
+            fold(q_all, kv[0, :, rows], kv[1, :, rows], mask=Mask.causal(-offset))
         return out, lse
 
-    def _store(self, layer, k, v, step) -> int:
+    def _store(self, k, v, call) -> int:
         """Append this rank's share of the new K/V; returns the layer's length before."""
-        store = self._layers[layer]
+        store = self._layers[call.layer]
         c_old = store.length
-        keep = step.keep.to(k.device)
+        keep = self.step.keep.to(k.device)
         store.append(k.index_select(1, keep), v.index_select(1, keep))
         return c_old
 
-    def _attend_replicated(self, layer, q, k, v, scale, backend):
-        c_old = self._store(layer, k, v, self.step)
-        packed = _pack(*self._attend_local(q, layer, c_old, self.step, scale, backend))
+    @staticmethod
+    def _fold_sinks(packed, call) -> None:
+        """Fold the sink logits into a packed final result, once (the merge is exact with
+        them at any point; they must just not be counted twice)."""
+        if call.sinks is not None:
+            fold_sinks_(packed[..., :-1], packed[..., -1].transpose(1, 2), call.sinks)
+
+    def _attend_replicated(self, q, k, v, call):
+        c_old = self._store(k, v, call)
+        packed = _pack(*self._attend_local(q, c_old, self.step, call))
         for which in ("ulysses", "ring"):   # merge over the Ulysses group, then the ring
             if self._degree(which) > 1:
                 packed = _merge_stack(self.comm.gather(packed, which))
+        self._fold_sinks(packed, call)
         return packed[..., :-1].to(q.dtype)
 
-    def _attend_pass_q(self, layer, q, k, v, scale, backend):
+    def _attend_pass_q(self, q, k, v, call):
         step, m = self.step, self.mesh
         R, U, b, n_loc = m.ring_degree, m.ulysses_degree, q.shape[0], q.shape[1]
         # every rank gets all new queries, in offset order (padding slots dropped)
@@ -552,8 +623,8 @@ class ShardedKVCache:
         gathered = self.comm.gather_all(q)                      # [R, U, B, n_loc, Hq, D]
         q_all = gathered.permute(2, 0, 1, 3, 4, 5).reshape(b, R * U * n_loc, *q.shape[2:])
         q_all = q_all.index_select(1, order)
-        c_old = self._store(layer, k, v, step)
-        packed = _pack(*self._attend_local(q_all, layer, c_old, step, scale, backend))
+        c_old = self._store(k, v, call)
+        packed = _pack(*self._attend_local(q_all, c_old, step, call))
         # rows for every rank's slots; padding slots get an empty partial (out 0, lse -inf)
         empty = torch.zeros_like(packed[:, :1])
         empty[..., -1] = float("-inf")
@@ -571,31 +642,33 @@ class ShardedKVCache:
             mine = _merge_stack(self.comm.exchange(mine, "ulysses"))
         else:
             mine = mine[0]
+        self._fold_sinks(mine, call)
         return mine[..., :-1].to(q.dtype)
 
-    def _attend_pass_kv(self, layer, q, k, v, scale, backend):
+    def _attend_pass_kv(self, q, k, v, call):
         step = self.step
-        # the new tokens among themselves: the core's causal ring / USP over the chunk
+        # the new tokens among themselves (and the sinks): the core's causal ring / USP
         out, lse = dist_flash_attn(q, k, v, mesh=self.mesh, causal=True, layout=self.layout,
-                                   softmax_scale=scale, backend=self.backend, return_lse=True)
-        c_old = self._store(layer, k, v, step)
+                                   softmax_scale=call.scale, backend=self.backend,
+                                   return_lse=True, window=call.window,
+                                   softcap=call.softcap or None, sinks=call.sinks)
+        c_old = self._store(k, v, call)
         if step.start > 0:
             acc = accumulation_dtype(q.dtype)
             out, lse = out.to(acc), lse.to(acc).contiguous()
-            self._attend_cached_pieces(q, layer, c_old, step.counts_before, out, lse, scale,
-                                       backend)
+            self._attend_cached_pieces(q, c_old, step.counts_before, out, lse, call)
         out = out.to(q.dtype)
         out[:, step.slots.to(q.device) >= step.n_new] = 0      # padding slots: no result
         return out
 
-    def _attend_cached_pieces(self, q, layer, c_old, counts, out, lse, scale, backend):
+    def _attend_cached_pieces(self, q, c_old, counts, out, lse, call):
         """Fold the attention of ``q`` over every rank's cached tokens (``counts`` [R][U];
         this rank's are the first ``c_old`` of the layer) into (out, lse): the cached K/V are
         all-gathered in at most ``CACHE_PIECES`` pieces per rank, each at least ``q``'s local
         length (shorter shards padded, the padding cut off again using ``counts``). The
         gathered K/V of one piece are the transient memory: the larger of the new chunk's
         K/V and 1/CACHE_PIECES of the cache."""
-        kv = self._layers[layer].view()[:, :, :c_old]           # [2, B, c_old, Hkv, D]
+        kv = self._layers[call.layer].view()[:, :, :c_old]      # [2, B, c_old, Hkv, D]
         longest = max(max(row) for row in counts)
         piece = longest if self.mesh.size == 1 else max(q.shape[1],
                                                          -(-longest // CACHE_PIECES))
@@ -609,7 +682,8 @@ class ShardedKVCache:
             parts = [gathered[r, u, :, :, :min(piece, c - start)]
                      for r, row in enumerate(counts) for u, c in enumerate(row) if c > start]
             keys = torch.cat(parts, dim=2)
-            backend.forward_into(q, keys[0], keys[1], out, lse, scale=scale, mask=Mask.none())
+            call.backend.forward_into(q, keys[0], keys[1], out, lse, scale=call.scale,
+                                      mask=Mask.none(), softcap=call.softcap)
 
     def _degree(self, which: str) -> int:
         return self.mesh.ulysses_degree if which == "ulysses" else self.mesh.ring_degree

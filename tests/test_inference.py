@@ -2,17 +2,21 @@
 
 Core (``distattn.inference.ShardedKVCache``): a prompt of odd length is prefilled, then chunks
 with pass-Q and pass-KV, then decode steps of 1 and 2 tokens, on two layers; every output
-must equal causal attention over the whole sequence computed in one process (the reference
-backend on the full float64 tensors), to 1e-10, for ring 4, Ulysses 4 and USP 2x2 (both
+must equal causal attention over the whole sequence computed in one process (written out
+densely on the full float64 tensors), to 1e-10, for ring 4, Ulysses 4 and USP 2x2 (both
 placements), every layout, MHA/GQA/MQA, batch 1 and 2. The cache's placement (each token on
 exactly one rank, about 1/P per rank), the bytes of a decode step's messages (the same for
 short and long contexts, measured by wrapping torch.distributed) and the refusals (raised
 before any collective) are checked too.
 
-transformers (``dtf.generate``): tiny Llama, Qwen2 and Mistral models in float64, ring 4 and
-USP 2x2; greedy tokens must equal one-process ``model.generate``, seeded sampling must give the
-same tokens on every rank (and the one-process ones); continuations with pass-Q and pass-KV
-and a chunked prefill equal one-process generation on the whole sequence.
+Windows (which cut), softcap and sinks are checked on the prompt and decode steps against a
+dense float64 reference written out in the test.
+
+transformers (``dtf.generate``): tiny Llama, Qwen2, Mistral (a sliding window shorter than the
+sequence), Gemma 2 (windows and softcap) and gpt-oss (windows and sinks) models in float64,
+ring 4 and USP 2x2; greedy tokens must equal one-process ``model.generate``, seeded sampling
+must give the same tokens on every rank (and the one-process ones); continuations with pass-Q
+and pass-KV and a chunked prefill equal one-process generation on the whole sequence.
 """
 from __future__ import annotations
 
@@ -85,11 +89,22 @@ class CoreCase:
     batch: int
     prompt: int          # odd lengths on purpose: the layouts need padding
     backend: str
+    window: int | None = None      # left reach of a sliding window (decode steps only)
+    softcap: float | None = None
+    sinks: bool = False
 
     @property
     def id(self) -> str:
+        variant = "".join(f"-{name}" for name, on in (
+            (f"window{self.window}", self.window is not None),
+            (f"softcap{self.softcap}", self.softcap is not None), ("sinks", self.sinks)) if on)
         return (f"u{self.ulysses}r{WORLD // self.ulysses}-{self.placement}-{self.layout}-"
-                f"h{self.hq}kv{self.hkv}-b{self.batch}-S{self.prompt}-{self.backend}")
+                f"h{self.hq}kv{self.hkv}-b{self.batch}-S{self.prompt}-{self.backend}{variant}")
+
+    @property
+    def steps(self) -> list:
+        """After the prompt: every kind of step, or (with a window) one-token decode steps."""
+        return DECODE_STEPS if self.window is not None else STEPS
 
 
 def core_cases() -> list[CoreCase]:
@@ -102,6 +117,13 @@ def core_cases() -> list[CoreCase]:
             cases.append(CoreCase(u, placement, layout, hq, hkv, (1, 2)[i % 2],
                                   (13, 22, 9, 17)[i % 4], ("torch", "reference")[(i // 2) % 2]))
             i += 1
+    # windows (which cut), softcap and sinks
+    cases += [CoreCase(1, "ulysses_inner", "zigzag", 8, 2, 2, 13, "torch", 4, 5.0, True),
+              CoreCase(2, "ulysses_inner", "contiguous", 8, 1, 1, 22, "reference", 6, None,
+                       True),
+              CoreCase(4, "ulysses_inner", "stripe", 8, 8, 2, 9, "torch", 3, 5.0, False),
+              CoreCase(1, "ulysses_inner", "contiguous", 8, 2, 1, 17, "torch", None, 5.0, True),
+              CoreCase(2, "ring_inner", "zigzag", 8, 2, 2, 13, "reference", None, None, True)]
     return cases
 
 
@@ -110,14 +132,37 @@ def core_cases() -> list[CoreCase]:
 STEPS = [("sharded", "pass_q", 5), ("sharded", "pass_kv", 6), ("replicated", None, 1),
          ("replicated", None, 1), ("replicated", None, 2), ("sharded", "auto", 3),
          ("replicated", None, 1)]
+DECODE_STEPS = [("replicated", None, 1)] * 4
 LAYERS, HEAD_DIM = 2, 16
 
 
+def dense_reference(q, k, v, left=None, softcap=None, sinks=None) -> torch.Tensor:
+    """Causal attention over the whole sequence, written out densely in float64 (nothing
+    from distattn): q [B, S, Hq, D], k/v [B, S, Hkv, D] -> [B, S, Hq, D]. ``left``: a key
+    more than ``left`` positions back is hidden; ``softcap``: scores c*tanh(s/c); ``sinks``
+    [Hq]: one more logit per head in the softmax, attached to no value."""
+    b, s, hq, d = q.shape
+    group = hq // k.shape[2]
+    k, v = k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) * d ** -0.5
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    i, j = torch.arange(s)[:, None], torch.arange(s)[None]
+    visible = (j <= i) & ((j >= i - left) if left is not None else True)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.view(1, hq, 1, 1).expand(b, hq, s, 1)], dim=-1)
+    return torch.einsum("bhij,bjhd->bihd", scores.softmax(-1)[..., :s], v)
+
+
 def _full_tensors(case: CoreCase, total: int):
+    """Per layer: full q, k, v and the sink logits (or None)."""
     gen = torch.Generator().manual_seed(zlib.crc32(case.id.encode()))
     make = lambda h: torch.randn(case.batch, total, h, HEAD_DIM, generator=gen,
                                  dtype=torch.float64)
-    return [(make(case.hq), make(case.hkv), make(case.hkv)) for _ in range(LAYERS)]
+    return [(make(case.hq), make(case.hkv), make(case.hkv),
+             torch.randn(case.hq, generator=gen, dtype=torch.float64) if case.sinks else None)
+            for _ in range(LAYERS)]
 
 
 def _rel(a, ref) -> float:
@@ -128,21 +173,24 @@ def _rel(a, ref) -> float:
 
 def run_core_case(case: CoreCase, mesh) -> dict:
     from distattn.inference import ShardedKVCache
-    from distattn.kernels import reference_attention
 
-    total = case.prompt + sum(n for *_, n in STEPS)
+    total = case.prompt + sum(n for *_, n in case.steps)
     tensors = _full_tensors(case, total)
-    refs = [reference_attention(q, k, v, causal=True)[0] for q, k, v in tensors]
+    refs = [dense_reference(q, k, v, case.window, case.softcap, sinks)
+            for q, k, v, sinks in tensors]
+    variant = dict(window=None if case.window is None else (case.window, 0),
+                   softcap=case.softcap)
     cache = ShardedKVCache(mesh, LAYERS, layout=case.layout, backend=case.backend)
     steps, errors, padding = [], [], []
-    for kind, strategy, n in [("sharded", "auto", case.prompt)] + STEPS:
+    for kind, strategy, n in [("sharded", "auto", case.prompt)] + case.steps:
         step = (cache.begin_sharded(n, strategy) if kind == "sharded"
                 else cache.begin_replicated(n))
         new = slice(step.start, step.start + n)
         pos = step.positions
         real = pos < step.start + n
-        for layer, (q, k, v) in enumerate(tensors):
-            out = cache.attend(layer, *(step.shard(t[:, new]) for t in (q, k, v)))
+        for layer, (q, k, v, sinks) in enumerate(tensors):
+            out = cache.attend(layer, *(step.shard(t[:, new]) for t in (q, k, v)),
+                               sinks=sinks, **variant)
             errors.append(_rel(out[:, real], refs[layer][:, pos[real]]))
             padding.append(float(out[:, ~real].abs().max()) if (~real).any() else 0.0)
         steps.append(step.kind)
@@ -189,6 +237,12 @@ def core_refusals(mesh) -> dict:
     fresh = lambda: ShardedKVCache(mesh, 2)
     opened = fresh()
     step = opened.begin_sharded(8)
+    windowed = ShardedKVCache(mesh, 1)      # a prompt, then a pass-Q chunk
+    n = windowed.begin_sharded(8).local_slots
+    windowed.attend(0, q[:, :1].expand(-1, n, -1, -1), kv[:, :1].expand(-1, n, -1, -1),
+                    kv[:, :1].expand(-1, n, -1, -1))
+    n = windowed.begin_sharded(4, "pass_q").local_slots
+    chunk = [t[:, :1].expand(-1, n, -1, -1) for t in (q, kv, kv)]
     res = {}
     with count_sent_bytes() as wire:
         res["short_prompt"] = _error(lambda: fresh().begin_sharded(WORLD - 1))
@@ -205,6 +259,8 @@ def core_refusals(mesh) -> dict:
                                                         kv[:, :step.local_slots],
                                                         kv[:, :step.local_slots]))
         res["step_open"] = _error(lambda: opened.begin_replicated(1))
+        # a window that cuts, on a chunk over cached tokens
+        res["window_on_chunk"] = _error(lambda: windowed.attend(0, *chunk, window=(2, 0)))
     res["collectives_during_errors"] = wire["calls"]
     n = step.local_slots
     for layer in range(2):
@@ -252,8 +308,9 @@ def test_prefill_chunks_decode_match_one_process(core_results, case):
         res = r[case.id]
         assert res["error"] <= TOL, f"rank {rank}: relative error {res['error']:.2e}"
         assert res["padding"] == 0.0, f"rank {rank}: padding slots got a result"
-        assert res["kinds"][:3] == ["pass_kv", "pass_q", "pass_kv"]
-        assert res["kinds"][3:6] == ["replicated"] * 3
+        expected = ["pass_kv"] + (["replicated"] * 4 if case.window is not None else
+                                  ["pass_q", "pass_kv"] + ["replicated"] * 3)
+        assert res["kinds"][:len(expected)] == expected
     # every rank agrees on the placement and the length
     assert all(r[case.id]["counts"] == core_results[0][case.id]["counts"] for r in core_results)
     assert all(r[case.id]["seq_len"] == r[case.id]["total"] for r in core_results)
@@ -301,6 +358,7 @@ def test_decode_messages_do_not_grow_with_context(core_results):
     ("bad_layer", "ValueError", "layer"),
     ("gqa_ratio", "ValueError", "multiple of k/v heads"),
     ("step_open", "RuntimeError", "still open"),
+    ("window_on_chunk", "NotImplementedError", "sliding window (left=2)"),
     ("repeat_layer_after_close", "RuntimeError", "no step is open"),
     ("mismatched_batch", "ValueError", "differ from the cache"),
 ])
@@ -317,23 +375,45 @@ def test_core_refuses_before_communicating(core_results, what, exc, words):
 # transformers: models and worker
 # ---------------------------------------------------------------------------------------------
 VOCAB, PROMPT, NEW = 101, 19, 6
-MODELS = {"llama": 4, "qwen2": 2, "mistral": 1}       # name -> K/V heads (4 query heads)
+# name -> K/V heads (of 4 query heads). Mistral's window (8) cuts the 25-token sequences.
+MODELS = {"llama": 4, "qwen2": 2, "mistral": 1}
+# windows on alternating layers with softcap (Gemma 2) or sinks (gpt-oss): greedy only
+VARIANT_MODELS = {"gemma2": 2, "gpt_oss": 2}
 TF_MESHES = {"ring4": 1, "usp2x2": 2}                  # name -> Ulysses degree
 
 
-def build_model(kind: str, **overrides):
+def build_model(kind: str):
     """The same tiny float64 model (same weights) in every process."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig,
-                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+    import warnings
+
+    import transformers as tf
+    heads = {**MODELS, **VARIANT_MODELS}[kind]
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=MODELS[kind],
+                  num_attention_heads=4, num_key_value_heads=heads,
                   max_position_embeddings=256, tie_word_embeddings=False)
-    common.update(overrides)
-    cfg, cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config,
-                                                                      Qwen2ForCausalLM),
-                "mistral": (MistralConfig, MistralForCausalLM)}[kind]
+    alternating = dict(sliding_window=6, head_dim=16,
+                       layer_types=["sliding_attention", "full_attention"])
+    config = {
+        "llama": lambda: tf.LlamaConfig(**common),
+        "qwen2": lambda: tf.Qwen2Config(**common),
+        "mistral": lambda: tf.MistralConfig(**{"sliding_window": 8, **common}),
+        "gemma2": lambda: tf.Gemma2Config(attn_logit_softcapping=20.0, **alternating,
+                                          **common),
+        "gpt_oss": lambda: tf.GptOssConfig(num_local_experts=4, num_experts_per_tok=2,
+                                           **alternating, **common),
+    }
+    cls = {"llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM,
+           "mistral": tf.MistralForCausalLM, "gemma2": tf.Gemma2ForCausalLM,
+           "gpt_oss": tf.GptOssForCausalLM}[kind]
     torch.manual_seed(0)
-    return cls(cfg(**common)).double().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = cls(config[kind]()).double().eval()
+    if kind == "gpt_oss":
+        model.set_experts_implementation("eager")      # grouped_mm has no float64
+        for layer in model.model.layers:               # sinks start near zero: make them count
+            torch.nn.init.normal_(layer.self_attn.sinks, std=1.0)
+    return model
 
 
 def prompts(batch: int = 2, length: int = PROMPT, seed: int = 11) -> torch.Tensor:
@@ -364,7 +444,7 @@ def tf_refusals(dtf, meshes, ids):
     other_mesh_cache = dtf.ShardedCache(usp, llama.config)
     left_padded = torch.ones_like(ids)
     left_padded[0, :3] = 0
-    window = build_model("mistral", sliding_window=8)
+    window = build_model("mistral")
     res = {}
     with count_sent_bytes() as wire:
         call = lambda model=llama, x=ids, mesh=ring, **kw: (
@@ -374,7 +454,7 @@ def tf_refusals(dtf, meshes, ids):
         res["left_padding"] = _error(call(attention_mask=left_padded))
         res["beams"] = _error(call(num_beams=2))
         res["unknown_kwarg"] = _error(call(assistant_model=llama))
-        res["window"] = _error(call(model=window))
+        res["window"] = _error(call(model=window, prefill_chunk_size=WORLD + 1))
         res["bad_strategy"] = _error(call(strategy="pass_z"))
         res["chunk_too_small"] = _error(call(prefill_chunk_size=2))
         res["not_a_cache"] = _error(call(past_key_values=object()))
@@ -407,6 +487,11 @@ def tf_worker(rank: int, world: int) -> bytes:
         for mesh_name, mesh in meshes.items():
             greedy, sampled = _generate_cases(dtf, mesh, model, ids)
             results[f"{kind}-{mesh_name}"] = {"greedy": greedy, "sampled": sampled}
+    for kind in VARIANT_MODELS:
+        model = build_model(kind)
+        for mesh_name, mesh in meshes.items():
+            results[f"{kind}-{mesh_name}"] = {"greedy": dtf.generate(
+                model, ids, mesh, max_new_tokens=NEW, do_sample=False)}
     # continuations: pass-Q and pass-KV turns, and a chunked prefill; the cache's placement
     llama = build_model("llama")
     for mesh_name, mesh in meshes.items():
@@ -451,6 +536,9 @@ def tf_references():
         sampled = model.generate(ids, attention_mask=ones, max_new_tokens=NEW, do_sample=True,
                                  top_k=30, temperature=0.9)
         refs[kind] = {"greedy": greedy, "sampled": sampled}
+    for kind in VARIANT_MODELS:
+        refs[kind] = {"greedy": build_model(kind).generate(ids, max_new_tokens=NEW,
+                                                           do_sample=False)}
     llama = build_model("llama")
     gen = lambda x: llama.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW,
                                    do_sample=False)
@@ -461,7 +549,7 @@ def tf_references():
 
 
 @pytest.mark.parametrize("mesh_name", TF_MESHES)
-@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("kind", [*MODELS, *VARIANT_MODELS])
 def test_generate_greedy_equals_one_process(tf_results, tf_references, kind, mesh_name):
     ref = tf_references[kind]["greedy"]
     assert ref.shape == (2, PROMPT + NEW)
@@ -515,7 +603,7 @@ def test_generate_cache_is_sharded(tf_results, mesh_name):
     ("left_padding", "ValueError", "left padding"),
     ("beams", "ValueError", "num_beams=1"),
     ("unknown_kwarg", "ValueError", "assistant_model"),
-    ("window", "NotImplementedError", "sliding-window"),
+    ("window", "NotImplementedError", "sliding window (8 tokens)"),
     ("bad_strategy", "ValueError", "strategy"),
     ("chunk_too_small", "ValueError", "prefill_chunk_size"),
     ("not_a_cache", "ValueError", "ShardedCache"),

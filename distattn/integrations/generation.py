@@ -20,6 +20,10 @@ rank (docs/INFERENCE.md has the design):
    bit-identical logits, so greedy and sampled tokens (same seed on every rank) agree; that
    is checked once at the end.
 
+Sliding windows, soft-capping and sinks are passed on as the model's attention layers ask
+(``distattn.integrations.transformers`` maps them); a window that would cut a prefill step over
+cached tokens (``prefill_chunk_size`` or a continuation) is refused before any communication.
+
 For the duration of the call the model's attention implementation is a function bound to the
 cache, registered in transformers' ``AttentionInterface`` under a name unique to the cache and
 removed afterwards; the previous implementation is restored. A continuation (a new turn) passes
@@ -36,7 +40,7 @@ from ..inference import STRATEGIES, ShardedKVCache
 from ..layout import _all_gather
 from ..mesh import as_mesh
 from ..ulysses import check_heads
-from .transformers import _UNSUPPORTED_KWARGS, _transformers
+from .transformers import _UNSUPPORTED_KWARGS, _transformers, _variant
 
 # generate() arguments that work unchanged over a sharded cache (passed on to model.generate).
 SUPPORTED_GENERATE_KWARGS = frozenset({
@@ -137,7 +141,6 @@ class ShardedCache(_cache_base()):
                   **kwargs):
         """transformers attention function: query [B, Hq, n, D], key/value [B, Hkv, n, D] are
         the step's tokens as this rank holds them -> ([B, n, Hq, D], None)."""
-        step = self.sharded.step
         name = "dtf.generate"
         if attention_mask is not None:
             raise ValueError(f"{name}: attention masks are not supported (padding, custom "
@@ -146,20 +149,15 @@ class ShardedCache(_cache_base()):
             raise NotImplementedError(f"{name}: attention dropout ({dropout}) is not "
                                       f"supported; call model.eval()")
         for arg, what in _UNSUPPORTED_KWARGS.items():
-            if arg != "sliding_window" and kwargs.get(arg) is not None:
+            if kwargs.get(arg) is not None:
                 raise NotImplementedError(f"{name} does not support {what} ({arg}=...)")
-        window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
-        if window is not None and step.start + step.n_new > window:
-            raise NotImplementedError(
-                f"{name}: sliding-window attention (window {window}) is not supported yet, and "
-                f"the sequence ({step.start + step.n_new} tokens) is longer than the window")
         if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
             raise NotImplementedError(f"{name} runs causal attention only")
         if kwargs.get("output_attentions"):
             raise NotImplementedError(f"{name} never materialises attention weights")
         out = self.sharded.attend(module.layer_idx, query.transpose(1, 2),
                                   key.transpose(1, 2), value.transpose(1, 2),
-                                  softmax_scale=scaling)
+                                  softmax_scale=scaling, **_variant(module, kwargs))
         return out, None
 
 
@@ -193,8 +191,9 @@ def _effective_config(model, kwargs):
     return config
 
 
-def _check_generate_kwargs(model, input_ids, mesh, kwargs) -> int | None:
-    """Raise for what dtf.generate cannot do; returns the prefill chunk size (or None)."""
+def _check_generate_kwargs(model, input_ids, mesh, kwargs) -> tuple:
+    """Raise for what dtf.generate cannot do; returns the prefill chunk size (or None) and
+    the final length (None when transformers' defaults decide it)."""
     unknown = sorted(set(kwargs) - SUPPORTED_GENERATE_KWARGS)
     if unknown:
         raise ValueError(f"dtf.generate does not support the generate argument(s) {unknown}; "
@@ -211,16 +210,6 @@ def _check_generate_kwargs(model, input_ids, mesh, kwargs) -> int | None:
                          "custom masks: attention_mask must be all ones with the shape of "
                          "input_ids. Batch prompts of equal length, or generate them one by one")
     text = model.config.get_text_config(decoder=True)
-    window = getattr(text, "sliding_window", None)
-    if window is not None and getattr(text, "use_sliding_window", True):
-        # the final length when it is known now (else the attention function checks each step)
-        total = (input_ids.shape[1] + config.max_new_tokens if config.max_new_tokens is not None
-                 else config.max_length)
-        if total is not None and total > window:
-            raise NotImplementedError(
-                f"dtf.generate: sliding-window attention is not supported yet, and the "
-                f"sequence may reach {total} tokens, more than the window ({window}); "
-                f"generate at most {window} tokens in all")
     if mesh.ulysses_degree > 1:
         check_heads(text.num_attention_heads,
                     getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
@@ -229,7 +218,27 @@ def _check_generate_kwargs(model, input_ids, mesh, kwargs) -> int | None:
     if chunk is not None and (not isinstance(chunk, int) or chunk < mesh.size):
         raise ValueError(f"prefill_chunk_size must be an int of at least the mesh size "
                          f"({mesh.size}) or None, got {chunk!r}")
-    return chunk
+    # the final length when it is known now (None: up to transformers' defaults)
+    total = (input_ids.shape[1] + config.max_new_tokens if config.max_new_tokens is not None
+             else config.max_length)
+    return chunk, total
+
+
+def _check_window(model, input_ids, cached, chunk, total) -> None:
+    """Sliding windows run on the prompt's prefill and on decode steps; a prefill step over
+    cached tokens (a chunk after the first, or a continuation) cannot have one that cuts."""
+    text = model.config.get_text_config(decoder=True)
+    width = getattr(text, "sliding_window", None)
+    if width is None or not getattr(text, "use_sliding_window", True):
+        return
+    prefill = input_ids.shape[1] - 1 - cached           # tokens prefilled sharded
+    over_cache = (cached > 0 and prefill > 0) or (chunk is not None and prefill > chunk)
+    if over_cache and (total is None or total > width):
+        raise NotImplementedError(
+            f"dtf.generate: the model's sliding window ({width} tokens) would cut a prefill "
+            f"step over cached tokens ({'a continuation' if cached else 'prefill_chunk_size'}"
+            f"), which is not supported: prefill the prompt in one step (no "
+            f"prefill_chunk_size), or keep the whole sequence within {width} tokens")
 
 
 def _resolve_cache(past_key_values, mesh, model, input_ids, layout, backend) -> ShardedCache:
@@ -273,8 +282,9 @@ def _check_call(model, input_ids, mesh, past_key_values, layout, backend, strate
                          f"got {getattr(input_ids, 'shape', type(input_ids).__name__)}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    chunk = _check_generate_kwargs(model, input_ids, mesh, kwargs)
+    chunk, total = _check_generate_kwargs(model, input_ids, mesh, kwargs)
     cache = _resolve_cache(past_key_values, mesh, model, input_ids, layout, backend)
+    _check_window(model, input_ids, cache.get_seq_length(), chunk, total)
     if cache.get_seq_length() == 0 and input_ids.shape[1] <= mesh.size:
         raise ValueError(
             f"input_ids has {input_ids.shape[1]} tokens: generating over a mesh of "
@@ -329,9 +339,11 @@ def generate(model, input_ids: torch.Tensor, mesh, *, past_key_values: ShardedCa
     continue it (``input_ids`` must then start with its ``token_ids``). ``layout`` (default
     "zigzag") and ``backend`` (default "auto") configure the cache built when none is given.
     ``strategy``: "auto", "pass_kv" or "pass_q" for prefill chunks over a non-empty cache
-    (``prefill_chunk_size``, or a continuation). Unsupported generate arguments (beam search,
-    assisted decoding, other caches, attention or hidden-state outputs, padding) and a
-    sliding window the sequence could exceed raise before any communication.
+    (``prefill_chunk_size``, or a continuation). Sliding windows, logit soft-capping and
+    attention sinks run as the model asks (Mistral, Qwen2, Gemma 2, gpt-oss, ...), except a
+    window that would cut a prefill step over cached tokens. Unsupported generate arguments
+    (beam search, assisted decoding, other caches, attention or hidden-state outputs,
+    padding) and that window raise before any communication.
     """
     mesh = as_mesh(mesh)
     cache, chunk = _check_call(model, input_ids, mesh, past_key_values, layout, backend,
