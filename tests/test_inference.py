@@ -618,3 +618,33 @@ def test_generate_refuses_before_communicating(tf_results, what, exc, words):
         assert res["collectives_during_errors"] == 0
         assert res["attn_implementation_kept"] == "sdpa"
         assert res["good_after_errors"] == PROMPT + 2
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark's smoke mode (data only, never timings)
+# ---------------------------------------------------------------------------------------------
+def test_bench_inference_smoke(tmp_path):
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "bench/inference.py", "--smoke", "--worlds", "1,4",
+                           "--out", str(tmp_path)], cwd=root, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tmp_path / "inference.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(int(r["P"]), int(r["context"])) for r in rows} == {(1, 64), (1, 256), (4, 64),
+                                                                 (4, 256)}
+    for r in rows:   # smoke heads: Hq 4, D 16, batch 1, fp32; ring of P
+        assert int(r["decode bytes/step"]) == int(r["expected bytes/step"]) == \
+            (int(r["P"]) - 1) * 4 * 17 * 4
+        assert float(r["cache MiB/rank"]) <= 1.3 * float(r["full cache MiB"]) / int(r["P"]) + 0.01
+    with open(tmp_path / "inference_chunks.csv", newline="") as f:
+        chunks = list(csv.DictReader(f))
+    assert len(chunks) == 4 * 3 and {r["auto picks"] for r in chunks} <= {"pass_kv", "pass_q"}
+    for r in chunks:
+        if int(r["P"]) > 1:
+            assert float(r["pass_kv MiB sent"]) > 0 and float(r["pass_q MiB sent"]) > 0
