@@ -66,7 +66,7 @@ def ring_rank_heads(hq: int, hkv: int, ulysses: int) -> tuple[int, int]:
 
 def attention_flops(batch: int, seq: int, hq: int, head_dim: int, causal: bool,
                     backward: bool = False) -> float:
-    """FLOPs of attention over ``seq`` tokens (DESIGN.md section 5): 4*B*H*S*S*D forward,
+    """FLOPs of attention over ``seq`` tokens (docs/BENCHMARKS.md): 4*B*H*S*S*D forward,
     halved for causal; backward is 2.5x the forward."""
     f = 4.0 * batch * hq * seq * seq * head_dim * (0.5 if causal else 1.0)
     return f * 2.5 if backward else f

@@ -4,7 +4,7 @@
 
 1. TFLOP/s of forward and backward on the FlashAttention-3 paper's shapes: batch * seqlen =
    16k tokens, Hq * head_dim = 2048, seqlen 1k..16k, head_dim 64 and 128, causal and not.
-   FLOPs = 4 * B * H * Sq * Sk * D forward (x0.5 causal), x2.5 for backward (DESIGN.md s5).
+   FLOPs = 4 * B * H * Sq * Sk * D forward (x0.5 causal), x2.5 for backward (docs/BENCHMARKS.md).
    Each method runs in its own native layout: distattn on [B, S, H, D], SDPA on [B, H, S, D].
    Backward of distattn includes its delta preprocessing; backward of SDPA is autograd's
    backward of the SDPA node (retain_graph), i.e. the ATen backward kernel.

@@ -161,9 +161,10 @@ def _summary(loads, sent, pieces, smallest, steps, lay: RingLayout) -> dict:
             "steps": steps, "padding": 1 - S / (P * lay.part_len)}
 
 
-def ring_metrics(lay: RingLayout) -> dict:
-    """Metrics of the causal ring plan over ``lay`` (see the module docstring)."""
-    plan = ring_plan(lay, causal=True)
+def ring_metrics(lay: RingLayout, window=None) -> dict:
+    """Metrics of the causal ring plan over ``lay`` (see the module docstring), with an
+    optional sliding ``window``."""
+    plan = ring_plan(lay, causal=True, window=window)
     P, n = lay.ring_degree, lay.part_len
     loads, sent, pieces, smallest = [], [], [], []
     for r in range(P):
@@ -174,7 +175,7 @@ def ring_metrics(lay: RingLayout) -> dict:
         smallest.append(min(per_piece, default=None))
         # rank r forwards what it holds at step t to rank r + 1 for step t + 1
         sent.append(sum(_len(plan.key_slots((r + 1) % P, t + 1)) for t in range(plan.steps - 1)))
-    return _summary(loads, sent, pieces, smallest, plan.steps, lay)
+    return {**_summary(loads, sent, pieces, smallest, plan.steps, lay), "pairs": sum(loads)}
 
 
 def all_gather_metrics(cu: tuple, P: int) -> dict:

@@ -1,6 +1,6 @@
 """distattn: exact attention over sequences split across the ranks of a sequence-parallel group.
 
-Public API (DESIGN.md section 1)::
+Public API (README.md; architecture in docs/DESIGN.md)::
 
     mesh = distattn.SPMesh.build(ulysses_degree=2, ring_degree=2)
     local = distattn.shard(x, mesh, dim=1, layout="zigzag")

@@ -1,4 +1,4 @@
-"""``dist_flash_attn``: the entry point training code calls (DESIGN.md section 1).
+"""``dist_flash_attn``: the entry point training code calls (README.md; docs/DESIGN.md).
 
 All arguments are checked on every rank before any communication starts, so a bad call raises
 the same clear error everywhere instead of leaving other ranks waiting in a collective.
@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from .agree import check_agreement, fail_everywhere
 from .documents import check_cu_seqlens
 from .hybrid import USPAttention, usp_backward
 from .kernels import BACKENDS, get_backend
@@ -105,17 +106,17 @@ def _check_tensors(q, k, v) -> None:
 
 
 def _resolve_schedule(schedule: str, layout: str, causal: bool, part_len: int, R: int,
-                      documents: bool) -> str:
-    """"auto" -> "helper" for contiguous causal attention over a ring without documents (when
-    the ring part splits in the halves its last step needs), else "ring". With documents the
-    helper schedule's balance no longer holds, so "auto" keeps the ring. An explicit "helper"
-    is checked."""
+                      documents: bool, window: bool) -> str:
+    """"auto" -> "helper" for contiguous causal attention over a ring without documents or
+    window (when the ring part splits in the halves its last step needs), else "ring". With
+    documents the helper schedule's balance no longer holds, and with a window the ring stops
+    early and sends less, so "auto" keeps the ring. An explicit "helper" is checked."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     needs_even = R % 2 == 0 and R > 1
     if schedule == "auto":
         usable = (layout == "contiguous" and causal and R > 1 and not documents
-                  and not (needs_even and part_len % 2))
+                  and not window and not (needs_even and part_len % 2))
         return "helper" if usable else "ring"
     if schedule == "helper":
         if layout != "contiguous" or not causal:
@@ -190,7 +191,7 @@ def prepare(q, k, v, *, mesh=None, causal=False, softmax_scale=None, layout="con
         check_heads(q.shape[2], k.shape[2], U)
     lay = _ring_layout(q, mesh, layout, cu_seqlens)
     schedule = _resolve_schedule(schedule, layout, causal, lay.part_len, R,
-                                 cu_seqlens is not None)
+                                 cu_seqlens is not None, window is not None)
     block_backend = get_backend(backend, q, k, v, window=window is not None,
                                 softcap=bool(softcap))
     if sinks is not None and U > 1:        # the executor sees this rank's head shard
@@ -235,11 +236,20 @@ def dist_flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mesh=N
     ``profiler``: a ``distattn.profile.StepProfiler`` to record per-step compute and
     communication-wait times.
     """
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
-    cfg = prepare(q, k, v, mesh=mesh, causal=causal, softmax_scale=softmax_scale,
-                  layout=layout, schedule=schedule, backend=backend, profiler=profiler,
-                  cu_seqlens=cu_seqlens, window=window, softcap=softcap, sinks=sinks)
+    try:
+        if not isinstance(return_lse, bool):
+            raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+        cfg = prepare(q, k, v, mesh=mesh, causal=causal, softmax_scale=softmax_scale,
+                      layout=layout, schedule=schedule, backend=backend, profiler=profiler,
+                      cu_seqlens=cu_seqlens, window=window, softcap=softcap, sinks=sinks)
+    except Exception as exc:   # raises it (with DISTATTN_CHECK: on every rank, at once)
+        fail_everywhere(mesh, "dist_flash_attn", exc)
+    check_agreement(cfg.mesh, "dist_flash_attn", dict(
+        q=q, k=k, v=v, causal=causal, softmax_scale=cfg.scale, layout=layout,
+        schedule=schedule, backend=backend, cu_seqlens=check_cu_seqlens(cu_seqlens),
+        window=window, softcap=softcap, sinks=sinks,
+        requires_grad=torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, sinks))))
     out, lse = USPAttention.apply(q, k, v, sinks, cfg)
     return (out, lse) if return_lse else out
 
@@ -250,7 +260,15 @@ def dist_flash_attn_backward(dout, q, k, v, out, lse, **kwargs):
     ``sinks=`` also this rank's share of dsinks as a fourth element. Runs the backward's
     communication and kernels only, never the forward (rematerialization-aware checkpointing
     uses this). Every rank of the mesh must call it."""
-    cfg = prepare(q, k, v, **kwargs)
+    try:
+        cfg = prepare(q, k, v, **kwargs)
+    except Exception as exc:   # raises it (with DISTATTN_CHECK: on every rank, at once)
+        fail_everywhere(kwargs.get("mesh"), "dist_flash_attn_backward", exc)
+    check_agreement(cfg.mesh, "dist_flash_attn_backward", dict(
+        dout=dout, q=q, k=k, v=v, out=out, lse=lse, softmax_scale=cfg.scale,
+        **{name: value for name, value in kwargs.items()
+           if name not in ("mesh", "profiler", "softmax_scale", "cu_seqlens")},
+        cu_seqlens=check_cu_seqlens(kwargs.get("cu_seqlens"))))
     grads = usp_backward(dout, q, k, v, out, lse, cfg)
     sinks = kwargs.get("sinks")
     return grads if sinks is None else grads + (sinks_grad(dout, out, lse, sinks),)

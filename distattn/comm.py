@@ -3,8 +3,16 @@
 Both run on NCCL (GPU) and gloo (CPU) with the same code. Nothing here synchronises the host
 with the device: a ``RingExchange`` returns the work handles of one batched send+receive, and
 ``wait`` makes the caller's stream (or thread, on CPU) wait for them.
+
+Every wait goes through ``wait_all``, which turns a backend failure (a peer that died, a
+timeout of the mesh's groups, mismatched sizes) into a ``CommunicationError`` naming the
+distattn collective that was waiting. On CPU (gloo) the wait blocks, so that is where a
+failure shows. On NCCL a wait only orders streams: a hung peer is reported by NCCL's watchdog
+after the group's timeout, and ``wait_all`` sees errors only with TORCH_NCCL_BLOCKING_WAIT=1.
 """
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.distributed as dist
@@ -12,13 +20,37 @@ import torch.distributed as dist
 from .mesh import SPMesh
 
 
+class CommunicationError(RuntimeError):
+    """A wait of distattn's communication failed: the message names the collective."""
+
+
+def wait_all(works, what) -> None:
+    """Wait for every work handle in ``works``. ``what`` describes the collective (a str, or
+    a function returning one, called only on failure). Raises ``CommunicationError`` (a
+    RuntimeError) chained to the backend's error."""
+    start = time.monotonic()
+    try:
+        for work in works:
+            work.wait()
+    except RuntimeError as exc:   # torch's DistBackendError is a RuntimeError too
+        desc = what() if callable(what) else what
+        raise CommunicationError(
+            f"distattn: {desc} failed after waiting {time.monotonic() - start:.1f} s "
+            f"({type(exc).__name__}: {exc}). A rank of the mesh died, hung, skipped this call, "
+            f"or called it with different arguments; the other ranks fail too, at the latest "
+            f"after the mesh timeout (SPMesh.build(timeout=...)). Run every rank with "
+            f"DISTATTN_CHECK=1 to name a disagreement. The process group cannot be used "
+            f"after this error") from exc
+
+
 class RingExchange:
     """Send to the ring rank ``hops`` ahead while receiving from the one ``hops`` behind.
 
     ``start(send, recv, hops=1)`` posts both as one ``batch_isend_irecv`` and returns a handle;
-    ``wait(handle)`` completes it. Every rank of the ring must post the same sequence of
-    exchanges, and the sizes of each sender and its receiver must agree (plans make them
-    agree). Empty tensors are neither sent nor received.
+    ``wait(handle, what)`` completes it (``what``, e.g. "ring step 2 forward", names it in
+    errors). Every rank of the ring must post the same sequence of exchanges, and the sizes of
+    each sender and its receiver must agree (plans make them agree). Empty tensors are neither
+    sent nor received.
     """
 
     def __init__(self, mesh: SPMesh):
@@ -37,17 +69,16 @@ class RingExchange:
                                   self.group))
         return dist.batch_isend_irecv(ops) if ops else []
 
-    @staticmethod
-    def wait(handle) -> None:
-        for work in handle:
-            work.wait()
+    def wait(self, handle, what: str = "ring exchange") -> None:
+        wait_all(handle, lambda: f"{what} (ring rank {self.rank} of ranks {list(self.ranks)})")
 
 
-def all_to_all(x: torch.Tensor, group, world: int, scatter_dim: int,
-               gather_dim: int) -> torch.Tensor:
+def all_to_all(x: torch.Tensor, group, world: int, scatter_dim: int, gather_dim: int,
+               what: str = "Ulysses all-to-all") -> torch.Tensor:
     """Split ``x`` into ``world`` equal parts along ``scatter_dim``; part i goes to group rank
     i; the parts received are concatenated in rank order along ``gather_dim``. Not
-    differentiable (see ``ulysses.seq_to_heads`` for the autograd-aware form)."""
+    differentiable (see ``ulysses.seq_to_heads`` for the autograd-aware form). ``what``
+    names it in errors."""
     if world == 1:
         return x
     scatter_dim %= x.dim()
@@ -61,7 +92,9 @@ def all_to_all(x: torch.Tensor, group, world: int, scatter_dim: int,
     split = shape[:scatter_dim] + [world, shape[scatter_dim] // world] + shape[scatter_dim + 1:]
     send = x.reshape(split).movedim(scatter_dim, 0).contiguous()
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
+    work = dist.all_to_all_single(recv, send, group=group, async_op=True)
+    wait_all([work], lambda: f"{what} of {tuple(x.shape)} over ranks "
+                             f"{dist.get_process_group_ranks(group)}")
     # recv[i] is source rank i's part; put the source index right before gather_dim's
     # elements and merge the two.
     recv = recv.movedim(0, gather_dim)

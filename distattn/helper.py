@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .comm import wait_all
 from .kernels.mask import accumulation_dtype
 from .merge import merge_, new_accumulators
 from .profile import span
@@ -64,9 +65,9 @@ class _Exchange:
         self.works = dist.batch_isend_irecv(self.ops) if self.ops else []
         return self
 
-    def wait(self):
-        for w in self.works:
-            w.wait()
+    def wait(self, what: str):
+        wait_all(self.works, lambda: f"{what} (peers: ranks "
+                                     f"{sorted({op.peer for op in self.ops})})")
 
 
 def _drive(cfg: RingConfig, device, pass_name, post_inputs, post_returns, compute, absorb):
@@ -88,7 +89,7 @@ def _drive(cfg: RingConfig, device, pass_name, post_inputs, post_returns, comput
             if t >= 1:                     # step 0 (the diagonal) returns nothing
                 results[t] = result
         with span(prof, "wait", t, device):
-            ex.wait()
+            ex.wait(f"helper step {t} {pass_name}")
         if t - 1 >= 1:
             absorb(t - 1)
 

@@ -1,4 +1,4 @@
-"""Online-softmax merge of partial attention results (DESIGN.md section 2).
+"""Online-softmax merge of partial attention results (docs/DESIGN.md, "Merge and sinks").
 
 Two partial results over disjoint key sets, (out_a, lse_a) and (out_b, lse_b), combine into
 the result over the union:

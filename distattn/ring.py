@@ -97,7 +97,7 @@ def ring_forward(q, k, v, cfg: RingConfig):
                                      mask=masks[t], softcap=cfg.softcap)
         if t + 1 < T:
             with span(prof, "wait", t, q.device):
-                ring.wait(handle)
+                ring.wait(handle, f"ring step {t} forward")
             cur = nxt
     return finish_forward(out_acc, lse_acc, q.dtype, cfg)
 
@@ -136,7 +136,7 @@ def ring_backward(dout, q, k, v, out, lse, cfg: RingConfig):
                                       softcap=cfg.softcap)
         with span(prof, "wait", t, q.device):
             if grad_handle is not None:   # partial sum for the K/V held now, from prev rank
-                ring.wait(grad_handle)
+                ring.wait(grad_handle, f"ring step {t} backward (dK/dV)")
                 mine.add_(grads.view(2, owner))
                 grad_handle = None
             if t >= 1 and t + 1 < T:      # pass it on to the next holder
@@ -144,11 +144,11 @@ def ring_backward(dout, q, k, v, out, lse, cfg: RingConfig):
             elif t >= 1:                  # last step: straight back to the owner
                 grad_handle = ring.start(mine, grads.view(2, r), hops=R - t)
             if t + 1 < T:
-                ring.wait(kv_handle)
+                ring.wait(kv_handle, f"ring step {t} backward (K/V)")
                 cur = nxt
     if grad_handle is not None:
         with span(prof, "wait", T, q.device):
-            ring.wait(grad_handle)
+            ring.wait(grad_handle, "ring backward, last dK/dV hop")
         a, b = plan.payload[r]
         dkv_local[:, :, a:b].add_(grads.view(2, r))
     return dq_acc.to(q.dtype), dkv_local[0].to(k.dtype), dkv_local[1].to(v.dtype)

@@ -10,6 +10,12 @@ itself, so much of the text can only be predicted by attending far back, across 
     python examples/train.py --nproc 2 --ulysses 2 --checkpoint remat
     torchrun --nproc-per-node 8 examples/train.py --ulysses 2 --seq-len 16384
     python examples/train.py --check              # 20 steps, compared with a one-process model
+    python examples/train.py --packed --layout packed --check   # packed documents
+
+With ``--packed`` each step packs documents of varied lengths (``--docs``) into one row of
+``batch-size x seq-len`` tokens, as transformers' DataCollatorWithFlattening does: position
+ids restart at every document, labels are -100 at document starts, and no token attends
+across documents (the row takes any length; the layout pads what it needs).
 
 With ``--check``, rank 0 also runs an ordinary single-process copy of the model on the full
 sequences (transformers' own attention and loss) at the same weights every step, prints the
@@ -82,6 +88,36 @@ def decode(ids) -> str:
     return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
+def document_lengths(spec: str, total: int, rng: random.Random) -> list[int]:
+    """Lengths of the documents of one packed row of ``total`` tokens: ``spec`` "mix" draws a
+    long-tailed mix (many short documents, a few up to a quarter of the row); a list like
+    "100,700,30" repeats those lengths. The last document is cut to fit."""
+    lens = []
+    while sum(lens) < total:
+        if spec == "mix":
+            lens.append(max(2, int(math.exp(rng.uniform(math.log(8), math.log(total / 4))))))
+        else:
+            lens.append(int(spec.split(",")[len(lens) % len(spec.split(","))]))
+    lens[-1] -= sum(lens) - total
+    return [n for n in lens if n > 0]
+
+
+def packed_batches(corpus: torch.Tensor, total: int, spec: str, seed: int):
+    """Endless packed rows: (input_ids [1, total], labels, position_ids, document lengths).
+    Each document is its own random window of the corpus."""
+    rng = random.Random(seed)
+    while True:
+        lens = document_lengths(spec, total, rng)
+        docs = [corpus[s:s + n] for n in lens
+                for s in [rng.randrange(0, corpus.numel() - n)]]
+        ids = torch.cat(docs).unsqueeze(0)
+        labels = ids.clone()
+        starts = torch.tensor([0] + lens).cumsum(0)[:-1]
+        labels[0, starts] = -100          # nothing predicts a document's first token
+        pos = torch.cat([torch.arange(n) for n in lens]).unsqueeze(0)
+        yield ids, labels, pos, lens
+
+
 def batches(corpus: torch.Tensor, batch: int, seq_len: int, seed: int):
     """Endless random windows of the corpus ([batch, seq_len] int64), the same sequence on
     every rank that passes the same seed."""
@@ -144,10 +180,16 @@ def train(args) -> int:
         raise SystemExit(f"--sp {sp} must divide the world size {world}")
     if sp % args.ulysses:
         raise SystemExit(f"--ulysses {args.ulysses} must divide the SP size {sp}")
-    multiple = seq_multiple(args.layout, sp // args.ulysses, args.ulysses)
-    if args.seq_len % multiple:
-        raise SystemExit(f"--seq-len {args.seq_len} must be a multiple of {multiple} for "
-                         f"layout {args.layout} over {args.ulysses} x {sp // args.ulysses}")
+    if args.layout == "packed" and not args.packed:
+        raise SystemExit("--layout packed places documents: add --packed")
+    if args.docs != "mix" and not args.packed:
+        raise SystemExit("--docs describes packed documents: add --packed")
+    if not args.packed:
+        multiple = seq_multiple(args.layout, sp // args.ulysses, args.ulysses)
+        if args.seq_len % multiple:
+            raise SystemExit(f"--seq-len {args.seq_len} must be a multiple of {multiple} for "
+                             f"layout {args.layout} over {args.ulysses} x {sp // args.ulysses} "
+                             f"(or use --packed: a packed row takes any length)")
     if args.check and sp != world:
         raise SystemExit("--check compares one SP group with one process: use --sp = world")
 
@@ -169,7 +211,10 @@ def train(args) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01,
                             betas=(0.9, 0.95))
     corpus = torch.tensor(list(make_corpus(args.corpus_bytes, seed=args.seed)), dtype=torch.long)
-    data = batches(corpus, args.batch_size, args.seq_len, seed=args.seed + 1 + dp_rank)
+    row_tokens = args.batch_size * args.seq_len
+    data = (packed_batches(corpus, row_tokens, args.docs, seed=args.seed + 1 + dp_rank)
+            if args.packed else batches(corpus, args.batch_size, args.seq_len,
+                                        seed=args.seed + 1 + dp_rank))
 
     ref = ref_opt = None
     if args.check and rank == 0:
@@ -180,8 +225,10 @@ def train(args) -> int:
               f"{world // sp} data-parallel x SP {mesh}, layout {args.layout}, "
               f"checkpoint {args.checkpoint}, {str(dtype).replace('torch.', '')}\n"
               f"model: Llama {args.layers} layers, hidden {args.hidden}, heads {args.heads}/"
-              f"{args.kv_heads} (GQA), {n_params / 1e6:.2f} M parameters; batch "
-              f"{args.batch_size} x {args.seq_len} tokens, {args.seq_len // sp} per rank",
+              f"{args.kv_heads} (GQA), {n_params / 1e6:.2f} M parameters; "
+              + (f"packed rows of {row_tokens} tokens (documents: {args.docs})"
+                 if args.packed else f"batch {args.batch_size} x {args.seq_len} tokens, "
+                                     f"{args.seq_len // sp} per rank"),
               flush=True)
 
     tty = sys.stdout.isatty()
@@ -189,17 +236,23 @@ def train(args) -> int:
     losses, check_worst = [], {"loss": 0.0, "grad": 0.0}
     t_start = time.perf_counter()
     for step in range(args.steps):
-        ids = next(data).to(device)
-        local = dtf.shard_batch({"input_ids": ids}, mesh, layout=args.layout)
+        if args.packed:
+            ids, labels, pos, lens = (t.to(device) if torch.is_tensor(t) else t
+                                      for t in next(data))
+            batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
+        else:
+            ids = next(data).to(device)
+            batch, lens = {"input_ids": ids}, None
+        local = dtf.shard_batch(batch, mesh, layout=args.layout)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-        out = ddp(input_ids=local["input_ids"], position_ids=local["position_ids"],
-                  use_cache=False)
+        # every key but shift_labels is a model input (packed rows: document boundaries too)
+        out = ddp(**{k: v for k, v in local.items() if k != "shift_labels"}, use_cache=False)
         loss = dtf.sp_loss(out.logits, local["shift_labels"], mesh)
         # DDP averages over all dp*sp ranks; sp_loss gradients must be summed over SP.
         (loss * mesh.size).backward()
         if ref is not None:
-            check_worst = _check_step(step, model, ref, ids, loss, check_worst)
+            check_worst = _check_step(step, model, ref, batch, lens, loss, check_worst)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -242,11 +295,28 @@ def train(args) -> int:
 CHECK_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 
 
-def _check_step(step, model, ref, ids, loss, worst):
+def _reference_loss(ref, batch, lens):
+    """The single-process loss on the full batch; for a packed row, every document on its
+    own (the token mean over all documents), which is what packing must reproduce."""
+    ids = batch["input_ids"]
+    if lens is None:
+        return ref(input_ids=ids, labels=ids, use_cache=False).loss
+    total, count, start = 0.0, 0, 0
+    for n in lens:
+        logits = ref(input_ids=ids[:, start:start + n], use_cache=False).logits[0, :-1]
+        target = batch["labels"][0, start + 1:start + n]
+        total = total + torch.nn.functional.cross_entropy(logits.float(), target,
+                                                          ignore_index=-100, reduction="sum")
+        count += int((target != -100).sum())
+        start += n
+    return total / count
+
+
+def _check_step(step, model, ref, batch, lens, loss, worst):
     """Rank 0 only: the single-process model at the same weights, on the full batch."""
     ref.load_state_dict(model.state_dict())
     ref.zero_grad(set_to_none=True)
-    ref_loss = ref(input_ids=ids, labels=ids, use_cache=False).loss
+    ref_loss = _reference_loss(ref, batch, lens)
     ref_loss.backward()
     loss_err = abs(loss.item() - ref_loss.item()) / abs(ref_loss.item())
     # Gradient difference relative to the gradient's overall scale: tensors whose gradient is
@@ -316,7 +386,13 @@ def parse_args(argv=None):
                         "or 4 CPU processes)")
     p.add_argument("--sp", type=int, default=None, help="SP group size (default: all ranks)")
     p.add_argument("--ulysses", type=int, default=1, help="Ulysses degree inside the SP group")
-    p.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous", "stripe"])
+    p.add_argument("--layout", default="zigzag",
+                   choices=["zigzag", "contiguous", "stripe", "packed"],
+                   help="token layout; 'packed' (with --packed) keeps short documents whole")
+    p.add_argument("--packed", action="store_true",
+                   help="pack documents into one row of batch-size x seq-len tokens")
+    p.add_argument("--docs", default="mix",
+                   help="with --packed: 'mix' (long-tailed lengths) or lengths like 100,700,30")
     p.add_argument("--checkpoint", default="remat", choices=["none", "remat", "torch"],
                    help="activation checkpointing: rematerialization-aware, plain, or none")
     p.add_argument("--steps", type=int, default=None,

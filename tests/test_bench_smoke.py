@@ -100,3 +100,17 @@ def test_varlen_smoke(tmp_path):
         assert float(r["bytes max/ring"]) <= 1.0, (mix, r)
     # the all-gather sends (P-1) x the local K/V, as a plain ring does
     assert all(float(r["bytes max/ring"]) == 1.0 for r in rows if r["layout"] == "all-gather")
+
+
+def test_window_smoke(tmp_path):
+    out = _run(["bench/window.py", "--smoke"], tmp_path, timeout=120)
+    rows = {(r["layout"], r["W"]): r for r in _csv(tmp_path / "window.csv")}
+    assert len(rows) == 12 and "| contiguous |" in out
+    S = 8 * 128
+    plain = rows[("contiguous", "S (no window)")]
+    assert int(plain["steps"]) == 8 and float(plain["bytes max/ring"]) == 1.0
+    narrow = rows[("contiguous", f"S/64 = {S // 64}")]
+    # a window narrower than a rank's part needs one neighbour: one hop of W - 1 keys
+    assert int(narrow["steps"]) == 2
+    assert float(narrow["bytes max/ring"]) == (S // 64 - 1) / (7 * S / 8)
+    assert float(narrow["work/causal"]) < 0.04

@@ -99,9 +99,28 @@ def _refusals(mesh, ids, dtf):
     }
 
 
-def run_cases(rank, world):
+def sp_train_step(model, mesh, layout, batch, ckpt, name):
+    """One distattn training step of ``model`` on ``batch`` (registered as ``name``): returns
+    (local shard, output, loss, parameter gradients summed over the world = the SP group)."""
     import torch.distributed as dist
+    from distattn.integrations import transformers as dtf
 
+    model.set_attn_implementation(dtf.register(mesh, layout=layout, name=name))
+    if ckpt:
+        dtf.checkpoint_layers(model)
+    local = dtf.shard_batch(batch, mesh, layout=layout)
+    out = model(**{k: v for k, v in local.items() if k != "shift_labels"}, use_cache=False)
+    loss = dtf.sp_loss(out.logits, local["shift_labels"], mesh)
+    loss.backward()
+    grads = {}
+    for pname, p in model.named_parameters():
+        g = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(g)
+        grads[pname] = g
+    return local, out, loss, grads
+
+
+def run_cases(rank, world):
     import distattn
     from distattn.integrations import transformers as dtf
 
@@ -111,21 +130,9 @@ def run_cases(rank, world):
     for case in CASES:
         kind, mesh_name, layout, ckpt = case
         mesh = meshes[mesh_name]
-        name = dtf.register(mesh, layout=layout, name=f"distattn_{mesh_name}_{layout}")
-        model = build_model(kind)
-        model.set_attn_implementation(name)
-        if ckpt:
-            dtf.checkpoint_layers(model)
-        local = dtf.shard_batch({"input_ids": ids, "labels": labels}, mesh, layout=layout)
-        out = model(input_ids=local["input_ids"], position_ids=local["position_ids"],
-                    use_cache=False)
-        loss = dtf.sp_loss(out.logits, local["shift_labels"], mesh)
-        loss.backward()
-        grads = {}
-        for pname, p in model.named_parameters():
-            g = p.grad.detach().clone()
-            dist.all_reduce(g)      # the SP group is the whole world here
-            grads[pname] = g
+        local, out, loss, grads = sp_train_step(
+            build_model(kind), mesh, layout, {"input_ids": ids, "labels": labels}, ckpt,
+            f"distattn_{mesh_name}_{layout}")
         results[case_id(case)] = {
             "loss": loss.detach().clone(),
             "logits": distattn.unshard(out.logits.detach(), mesh, dim=1, layout=layout),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from spawn import run_world
-from test_transformers import _from_bytes, _to_bytes, build_model, rel_err
+from test_transformers import _from_bytes, _to_bytes, build_model, rel_err, sp_train_step
 
 pytest.importorskip("transformers")
 
@@ -54,21 +54,9 @@ def run_cases(rank, world):
     results = {}
     for case in CASES:
         kind, mesh_name, layout, ckpt = case
-        mesh = meshes[mesh_name]
-        name = dtf.register(mesh, layout=layout, name=f"distattn_packed_{mesh_name}_{layout}")
-        model = build_model(kind)
-        model.set_attn_implementation(name)
-        if ckpt:
-            dtf.checkpoint_layers(model)
-        local = dtf.shard_batch(batch, mesh, layout=layout)
-        out = model(**{k: v for k, v in local.items() if k != "shift_labels"}, use_cache=False)
-        loss = dtf.sp_loss(out.logits, local["shift_labels"], mesh)
-        loss.backward()
-        grads = {}
-        for pname, p in model.named_parameters():
-            g = p.grad.detach().clone()
-            dist.all_reduce(g)      # the SP group is the whole world here
-            grads[pname] = g
+        local, _, loss, grads = sp_train_step(build_model(kind), meshes[mesh_name], layout,
+                                              batch, ckpt,
+                                              f"distattn_packed_{mesh_name}_{layout}")
         results[case_id(case)] = {"loss": loss.detach().clone(),
                                   "grads": grads if rank == 0 else None,
                                   "keys": sorted(local),

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from spawn import run_world
-from test_transformers import _from_bytes, _to_bytes, rel_err
+from test_transformers import _from_bytes, _to_bytes, rel_err, sp_train_step
 
 pytest.importorskip("transformers")
 
@@ -74,10 +74,7 @@ def make_batch():
 
 
 def run_cases(rank, world):
-    import torch.distributed as dist
-
     import distattn
-    from distattn.integrations import transformers as dtf
 
     ids, labels = make_batch()
     meshes = {"ring4": distattn.SPMesh.build(ulysses_degree=1),
@@ -86,20 +83,9 @@ def run_cases(rank, world):
     for case in CASES:
         kind, mesh_name, layout, ckpt = case
         mesh = meshes[mesh_name]
-        name = dtf.register(mesh, layout=layout, name=f"distattn_variants_{mesh_name}_{layout}")
-        model = build_model(kind)
-        model.set_attn_implementation(name)
-        if ckpt:
-            dtf.checkpoint_layers(model)
-        local = dtf.shard_batch({"input_ids": ids, "labels": labels}, mesh, layout=layout)
-        out = model(**{k: v for k, v in local.items() if k != "shift_labels"}, use_cache=False)
-        loss = dtf.sp_loss(out.logits, local["shift_labels"], mesh)
-        loss.backward()
-        grads = {}
-        for pname, p in model.named_parameters():
-            g = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
-            dist.all_reduce(g)
-            grads[pname] = g
+        _, out, loss, grads = sp_train_step(build_model(kind), mesh, layout,
+                                            {"input_ids": ids, "labels": labels}, ckpt,
+                                            f"distattn_variants_{mesh_name}_{layout}")
         results[case_id(case)] = {
             "loss": loss.detach().clone(),
             "logits": distattn.unshard(out.logits.detach(), mesh, dim=1, layout=layout),

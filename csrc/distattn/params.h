@@ -4,7 +4,7 @@
 // and the kernels: pointers, sizes and element strides, nothing else. They include no torch
 // and no CUDA header, so host-only code (tests/cpp) can build and check them with g++.
 //
-// Layouts (flash-attn's, DESIGN.md section 2):
+// Layouts (flash-attn's, docs/DESIGN.md, "Backends"):
 //   q, out, dout, out_acc, dq_acc   [B, Sq, Hq, D]
 //   k, v, dk_acc, dv_acc            [B, Sk, Hkv, D]        Hq % Hkv == 0, head h reads h / (Hq/Hkv)
 //   lse, lse_acc, delta             [B, Hq, Sq]            float32, natural log

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..agree import agree_error
 from ..attention import SCHEDULES
 from ..kernels import BACKENDS
 from ..documents import check_cu_seqlens
@@ -98,25 +99,20 @@ def _check_positions(name, position_ids, mesh, layout, local_len) -> None:
     (positions restarting at 0), local positions 0..S_local-1 (position_ids not passed) or
     another layout would silently attend across documents or rotate with wrong positions.
 
-    The local comparison is agreed over the SP group with one all-reduce of a flag, so every
-    rank raises or none does; the verdict is kept on the tensor, so the layers of one forward
-    (and a checkpointed recomputation) check it once."""
+    The local comparison is agreed over the mesh (``distattn.agree.agree_error``, one small
+    collective), so every rank raises or none does; the verdict is kept on the tensor, so the
+    layers of one forward (and a checkpointed recomputation) check it once."""
     if position_ids is None or getattr(position_ids, POSITIONS_CHECKED, False):
         return
     expected = positions(local_len * mesh.size, mesh, layout=layout, device=position_ids.device)
-    bad = torch.tensor([0 if position_ids.shape[-1] == local_len and
-                        bool((position_ids == expected).all()) else 1],
-                       device=position_ids.device)
-    _sp_all_reduce(bad, mesh)
-    if int(bad.item()):
-        raise ValueError(
-            f"attn_implementation={name!r} (distattn): the position_ids given to the model are "
-            f"not the global positions of one sequence sharded with layout={layout!r} on "
-            f"some rank. A packed batch (positions restarting at each document) needs its "
-            f"document boundaries: call the model with every model input dtf.shard_batch "
-            f"returns, model(**{{k: v for k, v in local.items() if k != 'shift_labels'}}), "
-            f"which includes 'distattn_cu_seqlens'; otherwise pass "
-            f"position_ids=local['position_ids']")
+    ok = position_ids.shape[-1] == local_len and bool((position_ids == expected).all())
+    agree_error(mesh, None if ok else ValueError(
+        f"attn_implementation={name!r} (distattn): the position_ids given to the model are "
+        f"not the global positions of one sequence sharded with layout={layout!r}. A packed "
+        f"batch (positions restarting at each document) needs its document boundaries: call "
+        f"the model with every model input dtf.shard_batch returns, "
+        f"model(**{{k: v for k, v in local.items() if k != 'shift_labels'}}), which includes "
+        f"'distattn_cu_seqlens'; otherwise pass position_ids=local['position_ids']"))
     setattr(position_ids, POSITIONS_CHECKED, True)
 
 
@@ -159,20 +155,23 @@ def _make_attention(name, mesh, layout, schedule, backend):
     return distattn_attention
 
 
-def _make_mask(name):
+def _make_mask(name, mesh):
     def distattn_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
                       mask_function=None, attention_mask=None, **kwargs):
         """transformers mask function: the distributed attention applies causality itself,
-        so no [S, S] mask is ever built. A padding mask is refused unless it masks nothing."""
-        if attention_mask is None:
-            return None
-        if (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+        so no [S, S] mask is ever built. A padding mask is refused unless it masks nothing.
+        Each rank sees only its shard of the mask, so the verdict is agreed over the mesh
+        (one small collective per model call): every rank raises, or none does."""
+        error = None
+        if attention_mask is not None and not (
+                isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
                 and attention_mask.shape[-1] == kv_length and bool(attention_mask.all())):
-            return None
-        raise ValueError(
-            f"attn_implementation={name!r} (distattn) does not support padding masks yet: "
-            f"the attention_mask passed to the model masks some tokens. Pass unpadded "
-            f"sequences (attention_mask=None) sharded with dtf.shard_batch")
+            error = ValueError(
+                f"attn_implementation={name!r} (distattn) does not support padding masks "
+                f"yet: the attention_mask passed to the model masks some tokens. Pass unpadded "
+                f"sequences (attention_mask=None) sharded with dtf.shard_batch")
+        agree_error(mesh, error)
+        return None
 
     return distattn_mask
 
@@ -206,7 +205,7 @@ def register(mesh, layout: str = "zigzag", name: str = "distattn", schedule: str
                          f"pick another name (the default is 'distattn')")
     attention_interface, mask_interface = _transformers()
     attention_interface.register(name, _make_attention(name, mesh, layout, schedule, backend))
-    mask_interface.register(name, _make_mask(name))
+    mask_interface.register(name, _make_mask(name, mesh))
     return name
 
 

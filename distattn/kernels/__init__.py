@@ -1,4 +1,4 @@
-"""Block-attention backends and their registry (DESIGN.md section 2).
+"""Block-attention backends and their registry (docs/DESIGN.md, "Backends").
 
 ``get_backend(name, q, k, v)`` returns a ``BlockAttention`` that can run these inputs:
 ``"reference"``, ``"torch"``, ``"cuda"`` (this project's kernels, when built) or ``"auto"``:

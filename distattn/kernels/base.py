@@ -1,4 +1,4 @@
-"""The block-attention backend contract (docs/DESIGN.md, "Block attention").
+"""The block-attention backend contract (docs/DESIGN.md, "Backends").
 
 Shapes (flash-attn layout): q [B, Sq, Hq, D]; k, v [B, Sk, Hkv, D] with Hq % Hkv == 0; query
 head h reads key/value head h // (Hq // Hkv). K/V are never expanded to Hq heads.

@@ -1,6 +1,6 @@
 """``cuda`` backend: this project's own kernels (csrc/, bound as ``distattn._C``).
 
-Contract (base.py / DESIGN.md section 2), with these specifics:
+Contract (base.py / docs/DESIGN.md, "Backends"), with these specifics:
 
 - Inputs: CUDA tensors, float16 or bfloat16, head_dim with a compiled kernel (64, 128;
   ``distattn._C.head_dims()``), ``Hq % Hkv == 0`` (GQA/MQA by index mapping). q/k/v may be

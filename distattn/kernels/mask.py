@@ -1,4 +1,4 @@
-"""The mask of one block-attention call: a small algebra of band pieces (docs/DESIGN.md, "Masks").
+"""The mask of one block-attention call: an algebra of band pieces (docs/DESIGN.md, "Masks").
 
 A block is a query slice of Sq rows meeting a key slice of Sk columns; positions are local to
 the block (query row i, key column j, both from 0). Everything distattn masks -- causality,

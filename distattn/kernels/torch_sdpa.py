@@ -15,14 +15,24 @@ not depend on which convention a kernel version uses. GQA runs one call per quer
 
 What the ATen kernels cannot express -- a band with a lower bound (sliding windows) and
 softcap -- runs on the reference math for that piece only (``ReferenceBackend``).
+
+**Varlen launches (CUDA fp16/bf16, no softcap).** There the backend does not run pieces one by
+one: ``kernels/varlen.py`` packs a block's pieces into a few calls of PyTorch's varlen flash
+op (``aten._flash_attention_forward`` / ``_backward`` with ``cum_seq_q`` / ``cum_seq_k``),
+usually one per block, on row views of the [B, S, H, D] tensors (no copy of q/k/v, GQA
+native, windows in the kernel). ``TorchBackend.varlen_ops`` names the ops and where they are
+used; tests inject a CPU stand-in there. A failing op raises; nothing falls back silently.
+Unverified on hardware until ``pytest -m cuda tests/test_varlen_launch.py`` has run on a GPU
+(docs/KERNELS.md).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
 from ..merge import merge_, new_accumulators
+from . import varlen
 from .base import BlockAttention, empty_result
 from .mask import Mask, accumulation_dtype
 from .reference import ReferenceBackend
@@ -64,8 +74,200 @@ def _heads_first(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).contiguous()
 
 
+class FlashVarlenOps(NamedTuple):
+    """The varlen flash kernels the torch backend runs a block's launches with, and where.
+
+    ``forward`` / ``backward`` take the arguments of ``aten._flash_attention_forward`` /
+    ``aten._flash_attention_backward`` in their varlen form ([total, H, D] tensors, int32
+    cumulative arrays, lse [Hq, total_q]); ``devices`` / ``dtypes`` are the device types and
+    q dtypes the varlen path is used for."""
+    forward: Callable
+    backward: Callable
+    devices: tuple
+    dtypes: tuple
+
+
+def _aten_varlen_ops() -> Optional[FlashVarlenOps]:
+    """PyTorch's varlen flash ops for CUDA fp16/bf16, or None when this PyTorch lacks them or
+    their window arguments (the torch backend then runs pieces one by one, as before)."""
+    try:
+        fwd, bwd = aten._flash_attention_forward, aten._flash_attention_backward
+    except AttributeError:
+        return None
+    if not all("window_size_left" in str(op.default._schema) for op in (fwd, bwd)):
+        return None
+    return FlashVarlenOps(fwd, bwd, ("cuda",), (torch.float16, torch.bfloat16))
+
+
+# -- varlen launches: a block's pieces in few kernel calls -----------------------------------
+def _stacked(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """[B, S, ...] as rows [B*S, ...] without a copy, or None when the strides do not allow
+    it."""
+    if t.shape[0] == 1:
+        return t[0]
+    if t.stride(0) != t.shape[1] * t.stride(1):
+        return None
+    return t.flatten(0, 1)
+
+
+def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy when a row or head of it is not 16-byte aligned (the flash
+    kernels load 16 bytes at a time; views of contiguous tensors with head_dim % 8 == 0 always
+    are aligned, so this copies only unusual views)."""
+    size = t.element_size()
+    if t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and \
+            all(s * size % 16 == 0 for s in t.stride()[:-1]):
+        return t
+    return t.contiguous()
+
+
+def _units(mask: Mask, sq: int, sk: int, *tensors):
+    """How to run a batch: [(batch slice, blocks, row views of ``tensors``)]. One unit stacks
+    all B blocks (one launch covers every batch element) when every tensor stacks without a
+    copy and the launches stay within the kernel's sequence limit, else one unit per batch
+    element."""
+    b = tensors[0].shape[0]
+    stacked = [_stacked(t) for t in tensors]
+    if all(s is not None for s in stacked) and \
+            (b == 1 or varlen.max_sequences(mask, sq, sk, b) <= varlen.MAX_SEQUENCES):
+        return [(slice(None), b, [_kernel_ready(s) for s in stacked])]
+    return [(slice(i, i + 1), 1, [_kernel_ready(t[i]) for t in tensors]) for i in range(b)]
+
+
+def _per_block(t: torch.Tensor, blocks: int, period: int, n: int, dim: int) -> torch.Tensor:
+    """A launch result with rows along ``dim`` seen as [blocks, ..., n, ...]: block b's rows
+    start at row b * period (a view)."""
+    sizes, strides = list(t.shape), list(t.stride())
+    sizes[dim] = n
+    return t.as_strided([blocks] + sizes, [period * t.stride(dim)] + strides,
+                        t.storage_offset())
+
+
+def _add_rows(acc: torch.Tensor, blk: torch.Tensor, keep: Optional[torch.Tensor]) -> None:
+    """acc += blk, along dim 1 only at the positions ``keep`` (everywhere when None)."""
+    if keep is None:
+        acc.add_(blk)
+    else:
+        acc.index_add_(1, keep, blk.index_select(1, keep).to(acc.dtype))
+
+
+def _launch_forward(ops: FlashVarlenOps, lt, qr, kr, vr, scale):
+    """One launch on row views qr [rows, Hq, D], kr/vr [keys, Hkv, D] -> (out [total_q, Hq, D],
+    lse [Hq, total_q]) with lse = -inf where a row sees no key (the fillers)."""
+    L, a = lt.launch, lt.arrays
+    q = qr[L.q0:L.q0 + a.total_q]
+    keys = slice(L.k0, L.k0 + a.total_k)
+    out, lse = ops.forward(q, kr[keys], vr[keys], lt.cu_q, lt.cu_k, a.max_q, a.max_k, 0.0,
+                           L.is_causal, False, scale=scale, window_size_left=L.left,
+                           window_size_right=L.right)[:2]
+    if tuple(out.shape) != tuple(q.shape) or tuple(lse.shape) != (q.shape[1], a.total_q):
+        raise RuntimeError(
+            f"the varlen flash forward returned out {tuple(out.shape)} and lse "
+            f"{tuple(lse.shape)}; expected {tuple(q.shape)} and {(q.shape[1], a.total_q)} "
+            f"(the unpadded varlen lse of FlashAttention >= 2.5)")
+    # FlashAttention-2 writes out = 0 and lse = +inf for a row that sees no key; the
+    # contract's empty row has lse = -inf (weight 0 in a merge).
+    return out, lse.masked_fill(torch.isposinf(lse), float("-inf"))
+
+
+def _varlen_forward_into(ops, units, q, k, out_acc, lse_acc, scale, mask) -> None:
+    sq, sk = q.shape[1], k.shape[1]
+    for sel, blocks, (qr, kr, vr) in units:
+        for lt in varlen.launch_tensors(mask, sq, sk, blocks, q.device):
+            L = lt.launch
+            out, lse = _launch_forward(ops, lt, qr, kr, vr, scale)
+            n = L.q1 - L.q0
+            merge_(out_acc[sel, L.q0:L.q1], lse_acc[sel, :, L.q0:L.q1],
+                   _per_block(out, blocks, sq, n, 0), _per_block(lse, blocks, sq, n, 1))
+
+
+def varlen_forward(ops: FlashVarlenOps, q, k, v, scale: float, mask: Mask):
+    """``BlockAttention.forward`` with varlen launches."""
+    acc = accumulation_dtype(q.dtype)
+    b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
+    units = _units(mask, sq, sk, q, k, v)
+    if len(units) == 1:    # one launch over every row once: its result is the block's
+        lts = varlen.launch_tensors(mask, sq, sk, b, q.device)
+        if len(lts) == 1 and (lts[0].launch.q0, lts[0].launch.q1) == (0, sq) and \
+                lts[0].keep_q is None:
+            out, lse = _launch_forward(ops, lts[0], *units[0][2], scale)
+            return (_per_block(out, b, sq, sq, 0).contiguous(),
+                    _per_block(lse, b, sq, sq, 1).to(acc).contiguous())
+    out, lse = new_accumulators(q, acc)
+    _varlen_forward_into(ops, units, q, k, out, lse, scale, mask)
+    return out.to(q.dtype), lse
+
+
+def varlen_forward_into(ops: FlashVarlenOps, q, k, v, out_acc, lse_acc, scale: float,
+                        mask: Mask) -> None:
+    """``BlockAttention.forward_into`` with varlen launches."""
+    units = _units(mask, q.shape[1], k.shape[1], q, k, v)
+    _varlen_forward_into(ops, units, q, k, out_acc, lse_acc, scale, mask)
+
+
+def varlen_backward_into(ops: FlashVarlenOps, dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc,
+                         scale: float, mask: Mask) -> None:
+    """``BlockAttention.backward_into`` with varlen launches. Only band rows and keys of a
+    launch's gradients are read: the fillers' are left unspecified by the kernel."""
+    sq, sk, hq = q.shape[1], k.shape[1], q.shape[2]
+    acc = accumulation_dtype(q.dtype)
+    out, dout = out.to(q.dtype), dout.to(q.dtype)     # the kernel takes them in q's dtype
+    rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)  # no dropout: never read
+    unused = torch.empty(0, device=q.device)
+    for sel, blocks, (qr, kr, vr, dor, outr) in _units(mask, sq, sk, q, k, v, dout, out):
+        lse_rows = lse[sel].to(acc).transpose(0, 1).reshape(hq, blocks * sq)
+        for lt in varlen.launch_tensors(mask, sq, sk, blocks, q.device):
+            L, a = lt.launch, lt.arrays
+            rows, keys = slice(L.q0, L.q0 + a.total_q), slice(L.k0, L.k0 + a.total_k)
+            args = (dor[rows], qr[rows], kr[keys], vr[keys], outr[rows],
+                    lse_rows[:, rows].contiguous())
+            grads = ops.backward(*args, lt.cu_q, lt.cu_k, a.max_q, a.max_k, 0.0, L.is_causal,
+                                 rng_state, unused, scale=scale, window_size_left=L.left,
+                                 window_size_right=L.right)
+            if [tuple(g.shape) for g in grads] != [tuple(t.shape) for t in args[1:4]]:
+                raise RuntimeError(f"the varlen flash backward returned gradients of shapes "
+                                   f"{[tuple(g.shape) for g in grads]}")
+            dq, dk, dv = grads
+            nq, nk = L.q1 - L.q0, L.k1 - L.k0
+            _add_rows(dq_acc[sel, L.q0:L.q1], _per_block(dq, blocks, sq, nq, 0), lt.keep_q)
+            _add_rows(dk_acc[sel, L.k0:L.k1], _per_block(dk, blocks, sk, nk, 0), lt.keep_k)
+            _add_rows(dv_acc[sel, L.k0:L.k1], _per_block(dv, blocks, sk, nk, 0), lt.keep_k)
+
+
 class TorchBackend(BlockAttention):
     name = "torch"
+    # The varlen kernels and where they run (None: never); tests inject a CPU stand-in.
+    varlen_ops: Optional[FlashVarlenOps] = _aten_varlen_ops()
+
+    def _varlen(self, q: torch.Tensor, softcap: float) -> Optional[FlashVarlenOps]:
+        """The varlen ops when these inputs run as varlen launches, else None."""
+        ops = self.varlen_ops
+        if ops is None or softcap or q.device.type not in ops.devices or \
+                q.dtype not in ops.dtypes:
+            return None
+        return ops
+
+    def forward(self, q, k, v, *, scale, mask, softcap=0.0):
+        ops = self._varlen(q, softcap)
+        if ops is None:
+            return super().forward(q, k, v, scale=scale, mask=mask, softcap=softcap)
+        return varlen_forward(ops, q, k, v, scale, mask)
+
+    def forward_into(self, q, k, v, out_acc, lse_acc, *, scale, mask, softcap=0.0):
+        ops = self._varlen(q, softcap)
+        if ops is None:
+            return super().forward_into(q, k, v, out_acc, lse_acc, scale=scale, mask=mask,
+                                        softcap=softcap)
+        return varlen_forward_into(ops, q, k, v, out_acc, lse_acc, scale, mask)
+
+    def backward_into(self, dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc, *, scale, mask,
+                      softcap=0.0):
+        ops = self._varlen(q, softcap)
+        if ops is None:
+            return super().backward_into(dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc,
+                                         scale=scale, mask=mask, softcap=softcap)
+        return varlen_backward_into(ops, dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc,
+                                    scale, mask)
 
     def check(self, q, k, v):
         if q.device.type == "cuda":
