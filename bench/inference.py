@@ -130,6 +130,7 @@ def measure(b: Bench, context: int) -> tuple[dict, list]:
     for _ in range(a.iters):
         cache = ShardedKVCache(b.mesh, 1, layout=a.layout, backend=a.backend)
         prefill.append(b.timed(lambda: b.step(cache, cache.begin_sharded, context)))
+    b.step(cache, cache.begin_replicated, 1)    # untimed: the first also agrees on arguments
     decode, sent, counted = [], [], []
     for _ in range(a.decode_steps):
         before = cache.comm.bytes_sent
@@ -170,12 +171,8 @@ def measure(b: Bench, context: int) -> tuple[dict, list]:
 
 def worker(args) -> tuple[list, list, str]:
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) %
-                              torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    else:
+    device = common.rank_device(args.device, rank)
+    if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     b = Bench(args, device)
     rows, chunk_rows = [], []

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .agree import check_agreement, fail_everywhere
 from .attention import DTYPES, dist_flash_attn
 from .attention import _check_sinks as check_sinks
 from .attention import _check_softcap as check_softcap
@@ -129,7 +130,8 @@ class MeshCollectives:
         i; returns [world, ...] with part i from group rank i."""
         _, group, world = next(g for g in self._groups() if g[0] == which)
         self.bytes_sent += x.numel() * x.element_size() * (world - 1) // world
-        return all_to_all(x.contiguous(), group, world, scatter_dim=0, gather_dim=0)
+        return all_to_all(x.contiguous(), group, world, scatter_dim=0, gather_dim=0,
+                          what=f"inference all-to-all of pass-Q partial results ({which})")
 
 
 @contextmanager
@@ -482,10 +484,19 @@ class ShardedKVCache:
         A window is supported where it is exact without per-token masks: on the prompt (a
         sharded step of an empty cache) and on one-token replicated steps (decoding); on
         other steps it raises NotImplementedError unless it hides nothing there."""
-        step = self._check_attend(layer, q, k, v)
-        call = self._check_variant(step, q, softmax_scale, window, softcap, sinks)
-        call.backend = get_backend(self.backend, q, k, v, softcap=call.softcap > 0)
-        call.layer = layer
+        name = f"ShardedKVCache.attend (layer {layer})"
+        try:
+            step = self._check_attend(layer, q, k, v)
+            call = self._check_variant(step, q, softmax_scale, window, softcap, sinks)
+            call.backend = get_backend(self.backend, q, k, v, softcap=call.softcap > 0)
+            call.layer = layer
+        except Exception as exc:   # raises it (with DISTATTN_CHECK: on every rank, at once)
+            fail_everywhere(self.mesh, name, exc)
+        # Ranks must agree on what they send: free while the fields stay the same (decoding),
+        # one small collective when they change (see distattn.agree).
+        check_agreement(self.mesh, name, dict(
+            kind=step.kind, n_new=step.n_new, q=q, k=k, v=v, scale=call.scale,
+            window=call.window, softcap=call.softcap, sinks=call.sinks))
         try:
             with torch.no_grad():
                 if step.kind == "pass_kv":

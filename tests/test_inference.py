@@ -20,7 +20,10 @@ and pass-KV and a chunked prefill equal one-process generation on the whole sequ
 """
 from __future__ import annotations
 
-import io
+import csv
+import os
+import subprocess
+import sys
 import zlib
 from dataclasses import dataclass
 
@@ -28,6 +31,7 @@ import pytest
 import torch
 
 from spawn import run_world
+from test_transformers import _from_bytes, _to_bytes   # bytes across the result queue
 
 from distattn.inference import count_sent_bytes
 
@@ -44,14 +48,14 @@ def _error(fn):
     return None
 
 
-def _to_bytes(obj) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def _from_bytes(data: bytes):
-    return torch.load(io.BytesIO(data), weights_only=False)
+def assert_refused(results: list, what: str, exc: str, words: str) -> None:
+    """Every rank's ``refusals[what]`` is an ``exc`` whose message contains ``words``, raised
+    with no collective issued."""
+    for rank, r in enumerate(results):
+        got = r["refusals"][what]
+        assert got is not None, f"rank {rank}: {what} was not refused"
+        assert got[0] == exc and words in got[1], (rank, got)
+        assert r["refusals"]["collectives_during_errors"] == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +211,8 @@ def run_core_case(case: CoreCase, mesh) -> dict:
 
 
 def decode_bytes(mesh, prompt: int) -> dict:
-    """Bytes this rank sends in one decode step (one layer), counted two ways."""
+    """Bytes this rank sends in a decode step (one layer; the second: steady state), counted
+    two ways."""
     from distattn.inference import ShardedKVCache
 
     gen = torch.Generator().manual_seed(prompt)
@@ -216,9 +221,11 @@ def decode_bytes(mesh, prompt: int) -> dict:
     step = cache.begin_sharded(prompt)
     qkv = [torch.randn(b, step.local_slots, h, d, generator=gen) for h in (hq, hkv, hkv)]
     cache.attend(0, *qkv)
+    token = [torch.randn(b, 1, h, d, generator=gen) for h in (hq, hkv, hkv)]
+    cache.begin_replicated(1)      # the first decode step also agrees on its new arguments
+    cache.attend(0, *token)
     before = cache.comm.bytes_sent
     cache.begin_replicated(1)
-    token = [torch.randn(b, 1, h, d, generator=gen) for h in (hq, hkv, hkv)]
     with count_sent_bytes() as wire:
         cache.attend(0, *token)
     return {"wire": wire["bytes"], "calls": wire["calls"],
@@ -262,6 +269,15 @@ def core_refusals(mesh) -> dict:
         # a window that cuts, on a chunk over cached tokens
         res["window_on_chunk"] = _error(lambda: windowed.attend(0, *chunk, window=(2, 0)))
     res["collectives_during_errors"] = wire["calls"]
+    # ranks that disagree (rank 0 alone asks for a softcap): every rank raises, none hangs
+    os.environ["DISTATTN_CHECK"] = "1"
+    try:
+        other = fresh()
+        other.begin_replicated(1)
+        res["disagreement"] = _error(lambda: other.attend(
+            0, q[:, :1], kv[:, :1], kv[:, :1], softcap=5.0 if dist.get_rank() == 0 else None))
+    finally:
+        del os.environ["DISTATTN_CHECK"]
     n = step.local_slots
     for layer in range(2):
         opened.attend(layer, q[:, :n], kv[:, :n], kv[:, :n])
@@ -361,13 +377,11 @@ def test_decode_messages_do_not_grow_with_context(core_results):
     ("window_on_chunk", "NotImplementedError", "sliding window (left=2)"),
     ("repeat_layer_after_close", "RuntimeError", "no step is open"),
     ("mismatched_batch", "ValueError", "differ from the cache"),
+    ("disagreement", "ValueError", "'softcap'"),
 ])
 def test_core_refuses_before_communicating(core_results, what, exc, words):
+    assert_refused(core_results, what, exc, words)
     for r in core_results:
-        got = r["refusals"][what]
-        assert got is not None, f"{what} was not refused"
-        assert got[0] == exc and words in got[1], got
-        assert r["refusals"]["collectives_during_errors"] == 0
         assert r["refusals"]["good_after_errors"] == 9   # 8 prompt tokens + 1 decoded
 
 
@@ -610,25 +624,16 @@ def test_generate_cache_is_sharded(tf_results, mesh_name):
     ("wrong_continuation", "ValueError", "must start with"),
 ])
 def test_generate_refuses_before_communicating(tf_results, what, exc, words):
+    assert_refused(tf_results, what, exc, words)
     for r in tf_results:
-        res = r["refusals"]
-        got = res[what]
-        assert got is not None, f"{what} was not refused"
-        assert got[0] == exc and words in got[1], got
-        assert res["collectives_during_errors"] == 0
-        assert res["attn_implementation_kept"] == "sdpa"
-        assert res["good_after_errors"] == PROMPT + 2
+        assert r["refusals"]["attn_implementation_kept"] == "sdpa"
+        assert r["refusals"]["good_after_errors"] == PROMPT + 2
 
 
 # ---------------------------------------------------------------------------------------------
 # the benchmark's smoke mode (data only, never timings)
 # ---------------------------------------------------------------------------------------------
 def test_bench_inference_smoke(tmp_path):
-    import csv
-    import os
-    import subprocess
-    import sys
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "bench/inference.py", "--smoke", "--worlds", "1,4",
                            "--out", str(tmp_path)], cwd=root, capture_output=True, text=True,
