@@ -36,9 +36,11 @@ causally, to every cached token and to each other:
 ``choose_strategy`` picks pass-KV or pass-Q for a sharded step from the number of new and
 cached tokens (the one that sends fewer bytes); an empty cache (a prompt) is always pass-KV.
 
-Collectives run over the mesh's Ulysses group and then its ring group (the mesh has no group
-of all its ranks); merges use ``distattn.merge.merge_`` in a fixed order, so every rank
-computes bit-identical replicated outputs. Everything here is inference only (no autograd).
+Collectives run over the mesh's Ulysses group and then its ring group (its only group of all
+ranks is reserved for ``distattn.agree``); merges use ``distattn.merge.merge_`` in a fixed
+order, so every rank computes bit-identical replicated outputs. ``attend`` checks its
+arguments before any communication and agrees on them across ranks like ``dist_flash_attn``
+(``distattn.agree``). Everything here is inference only (no autograd).
 """
 from __future__ import annotations
 
@@ -396,15 +398,16 @@ class ShardedKVCache:
         layout: this rank computes the q/k/v of ``step.local_slots`` slots (``step.shard``
         picks them from the full input, ``step.positions`` are their global positions).
         ``strategy``: "pass_kv", "pass_q" or "auto" (``choose_strategy``). The first step of
-        an empty cache (the prompt) must have at least one token per rank."""
+        an empty cache (the prompt) needs at least as many tokens as the mesh has ranks."""
         self._check_can_begin(n_new)
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         P = self.mesh.size
         if self.seq_len == 0 and n_new < P:
             raise ValueError(
-                f"the prompt has {n_new} tokens, fewer than the {P} ranks of the mesh: every "
-                f"rank must get at least one token. Use a longer prompt or a smaller mesh")
+                f"the prompt has {n_new} tokens, fewer than the {P} ranks of the mesh: "
+                f"sequence parallelism needs at least as many tokens as ranks. Use a longer "
+                f"prompt or a smaller mesh")
         if strategy == "auto":
             strategy = self._auto_strategy(n_new)
         slot_offsets = self._chunk_slots(n_new)
