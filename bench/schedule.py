@@ -98,7 +98,7 @@ def _work_items(plan, rank: int, step: int):
     """(Work, query slot range, key slot range, simplified mask) of the blocks ``rank``
     computes at ``step`` that show something."""
     for w in plan.computes(rank, step):
-        q, k = _range(w.q), _range(w.k)
+        q, k = _range(w.q), (0, len(w.key_slots))     # keys: packed payload coordinates
         mask = w.mask.simplify(_len(q), _len(k))
         if mask.pieces:
             yield w, q, k, mask
@@ -163,11 +163,10 @@ def _ring_dkv(plan, rank: int, t: int, nb: Bytes):
     its owner. Returns (send bytes, recv bytes, messages, absorb ops) of ``rank``."""
     if t < 2 or plan.steps < 2:
         return 0, 0, 0, ()
-    sent = _len(plan.key_slots(rank, t - 1))
+    sent = plan.key_len(rank, t - 1)
     # What arrives: the partial sum for the keys held at step t, or one's own payload back.
-    got = plan.key_slots(rank, t) if t < plan.steps else slice(*plan.payload[rank])
-    return (nb.dkv(sent), nb.dkv(_len(got)), 2,
-            (Op("add_dkv", k=_range(got)),) if _len(got) else ())
+    got = plan.key_len(rank, t) if t < plan.steps else plan.payload_len(rank)
+    return (nb.dkv(sent), nb.dkv(got), 2, (Op("add_dkv", k=(0, got)),) if got else ())
 
 
 def rank_program(plan, rank: int, shape: common.Shape, pass_: str) -> list[Window]:
@@ -200,8 +199,8 @@ def rank_program(plan, rank: int, shape: common.Shape, pass_: str) -> list[Windo
                         nb.q_rows(_helper_rows(plan, rows), pass_)
                     messages += 1
             else:   # the ring passes each owner's payload on, as far as the plan goes
-                send += nb.kv(_len(plan.key_slots((rank + 1) % plan.world, t + 1)))
-                recv += nb.kv(_len(plan.key_slots(rank, t + 1)))
+                send += nb.kv(plan.key_len((rank + 1) % plan.world, t + 1))
+                recv += nb.kv(plan.key_len(rank, t + 1))
                 messages += 1
         # results of step t - 1 travelling back during step t (after the last step: alone)
         for src, dst, kind, rng in prev_returns:

@@ -168,13 +168,13 @@ def ring_metrics(lay: RingLayout, window=None) -> dict:
     P, n = lay.ring_degree, lay.part_len
     loads, sent, pieces, smallest = [], [], [], []
     for r in range(P):
-        per_piece = [piece_pairs(p, n, _len(plan.key_slots(r, t)))
+        per_piece = [piece_pairs(p, n, plan.key_len(r, t))
                      for t, mask in enumerate(plan.masks(r)) for p in mask.pieces]
         loads.append(sum(per_piece))
         pieces.append(len(per_piece))
         smallest.append(min(per_piece, default=None))
         # rank r forwards what it holds at step t to rank r + 1 for step t + 1
-        sent.append(sum(_len(plan.key_slots((r + 1) % P, t + 1)) for t in range(plan.steps - 1)))
+        sent.append(sum(plan.key_len((r + 1) % P, t + 1) for t in range(plan.steps - 1)))
     return {**_summary(loads, sent, pieces, smallest, plan.steps, lay), "pairs": sum(loads)}
 
 

@@ -5,11 +5,12 @@ which ring part) and the attention's global bounds (causal, window; ``segments``
 documents, padding, windows and every layout share one mechanism.
 
 A *ring plan* (``RingPlan``): at step t, rank r holds the K/V of rank ``(r - t) mod R`` (they
-travel one hop forward per step) and computes one block, ``masks[r][t]``: all of r's slots
+travel one hop forward per step) and computes one block, ``masks(r)[t]``: all of r's slots
 against the keys it holds. At step 0 those are r's own slots; at step t >= 1 they are the
-owner's *payload*, the range of its slots that some other rank needs (``payload[owner]``), so
-tokens nobody else sees (whole documents of the packed layout, keys outside every window) never
-travel. The ring stops after ``steps`` steps, the last one at which any rank sees anything.
+owner's *payload*, the ranges of its slots that some other rank needs (``payload[owner]``,
+packed one after the other), so tokens nobody else sees (whole documents of the packed layout,
+keys outside every window) never travel. The ring stops after ``steps`` steps, the last one at
+which any rank sees anything.
 
 A *helper plan* (``HelperPlan``; DistFlashAttn's schedule for causal attention on the
 contiguous layout) pairs rank r at step t >= 1 with rank (r - t) mod P. If r >= t, r computes
@@ -29,19 +30,24 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .kernels.mask import Mask
-from .layout import RingLayout
+from .layout import RingLayout, Segment
 from .segments import attention_bounds, block_mask
 
 
 @dataclass(frozen=True)
 class Work:
-    """One block computed somewhere: ``q_owner``'s slots ``q`` meet ``kv_owner``'s slots ``k``
-    (slices of local slots of their ring parts) under ``mask`` (in the block's coordinates)."""
+    """One block computed somewhere: ``q_owner``'s slots ``q`` (a slice) meet ``kv_owner``'s
+    slots ``k`` (a tuple of (start, stop) ranges, packed one after the other) under ``mask``
+    (in the block's coordinates)."""
     q_owner: int
     q: slice
     kv_owner: int
-    k: slice
+    k: tuple
     mask: Mask
+
+    @property
+    def key_slots(self) -> list:
+        return [j for a, b in self.k for j in range(a, b)]
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,7 +55,7 @@ class RingPlan:
     layout: RingLayout
     bounds: tuple    # (lo, hi) on key - query, global tokens (segments.attention_bounds)
     steps: int       # steps executed, <= world
-    payload: tuple   # payload[owner] = (start, stop): the owner's slots that travel
+    payload: tuple   # payload[owner] = ((start, stop), ...): the owner's slots that travel
 
     @property
     def world(self) -> int:
@@ -58,11 +64,22 @@ class RingPlan:
     def kv_source(self, rank: int, step: int) -> int:
         return (rank - step) % self.world
 
-    def key_slots(self, rank: int, step: int) -> slice:
-        """The K/V owner's slots that ``rank`` holds at ``step``."""
+    def key_slots(self, rank: int, step: int) -> tuple:
+        """The K/V owner's slot ranges that ``rank`` holds at ``step``."""
         if step == 0:
-            return slice(0, self.layout.part_len)
-        return slice(*self.payload[self.kv_source(rank, step)])
+            return ((0, self.layout.part_len),)
+        return self.payload[self.kv_source(rank, step)]
+
+    def key_len(self, rank: int, step: int) -> int:
+        return sum(b - a for a, b in self.key_slots(rank, step))
+
+    def payload_len(self, owner: int) -> int:
+        return sum(b - a for a, b in self.payload[owner])
+
+    def payload_segments(self, owner: int) -> tuple:
+        """The owner's segments inside its payload, in the payload's packed slot
+        coordinates (what a holder's K/V buffer holds)."""
+        return _payload_segments(self, owner)
 
     def masks(self, rank: int) -> tuple:
         """``rank``'s mask at every step: its part x (own part | the owner's payload).
@@ -77,13 +94,27 @@ class RingPlan:
                      self.key_slots(rank, step), mask)]
 
 
+@functools.lru_cache(maxsize=1024)
+def _payload_segments(plan: RingPlan, owner: int) -> tuple:
+    out, base = [], 0
+    for a, b in plan.payload[owner]:
+        for sg in plan.layout.parts[owner]:
+            lo, hi = max(a, sg.start), min(b, sg.stop)
+            if lo < hi:
+                out.append(Segment(base + lo - a, hi - lo, sg.g0 + sg.stride * (lo - sg.start),
+                                   sg.stride, sg.doc))
+        base += b - a
+    return tuple(out)
+
+
 @functools.lru_cache(maxsize=256)
 def _rank_masks(plan: RingPlan, rank: int) -> tuple:
     lay, n = plan.layout, plan.layout.part_len
-    return tuple(block_mask(lay.parts[rank], lay.parts[plan.kv_source(rank, t)], plan.bounds,
-                            cols=plan.key_slots(rank, t)).simplify(n, n)
-                 if t else block_mask(lay.parts[rank], lay.parts[rank], plan.bounds).simplify(n, n)
-                 for t in range(plan.steps))
+    return tuple(
+        block_mask(lay.parts[rank], plan.payload_segments(plan.kv_source(rank, t)),
+                   plan.bounds).simplify(n, plan.key_len(rank, t))
+        if t else block_mask(lay.parts[rank], lay.parts[rank], plan.bounds).simplify(n, n)
+        for t in range(plan.steps))
 
 
 def _reach(lay: RingLayout, bounds: tuple) -> tuple:
@@ -127,9 +158,18 @@ def _reach(lay: RingLayout, bounds: tuple) -> tuple:
                         _, _, k0, k1 = p.tight(lay.part_len, lay.part_len)
                         need[o].append((k0, k1))
                         far = max(far, (r - o) % R)
-    payload = tuple((min(a for a, _ in spans), max(b for _, b in spans)) if spans else (0, 0)
-                    for spans in need)
-    return far + 1, payload
+    return far + 1, tuple(_merge_ranges(spans) for spans in need)
+
+
+def _merge_ranges(spans: list) -> tuple:
+    """Sorted, disjoint (start, stop) ranges covering ``spans``; touching ones are joined."""
+    out = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return tuple(out)
 
 
 def ring_plan(lay: RingLayout, causal: bool = False, window: Optional[tuple] = None) -> RingPlan:
@@ -182,7 +222,7 @@ class HelperPlan:
         if not task.mask.pieces:
             return []
         q_owner, kv_owner = (task.peer, rank) if task.kind == "help" else (rank, task.peer)
-        return [Work(q_owner, self.rows(task), kv_owner, slice(0, self.layout.part_len),
+        return [Work(q_owner, self.rows(task), kv_owner, ((0, self.layout.part_len),),
                      task.mask)]
 
     def inbound(self, rank: int, step: int) -> list:
@@ -246,7 +286,8 @@ def visible_pairs(plan) -> dict:
     for r in range(plan.world):
         for t in range(plan.steps):
             for w in plan.computes(r, t):
-                qi, ki = owned[w.q_owner][w.q], owned[w.kv_owner][w.k]
+                qi = owned[w.q_owner][w.q]
+                ki = [owned[w.kv_owner][j] for j in w.key_slots]
                 visible = w.mask.dense(len(qi), len(ki))
                 for a, b in visible.nonzero().tolist():
                     pair = (qi[a], ki[b])
@@ -256,7 +297,7 @@ def visible_pairs(plan) -> dict:
 
 def work(plan) -> list[int]:
     """Visible (query, key) pairs each rank computes: its compute load."""
-    return [sum(w.mask.pairs(w.q.stop - w.q.start, w.k.stop - w.k.start)
+    return [sum(w.mask.pairs(w.q.stop - w.q.start, len(w.key_slots))
                 for t in range(plan.steps) for w in plan.computes(r, t))
             for r in range(plan.world)]
 

@@ -58,13 +58,12 @@ class _Payloads:
     def __init__(self, plan: RingPlan, kv_shape, dtype, device, count: int):
         self.plan = plan
         self.base = tuple(kv_shape)
-        largest = max(b - a for a, b in plan.payload)
+        largest = max(plan.payload_len(o) for o in range(plan.world))
         numel = math.prod(self.base[:2]) * largest * math.prod(self.base[3:])
         self.bufs = [torch.empty(numel, dtype=dtype, device=device) for _ in range(count)]
 
     def shape(self, owner: int) -> tuple:
-        a, b = self.plan.payload[owner]
-        return self.base[:2] + (b - a,) + self.base[3:]
+        return self.base[:2] + (self.plan.payload_len(owner),) + self.base[3:]
 
     def view(self, i: int, owner: int) -> torch.Tensor:
         shape = self.shape(owner)
@@ -72,8 +71,12 @@ class _Payloads:
 
 
 def _own_payload(kv: torch.Tensor, plan: RingPlan, rank: int) -> torch.Tensor:
-    a, b = plan.payload[rank]
-    return kv if (a, b) == (0, kv.shape[2]) else kv[:, :, a:b].contiguous()
+    """This rank's payload ranges packed into one contiguous tensor (kv itself when it all
+    travels)."""
+    ranges = plan.payload[rank]
+    if ranges == ((0, kv.shape[2]),):
+        return kv
+    return torch.cat([kv[:, :, a:b] for a, b in ranges] or [kv[:, :, :0]], dim=2)
 
 
 def ring_forward(q, k, v, cfg: RingConfig):
@@ -149,6 +152,8 @@ def ring_backward(dout, q, k, v, out, lse, cfg: RingConfig):
     if grad_handle is not None:
         with span(prof, "wait", T, q.device):
             ring.wait(grad_handle, "ring backward, last dK/dV hop")
-        a, b = plan.payload[r]
-        dkv_local[:, :, a:b].add_(grads.view(2, r))
+        total, at = grads.view(2, r), 0
+        for a, b in plan.payload[r]:
+            dkv_local[:, :, a:b].add_(total[:, :, at:at + b - a])
+            at += b - a
     return dq_acc.to(q.dtype), dkv_local[0].to(k.dtype), dkv_local[1].to(v.dtype)

@@ -61,11 +61,11 @@ def test_ring_stops_and_payload_shrinks_with_documents():
     # Contiguous, documents that never cross a rank boundary: nothing travels.
     lay = ring_layout("contiguous", 16, 4, 1, [0, 4, 8, 12, 16])
     plan = ring_plan(lay, causal=True)
-    assert plan.steps == 1 and plan.payload == ((0, 0),) * 4
+    assert plan.steps == 1 and plan.payload == ((),) * 4
     # Documents [6, 10) over ranks 1-2 and [10, 16) over ranks 2-3: one step; only their
     # first parts travel (causal: later ranks need earlier keys).
     plan = ring_plan(ring_layout("contiguous", 16, 4, 1, [0, 4, 6, 10, 16]), causal=True)
-    assert plan.steps == 2 and plan.payload == ((0, 0), (2, 4), (2, 4), (0, 0))
+    assert plan.steps == 2 and plan.payload == ((), ((2, 4),), ((2, 4),), ())
     # Packed: short documents stay whole, so they never travel.
     lay = ring_layout("packed", 64, 4, 1, [0] + list(range(4, 65, 4)))
     assert ring_plan(lay, causal=True).steps == 1
@@ -76,7 +76,10 @@ def test_window_limits_steps():
     for left, steps in ((3, 2), (8, 2), (9, 3), (63, 8)):
         assert ring_plan(lay, causal=True, window=(left, 0)).steps == steps, left
     plan = ring_plan(lay, causal=True, window=(3, 0))
-    assert all(b - a == 3 for a, b in plan.payload[:-1])   # only the last 3 keys travel
+    assert all(plan.payload_len(o) == 3 for o in range(7))   # only the last 3 keys travel
+    # zigzag: each rank's two chunks border both neighbours; only the edges travel
+    plan = ring_plan(ring_layout("zigzag", 64, 4, 1), causal=True, window=(2, 0))
+    assert plan.steps == 4 and all(plan.payload_len(o) <= 4 for o in range(4))
 
 
 def test_step_structure():
