@@ -121,7 +121,7 @@ def run(args, ref=None) -> int:
     model, ids, warm = setup(args, device, world)
     mesh = distattn.SPMesh.build(ulysses_degree=args.ulysses)
     dtf.generate(model, warm, mesh, max_new_tokens=2, do_sample=False, layout=args.layout)
-    cache = dtf.ShardedCache(mesh, model.config, layout=args.layout)
+    cache = dtf.sharded_cache(mesh, model.config, layout=args.layout)
     out, tok_s, ms = timed_generate(
         lambda x, **kw: dtf.generate(model, x, mesh, past_key_values=cache, **kw), ids, device,
         max_new_tokens=args.new_tokens, do_sample=False)

@@ -455,7 +455,7 @@ def tf_refusals(dtf, meshes, ids):
 
     ring, usp = meshes["ring4"], meshes["usp2x2"]
     llama = build_model("llama")
-    other_mesh_cache = dtf.ShardedCache(usp, llama.config)
+    other_mesh_cache = dtf.sharded_cache(usp, llama.config)
     left_padded = torch.ones_like(ids)
     left_padded[0, :3] = 0
     window = build_model("mistral")
@@ -475,7 +475,7 @@ def tf_refusals(dtf, meshes, ids):
     res["collectives_during_errors"] = wire["calls"]
     res["attn_implementation_kept"] = llama.config._attn_implementation
     # a cache continued with ids that do not extend it (found before any collective too)
-    cache = dtf.ShardedCache(ring, llama.config)
+    cache = dtf.sharded_cache(ring, llama.config)
     first = dtf.generate(llama, ids, ring, past_key_values=cache, max_new_tokens=2)
     wrong = first.clone()
     wrong[0, 0] = (wrong[0, 0] + 1) % VOCAB
@@ -509,7 +509,7 @@ def tf_worker(rank: int, world: int) -> bytes:
     # continuations: pass-Q and pass-KV turns, and a chunked prefill; the cache's placement
     llama = build_model("llama")
     for mesh_name, mesh in meshes.items():
-        cache = dtf.ShardedCache(mesh, llama.config)
+        cache = dtf.sharded_cache(mesh, llama.config)
         first = dtf.generate(llama, ids, mesh, past_key_values=cache, max_new_tokens=NEW)
         counts = [row[:] for row in cache.sharded.counts]
         local, nbytes = cache.sharded.local_len, cache.sharded.nbytes()

@@ -8,9 +8,9 @@
 Every rank passes the same full prompt and gets the same full ids back. What happens, on every
 rank (docs/INFERENCE.md has the design):
 
-1. The K/V cache is a ``ShardedCache``: a transformers ``Cache`` holding a
-   ``distattn.inference.ShardedKVCache``, so each rank keeps the K/V of its own tokens only
-   (about 1/P of the cache; no rank ever holds a full-length cache).
+1. The K/V cache is a ``ShardedCache`` (``sharded_cache(mesh, config)``): a transformers
+   ``Cache`` holding a ``distattn.inference.ShardedKVCache``, so each rank keeps the K/V of
+   its own tokens only (about 1/P of the cache; no rank ever holds a full-length cache).
 2. The prompt, all but its last token, is prefilled *sharded*: each rank runs the model on its
    layout share of the tokens only (one sharded step per ``prefill_chunk_size`` chunk; the
    first is a ring prefill, later ones pass-KV or pass-Q by ``choose_strategy``).
@@ -32,6 +32,7 @@ the returned cache back as ``past_key_values`` with ``input_ids`` that extend th
 from __future__ import annotations
 
 import copy
+import functools
 from contextlib import contextmanager
 
 import torch
@@ -69,15 +70,12 @@ _FIXED_CONFIG = {
 # ---------------------------------------------------------------------------------------------
 # the cache
 # ---------------------------------------------------------------------------------------------
-def _cache_base():
-    _transformers()
-    from transformers.cache_utils import Cache
-    return Cache
-
-
-class ShardedCache(_cache_base()):
-    """A transformers ``Cache`` whose K/V live in a ``distattn.inference.ShardedKVCache``
-    (``.sharded``): each rank of ``mesh`` holds the K/V of its own tokens only.
+class ShardedCacheMixin:
+    """The methods of ``ShardedCache``, the transformers ``Cache`` whose K/V live in a
+    ``distattn.inference.ShardedKVCache`` (``.sharded``): each rank of ``mesh`` holds the K/V
+    of its own tokens only. Build one with ``sharded_cache(mesh, config)``; the class itself
+    (``sharded_cache_class()``) is made on first use, so that importing this module does not
+    import transformers.
 
     ``config``: the model's config (its decoder's ``num_hidden_layers`` layers are cached).
     ``layout`` and ``backend`` as in ``ShardedKVCache``. ``token_ids`` [B, seq_len] are the
@@ -161,8 +159,25 @@ class ShardedCache(_cache_base()):
         return out, None
 
 
+@functools.cache
+def sharded_cache_class() -> type:
+    """``ShardedCache``: ``ShardedCacheMixin`` over transformers' ``Cache`` (built once, on
+    first use)."""
+    _transformers()
+    from transformers.cache_utils import Cache
+    return type("ShardedCache", (ShardedCacheMixin, Cache),
+                {"__doc__": ShardedCacheMixin.__doc__, "__module__": __name__})
+
+
+def sharded_cache(mesh, config, *, layout: str = "zigzag", backend: str = "auto"):
+    """A new, empty ``ShardedCache`` for a model with ``config`` over ``mesh`` (pass it to
+    ``generate`` as ``past_key_values`` to keep a handle on it, e.g. to continue a
+    conversation)."""
+    return sharded_cache_class()(mesh, config, layout=layout, backend=backend)
+
+
 @contextmanager
-def _attention_bound_to(model, cache: ShardedCache):
+def _attention_bound_to(model, cache):
     """Run ``model`` with ``cache.attention`` as its attention implementation."""
     from transformers import AttentionInterface
 
@@ -241,13 +256,14 @@ def _check_window(model, input_ids, cached, chunk, total) -> None:
             f"prefill_chunk_size), or keep the whole sequence within {width} tokens")
 
 
-def _resolve_cache(past_key_values, mesh, model, input_ids, layout, backend) -> ShardedCache:
+def _resolve_cache(past_key_values, mesh, model, input_ids, layout, backend):
     if past_key_values is None:
-        return ShardedCache(mesh, model.config, layout=layout or "zigzag",
-                            backend=backend or "auto")
-    if not isinstance(past_key_values, ShardedCache):
-        raise ValueError(f"past_key_values must be a ShardedCache returned by an earlier "
-                         f"dtf.generate, got {type(past_key_values).__name__}")
+        return sharded_cache(mesh, model.config, layout=layout or "zigzag",
+                             backend=backend or "auto")
+    if not isinstance(past_key_values, ShardedCacheMixin):
+        raise ValueError(f"past_key_values must be a ShardedCache (dtf.sharded_cache(mesh, "
+                         f"config), or one an earlier dtf.generate filled), got "
+                         f"{type(past_key_values).__name__}")
     sharded = past_key_values.sharded
     if sharded.mesh is not mesh:
         raise ValueError(f"past_key_values was built for another mesh ({sharded.mesh}), not "
@@ -297,7 +313,7 @@ def _check_call(model, input_ids, mesh, past_key_values, layout, backend, strate
 # ---------------------------------------------------------------------------------------------
 # generate
 # ---------------------------------------------------------------------------------------------
-def _prefill(model, cache: ShardedCache, ids: torch.Tensor, chunk: int | None, strategy: str):
+def _prefill(model, cache, ids: torch.Tensor, chunk: int | None, strategy: str):
     """Run the decoder on ``ids`` (new tokens after the cached ones), sharded: one sharded
     step per chunk, each rank computing its slots only. The outputs are not needed (the
     cache is the result), so the LM head is skipped."""
@@ -323,7 +339,7 @@ def _check_agreement(ids: torch.Tensor, mesh) -> None:
                 "generation arguments and model weights on every rank")
 
 
-def generate(model, input_ids: torch.Tensor, mesh, *, past_key_values: ShardedCache | None = None,
+def generate(model, input_ids: torch.Tensor, mesh, *, past_key_values=None,
              layout: str | None = None, backend: str | None = None, strategy: str = "auto",
              **generate_kwargs):
     """``model.generate(input_ids, **generate_kwargs)`` with the prompt's K/V cache sharded
@@ -335,7 +351,8 @@ def generate(model, input_ids: torch.Tensor, mesh, *, past_key_values: ShardedCa
 
     ``input_ids`` [B, S]: unpadded prompts of one length (an all-ones ``attention_mask`` is
     accepted, padding is not), S > mesh.size. ``past_key_values``: a ``ShardedCache`` built
-    for ``mesh``: a new one (to keep a handle on it), or one an earlier call filled, to
+    for ``mesh``: a new one (``sharded_cache``, to keep a handle on it), or one an earlier
+    call filled, to
     continue it (``input_ids`` must then start with its ``token_ids``). ``layout`` (default
     "zigzag") and ``backend`` (default "auto") configure the cache built when none is given.
     ``strategy``: "auto", "pass_kv" or "pass_q" for prefill chunks over a non-empty cache
