@@ -80,6 +80,17 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def rank_device(kind: str, rank: int) -> torch.device:
+    """The device of this rank: for "cuda", GPU ``LOCAL_RANK`` (or ``rank``) modulo the GPUs
+    there are, made current; else the CPU."""
+    if kind != "cuda":
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) %
+                          torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

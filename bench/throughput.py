@@ -212,12 +212,8 @@ def _print_profile(gathered, label) -> None:
 def worker(args) -> int:
     """Body of every rank (the process group is initialised). Returns the exit status."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) %
-                              torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    else:
+    device = common.rank_device(args.device, rank)
+    if device.type == "cpu":
         torch.set_num_threads(1 if args.smoke else max(1, torch.get_num_threads() // world))
     torch.manual_seed(0)
     seqlen = args.seqlen or (32 if args.smoke else 8192) * world

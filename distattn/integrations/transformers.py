@@ -398,3 +398,5 @@ class _RematCheckpoint:
 
     def __call__(self, function, *args, **kwargs):
         return _ckpt.checkpoint_with_remat(function, *args, slot=self.slot, **kwargs)
+
+from .generation import generate, sharded_cache  # noqa: E402,F401  (see generation.py)
