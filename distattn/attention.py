@@ -232,7 +232,8 @@ def dist_flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mesh=N
 
     ``schedule``: "ring" (the layout's own balance), "helper" (DistFlashAttn's schedule:
     contiguous layout, causal) or "auto" (helper where it applies, else ring).
-    ``backend``: "auto", "cuda", "torch" or "reference" (see ``distattn.kernels``).
+    ``backend``: "auto", "cuda", "torch", "reference" or "emulate" (this project's CUDA
+    kernels built for the CPU, for testing; see ``distattn.kernels``).
     ``profiler``: a ``distattn.profile.StepProfiler`` to record per-step compute and
     communication-wait times.
     """
