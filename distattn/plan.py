@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .kernels.mask import Mask
+from .kernels.varlen import merge_bands, tight_bands
 from .layout import RingLayout, Segment
 from .segments import attention_bounds, block_mask
 
@@ -107,14 +108,21 @@ def _payload_segments(plan: RingPlan, owner: int) -> tuple:
     return tuple(out)
 
 
+def coalesce(mask: Mask, sq: int, sk: int) -> Mask:
+    """The same pairs in as few pieces as merging neighbours into single bands gives (a
+    layout cuts one document into several runs; e.g. zigzag's local diagonal is 3 pieces
+    whose union is one causal band): fewer, larger kernel calls."""
+    return Mask(tuple(b.as_piece() for b in merge_bands(tight_bands(mask, sq, sk))))
+
+
 @functools.lru_cache(maxsize=256)
 def _rank_masks(plan: RingPlan, rank: int) -> tuple:
     lay, n = plan.layout, plan.layout.part_len
-    return tuple(
-        block_mask(lay.parts[rank], plan.payload_segments(plan.kv_source(rank, t)),
-                   plan.bounds).simplify(n, plan.key_len(rank, t))
-        if t else block_mask(lay.parts[rank], lay.parts[rank], plan.bounds).simplify(n, n)
-        for t in range(plan.steps))
+    keys = lambda t: (plan.payload_segments(plan.kv_source(rank, t)) if t
+                      else lay.parts[rank])
+    return tuple(coalesce(block_mask(lay.parts[rank], keys(t), plan.bounds), n,
+                          plan.key_len(rank, t))
+                 for t in range(plan.steps))
 
 
 def _reach(lay: RingLayout, bounds: tuple) -> tuple:
@@ -259,7 +267,8 @@ def helper_plan(lay: RingLayout, causal: bool = True, window: Optional[tuple] = 
         mask = block_mask(lay.parts[q_owner], lay.parts[kv_owner], bounds,
                           rows=slice(rows[0] * chunk, rows[1] * chunk),
                           cols=slice(0, lay.part_len))
-        return Task(kind, peer, rows, mask)
+        return Task(kind, peer, rows, coalesce(mask, (rows[1] - rows[0]) * chunk,
+                                               lay.part_len))
 
     tasks = []
     for r in range(P):
