@@ -104,11 +104,6 @@ def _work_items(plan, rank: int, step: int):
             yield w, q, k, mask
 
 
-def _helper_rows(plan: HelperPlan, rows: tuple) -> int:
-    """Slots of a helper message's query rows ``(first chunk, stop chunk)``."""
-    return (rows[1] - rows[0]) * (plan.layout.part_len // plan.chunks)
-
-
 class Bytes:
     """Message sizes in bytes for one ring rank's shape, per slot (see docs/BENCHMARKS.md)."""
 
@@ -192,11 +187,11 @@ def rank_program(plan, rank: int, shape: common.Shape, pass_: str) -> list[Windo
                 whole = plan.layout.part_len
                 for kind, _, rows in plan.inbound(rank, t + 1):
                     recv += nb.kv(whole) if kind == "kv" else \
-                        nb.q_rows(_helper_rows(plan, rows), pass_)
+                        nb.q_rows(_len(plan.slots(rows)), pass_)
                     messages += 1
                 for kind, _, rows in plan.outbound(rank, t + 1):
                     send += nb.kv(whole) if kind == "kv" else \
-                        nb.q_rows(_helper_rows(plan, rows), pass_)
+                        nb.q_rows(_len(plan.slots(rows)), pass_)
                     messages += 1
             else:   # the ring passes each owner's payload on, as far as the plan goes
                 send += nb.kv(plan.key_len((rank + 1) % plan.world, t + 1))

@@ -94,10 +94,6 @@ def _drive(cfg: RingConfig, device, pass_name, post_inputs, post_returns, comput
             absorb(t - 1)
 
 
-def _rows(rows: tuple, chunk: int) -> slice:
-    return slice(rows[0] * chunk, rows[1] * chunk)
-
-
 def _global(cfg: RingConfig, rank: int) -> int:
     return cfg.mesh.ring_ranks[rank]
 
@@ -105,8 +101,6 @@ def _global(cfg: RingConfig, rank: int) -> int:
 def helper_forward(q, k, v, cfg: RingConfig):
     """out [B, n, Hq, D] (q's dtype), lse [B, Hq, n] (accumulation dtype)."""
     plan, r, be, scale, cap = cfg.plan, cfg.mesh.ring_rank, cfg.backend, cfg.scale, cfg.softcap
-    n = q.shape[1]
-    chunk = n // plan.chunks
     acc = accumulation_dtype(q.dtype)
     out_acc, lse_acc = new_accumulators(q, acc)
     kv_mine = torch.stack([k, v])
@@ -115,9 +109,9 @@ def helper_forward(q, k, v, cfg: RingConfig):
 
     def post_inputs(ex, t):
         for kind, dst, rows in plan.outbound(r, t):
-            ex.send(kv_mine if kind == "kv" else q[:, _rows(rows, chunk)], gr(dst))
+            ex.send(kv_mine if kind == "kv" else q[:, plan.slots(rows)], gr(dst))
         for kind, src, rows in plan.inbound(r, t):
-            sl = _rows(rows, chunk)
+            sl = plan.slots(rows)
             shape = kv_mine.shape if kind == "kv" else q[:, sl].shape
             buf = pool.get((kind, shape), t, lambda: torch.empty(shape, dtype=q.dtype,
                                                                   device=q.device))
@@ -129,7 +123,7 @@ def helper_forward(q, k, v, cfg: RingConfig):
         if task.kind == "diag":
             be.forward_into(q, k, v, out_acc, lse_acc, scale=scale, mask=task.mask, softcap=cap)
             return None
-        sl = _rows(task.rows, chunk)
+        sl = plan.slots(task.rows)
         buf = inputs.pop(t)
         if task.kind == "own":
             be.forward_into(q[:, sl], buf[0], buf[1], out_acc[:, sl], lse_acc[:, :, sl],
@@ -144,7 +138,7 @@ def helper_forward(q, k, v, cfg: RingConfig):
             ex.send(result[1], gr(task.peer))
         for kind, helper, rows in plan.outbound(r, s):
             if kind == "q":
-                sl = _rows(rows, chunk)
+                sl = plan.slots(rows)
                 o = pool.get(("ret_o", sl.stop - sl.start), s,
                              lambda: torch.empty_like(q[:, sl]))
                 l = pool.get(("ret_l", sl.stop - sl.start), s,
@@ -165,8 +159,6 @@ def helper_forward(q, k, v, cfg: RingConfig):
 def helper_backward(dout, q, k, v, out, lse, cfg: RingConfig):
     """(dq, dk, dv) in the dtypes of q, k, v."""
     plan, r, be, scale, cap = cfg.plan, cfg.mesh.ring_rank, cfg.backend, cfg.scale, cfg.softcap
-    n = q.shape[1]
-    chunk = n // plan.chunks
     acc = accumulation_dtype(q.dtype)
     dq_acc = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv_mine = torch.stack([k, v])
@@ -181,11 +173,11 @@ def helper_backward(dout, q, k, v, out, lse, cfg: RingConfig):
             if kind == "kv":
                 ex.send(kv_mine, gr(dst))
             else:
-                sl = _rows(rows, chunk)
+                sl = plan.slots(rows)
                 ex.send(qod[:, :, sl], gr(dst))
                 ex.send(lse[:, :, sl], gr(dst))
         for kind, src, rows in plan.inbound(r, t):
-            sl = _rows(rows, chunk)
+            sl = plan.slots(rows)
             if kind == "kv":
                 buf = pool.get("kv", t, lambda: torch.empty_like(kv_mine))
                 ex.recv(buf, gr(src))
@@ -205,7 +197,7 @@ def helper_backward(dout, q, k, v, out, lse, cfg: RingConfig):
             be.backward_into(dout, q, k, v, out, lse, dq_acc, dkv_acc[0], dkv_acc[1],
                              scale=scale, mask=task.mask, softcap=cap)
             return None
-        sl = _rows(task.rows, chunk)
+        sl = plan.slots(task.rows)
         buf = inputs.pop(t)
         if task.kind == "own":      # dK/dV of the peer's K/V go back to it
             dkv = pool.get("dkv_out", t, lambda: torch.empty_like(dkv_acc)).zero_()
@@ -224,7 +216,7 @@ def helper_backward(dout, q, k, v, out, lse, cfg: RingConfig):
         task = plan.tasks[r][s]
         ex.send(result, gr(task.peer))
         for kind, peer, rows in plan.outbound(r, s):
-            sl = _rows(rows, chunk)
+            sl = plan.slots(rows)
             if kind == "kv":
                 buf = pool.get("ret_dkv", s, lambda: torch.empty_like(dkv_acc))
                 returned.setdefault(s, []).append((None, buf))

@@ -220,17 +220,17 @@ class HelperPlan:
     def steps(self) -> int:
         return len(self.tasks[0])
 
-    def rows(self, task: Task) -> slice:
-        """The query slots of a task."""
+    def slots(self, rows: tuple) -> slice:
+        """The query slots of chunk rows ``(first, stop)`` (a task's or a message's)."""
         chunk = self.layout.part_len // self.chunks
-        return slice(task.rows[0] * chunk, task.rows[1] * chunk)
+        return slice(rows[0] * chunk, rows[1] * chunk)
 
     def computes(self, rank: int, step: int) -> list:
         task = self.tasks[rank][step]
         if not task.mask.pieces:
             return []
         q_owner, kv_owner = (task.peer, rank) if task.kind == "help" else (rank, task.peer)
-        return [Work(q_owner, self.rows(task), kv_owner, ((0, self.layout.part_len),),
+        return [Work(q_owner, self.slots(task.rows), kv_owner, ((0, self.layout.part_len),),
                      task.mask)]
 
     def inbound(self, rank: int, step: int) -> list:
