@@ -32,7 +32,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import distattn  # noqa: E402
-from distattn.integrations import transformers as dtf  # noqa: E402
+from distattn.integrations import hf, transformers as dtf  # noqa: E402
 
 
 class TokenClock:
@@ -81,7 +81,7 @@ def one_process(args, model, ids, device):
     """model.generate on one device: (ids, prefill tok/s, decode ms/token, cache MiB)."""
     out, tok_s, ms = timed_generate(model.generate, ids, device, max_new_tokens=args.new_tokens,
                                     do_sample=False, return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = hf.output_cache(out)
     mib = sum(t.numel() * t.element_size() for layer in cache.layers
               for t in (layer.keys, layer.values)) / 2**20
     return out.sequences, tok_s, ms, mib

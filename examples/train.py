@@ -40,7 +40,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import distattn  # noqa: E402
-from distattn.integrations import transformers as dtf  # noqa: E402
+from distattn.integrations import hf, transformers as dtf  # noqa: E402
 from distattn.layout import seq_multiple  # noqa: E402
 
 VOCAB = 256  # bytes
@@ -205,7 +205,7 @@ def train(args) -> int:
     if args.checkpoint == "remat":
         dtf.checkpoint_layers(model)
     elif args.checkpoint == "torch":
-        model.activation_checkpointing_enable()
+        hf.plain_checkpointing(model)
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01,

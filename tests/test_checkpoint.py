@@ -108,7 +108,7 @@ def _live_records():
 def _counting_cases(meshes, counter):
     import torch.distributed as dist
 
-    from distattn.integrations import transformers as dtf
+    from distattn.integrations import hf, transformers as dtf
     ids = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(3))
     results = {}
     for mesh_name in ("ring4", "ulysses2xring2"):
@@ -120,7 +120,7 @@ def _counting_cases(meshes, counter):
             model = _llama()
             model.set_attn_implementation(name)
             if mode == "torch_checkpoint":
-                model.activation_checkpointing_enable()
+                hf.plain_checkpointing(model)
             elif mode == "remat":
                 dtf.checkpoint_layers(model)
             counter.reset()

@@ -424,7 +424,8 @@ def build_model(kind: str):
         warnings.simplefilter("ignore")
         model = cls(config[kind]()).double().eval()
     if kind == "gpt_oss":
-        model.set_experts_implementation("eager")      # grouped_mm has no float64
+        if hasattr(model, "set_experts_implementation"):   # transformers 5: grouped_mm,
+            model.set_experts_implementation("eager")      # which has no float64
         for layer in model.model.layers:               # sinks start near zero: make them count
             torch.nn.init.normal_(layer.self_attn.sinks, std=1.0)
     return model
@@ -491,7 +492,7 @@ def tf_refusals(dtf, meshes, ids):
 
 def tf_worker(rank: int, world: int) -> bytes:
     import distattn
-    from distattn.integrations import transformers as dtf
+    from distattn.integrations import hf, transformers as dtf
 
     meshes = {name: distattn.SPMesh.build(ulysses_degree=u) for name, u in TF_MESHES.items()}
     ids = prompts()
@@ -522,8 +523,8 @@ def tf_worker(rank: int, world: int) -> bytes:
         results[f"turns-{mesh_name}"] = {
             "first": first, "second": second, "third": third, "counts": counts,
             "local": local, "nbytes": nbytes, "chunked": out.sequences,
-            "chunked_cache_type": type(out.past_key_values).__name__,
-            "chunked_cache_len": out.past_key_values.get_seq_length()}
+            "chunked_cache_type": type(hf.output_cache(out)).__name__,
+            "chunked_cache_len": hf.output_cache(out).get_seq_length()}
     results["refusals"] = tf_refusals(dtf, meshes, ids)
     return _to_bytes(results)
 

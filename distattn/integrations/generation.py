@@ -41,7 +41,7 @@ from ..inference import STRATEGIES, ShardedKVCache
 from ..layout import _all_gather
 from ..mesh import as_mesh
 from ..ulysses import check_heads
-from .transformers import _UNSUPPORTED_KWARGS, _transformers, _variant
+from . import hf
 
 # generate() arguments that work unchanged over a sharded cache (passed on to model.generate).
 SUPPORTED_GENERATE_KWARGS = frozenset({
@@ -87,10 +87,14 @@ class ShardedCacheMixin:
     """
 
     def __init__(self, mesh, config, *, layout: str = "zigzag", backend: str = "auto"):
-        super().__init__(layers=[])
         text = config.get_text_config(decoder=True)
-        self.sharded = ShardedKVCache(mesh, text.num_hidden_layers, layout=layout,
-                                      backend=backend)
+        sharded = ShardedKVCache(mesh, text.num_hidden_layers, layout=layout, backend=backend)
+        # One layer object per decoder layer, as transformers' Cache contract has it: generate
+        # reads the cache's length and kinds of layer through them (from 5.24 on, a cache
+        # with no layers counts as "all linear" and makes generate re-feed the whole prompt).
+        layer = sharded_layer_class()
+        super().__init__(layers=[layer(sharded, sliding) for sliding in _sliding_layers(text)])
+        self.sharded = sharded
         self.token_ids = None
 
     # -- what transformers asks of a Cache --------------------------------------------------------
@@ -115,7 +119,8 @@ class ShardedCacheMixin:
                                   f"over the ranks of the mesh")
 
     def crop(self, tokens_to_remove):
-        self._unsupported("crop (speculative or assisted decoding)")
+        if tokens_to_remove != 0:    # generate may "crop" by 0 tokens at the end
+            self._unsupported("crop (speculative or assisted decoding)")
 
     def reorder_cache(self, beam_idx):
         self._unsupported("reorder_cache (beam search)")
@@ -146,7 +151,7 @@ class ShardedCacheMixin:
         if dropout:
             raise NotImplementedError(f"{name}: attention dropout ({dropout}) is not "
                                       f"supported; call model.eval()")
-        for arg, what in _UNSUPPORTED_KWARGS.items():
+        for arg, what in hf.UNSUPPORTED_ATTENTION_KWARGS.items():
             if kwargs.get(arg) is not None:
                 raise NotImplementedError(f"{name} does not support {what} ({arg}=...)")
         if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
@@ -155,15 +160,68 @@ class ShardedCacheMixin:
             raise NotImplementedError(f"{name} never materialises attention weights")
         out = self.sharded.attend(module.layer_idx, query.transpose(1, 2),
                                   key.transpose(1, 2), value.transpose(1, 2),
-                                  softmax_scale=scaling, **_variant(module, kwargs))
+                                  softmax_scale=scaling, **hf.attention_variant(module, kwargs))
         return out, None
+
+
+class ShardedLayerMixin:
+    """One decoder layer of a ``ShardedCache`` as transformers sees it: it reports the cached
+    length and the layer's kind; the K/V themselves live in the shared ``ShardedKVCache``
+    (``sharded``), which ``ShardedCache.attention`` reads and writes."""
+
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, sharded: ShardedKVCache, is_sliding: bool):
+        super().__init__()
+        self.sharded = sharded
+        self.is_sliding = is_sliding
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise RuntimeError("a ShardedCache layer is written by ShardedCache.attention only")
+
+    def get_seq_length(self) -> int:
+        return self.sharded.seq_len
+
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        return self.sharded.seq_len + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+
+def _sliding_layers(text_config) -> list[bool]:
+    """Per decoder layer: does it attend through a sliding window?"""
+    n = text_config.num_hidden_layers
+    types = getattr(text_config, "layer_types", None)
+    if types is not None:
+        return [t == "sliding_attention" for t in types][:n]
+    sliding = (getattr(text_config, "sliding_window", None) is not None
+               and getattr(text_config, "use_sliding_window", True))
+    return [bool(sliding)] * n
+
+
+@functools.cache
+def sharded_layer_class() -> type:
+    """``ShardedLayer``: ``ShardedLayerMixin`` over transformers' ``CacheLayerMixin``."""
+    hf.require()
+    from transformers.cache_utils import CacheLayerMixin
+    return type("ShardedLayer", (ShardedLayerMixin, CacheLayerMixin),
+                {"__doc__": ShardedLayerMixin.__doc__, "__module__": __name__})
 
 
 @functools.cache
 def sharded_cache_class() -> type:
     """``ShardedCache``: ``ShardedCacheMixin`` over transformers' ``Cache`` (built once, on
     first use)."""
-    _transformers()
+    hf.require()
     from transformers.cache_utils import Cache
     return type("ShardedCache", (ShardedCacheMixin, Cache),
                 {"__doc__": ShardedCacheMixin.__doc__, "__module__": __name__})
@@ -323,8 +381,8 @@ def _prefill(model, cache, ids: torch.Tensor, chunk: int | None, strategy: str):
         part = ids[:, start:start + (chunk or n)]
         step = cache.sharded.begin_sharded(part.shape[1], strategy)
         positions = step.positions.to(ids.device).unsqueeze(0).expand(ids.shape[0], -1)
-        decoder(input_ids=step.shard(part, dim=1), position_ids=positions,
-                past_key_values=cache, use_cache=True)
+        decoder(input_ids=step.shard(part, dim=1), position_ids=positions, use_cache=True,
+                **{hf.cache_kwarg(): cache})
 
 
 def _check_agreement(ids: torch.Tensor, mesh) -> None:
@@ -339,18 +397,20 @@ def _check_agreement(ids: torch.Tensor, mesh) -> None:
                 "generation arguments and model weights on every rank")
 
 
-def generate(model, input_ids: torch.Tensor, mesh, *, past_key_values=None,
+def generate(model, input_ids: torch.Tensor, mesh, *, past_key_values=None, cache=None,
              layout: str | None = None, backend: str | None = None, strategy: str = "auto",
              **generate_kwargs):
     """``model.generate(input_ids, **generate_kwargs)`` with the prompt's K/V cache sharded
     over ``mesh`` (see the module docstring). Every rank of the mesh calls it with the same
     arguments and gets the same result back: the ids [B, S + new tokens], or transformers'
-    output object with ``return_dict_in_generate=True`` (its ``past_key_values`` is the
-    cache). Greedy tokens equal one-process ``model.generate``; sampling draws from the global
+    output object with ``return_dict_in_generate=True`` (its cache is
+    ``hf.output_cache(result)``: ``result.cache`` from transformers 5.24 on,
+    ``result.past_key_values`` before). Greedy tokens equal one-process ``model.generate``; sampling draws from the global
     torch RNG as ``model.generate`` does, so seed every rank the same.
 
     ``input_ids`` [B, S]: unpadded prompts of one length (an all-ones ``attention_mask`` is
-    accepted, padding is not), S > mesh.size. ``past_key_values``: a ``ShardedCache`` built
+    accepted, padding is not), S > mesh.size. ``past_key_values`` (or ``cache``,
+    transformers' name from 5.24 on): a ``ShardedCache`` built
     for ``mesh``: a new one (``sharded_cache``, to keep a handle on it), or one an earlier
     call filled, to
     continue it (``input_ids`` must then start with its ``token_ids``). ``layout`` (default
@@ -363,6 +423,10 @@ def generate(model, input_ids: torch.Tensor, mesh, *, past_key_values=None,
     padding) and that window raise before any communication.
     """
     mesh = as_mesh(mesh)
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the cache as past_key_values= or as cache= (transformers' newer "
+                         "name), not both")
+    past_key_values = cache if cache is not None else past_key_values
     cache, chunk = _check_call(model, input_ids, mesh, past_key_values, layout, backend,
                                strategy, generate_kwargs)
     generate_kwargs = {k: v for k, v in generate_kwargs.items()
@@ -370,8 +434,8 @@ def generate(model, input_ids: torch.Tensor, mesh, *, past_key_values=None,
     cached = cache.get_seq_length()
     with torch.no_grad(), _attention_bound_to(model, cache):
         _prefill(model, cache, input_ids[:, cached:-1], chunk, strategy)
-        result = model.generate(input_ids, past_key_values=cache, prefill_chunk_size=None,
-                                **generate_kwargs)
+        result = model.generate(input_ids, prefill_chunk_size=None,
+                                **{hf.cache_kwarg(): cache}, **generate_kwargs)
     ids = result if isinstance(result, torch.Tensor) else result.sequences
     cache.token_ids = ids[:, :cache.get_seq_length()].clone()
     _check_agreement(ids, mesh)

@@ -33,30 +33,14 @@ from ..documents import check_cu_seqlens
 from ..layout import check_layout, local_indices, positions, seq_multiple, shard
 from ..mesh import as_mesh
 from . import checkpoint as _ckpt
+from .generation import generate, sharded_cache  # noqa: F401  (dtf.generate)
+from .hf import UNSUPPORTED_ATTENTION_KWARGS, attention_variant
+from .hf import require as _transformers
 
 IGNORE_INDEX = -100
 CU_SEQLENS_KEY = "distattn_cu_seqlens"   # model kwarg: global document boundaries (a tuple)
 _BUILTIN_NAMES = ("eager", "sdpa", "flash_attention_2", "flash_attention_3",
                   "flash_attention_4", "flex_attention", "paged|eager")
-# Attention kwargs some models pass that change the attention computation itself and that
-# distattn does not run.
-_UNSUPPORTED_KWARGS = {
-    "position_bias": "additive position bias",
-    "cache": "paged KV caches",
-}
-
-
-def _transformers():
-    try:
-        import transformers  # noqa: F401
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("distattn.integrations.transformers needs transformers: "
-                          "pip install 'distattn[transformers]'") from exc
-    return AttentionInterface, AttentionMaskInterface
-
-
 # ---------------------------------------------------------------------------------------------
 # the attention function
 # ---------------------------------------------------------------------------------------------
@@ -72,7 +56,7 @@ def _refuse_unsupported(name, module, query, key, attention_mask, dropout, kwarg
         raise NotImplementedError(
             f"attn_implementation={name!r} (distattn) does not support attention dropout "
             f"(dropout={dropout}); set config.attention_dropout=0.0")
-    for arg, what in _UNSUPPORTED_KWARGS.items():
+    for arg, what in UNSUPPORTED_ATTENTION_KWARGS.items():
         if kwargs.get(arg) is not None:
             raise NotImplementedError(
                 f"attn_implementation={name!r} (distattn) does not support {what} yet "
@@ -116,19 +100,6 @@ def _check_positions(name, position_ids, mesh, layout, local_len) -> None:
     setattr(position_ids, POSITIONS_CHECKED, True)
 
 
-def _variant(module, kwargs) -> dict:
-    """window / softcap / sinks of this attention call, in distattn's terms.
-
-    transformers' ``sliding_window=W`` lets query i see key j when ``|i - j| < W`` on the
-    allowed side: ``window=(W - 1, W - 1)``; with causal attention the right side is cut to
-    0, and bidirectional sliding layers (Gemma 3) keep both sides."""
-    width = kwargs["sliding_window"] if "sliding_window" in kwargs else \
-        getattr(module, "sliding_window", None)
-    sinks = kwargs.get("s_aux", kwargs.get("sinks"))
-    return {"window": None if width is None else (int(width) - 1, int(width) - 1),
-            "softcap": kwargs.get("softcap"), "sinks": sinks}
-
-
 def _make_attention(name, mesh, layout, schedule, backend):
     def distattn_attention(module, query, key, value, attention_mask, scaling=None,
                            dropout=0.0, **kwargs):
@@ -147,7 +118,7 @@ def _make_attention(name, mesh, layout, schedule, backend):
             module, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
             mesh=mesh, causal=bool(is_causal), softmax_scale=scaling, layout=layout,
             schedule=schedule, backend=backend, cu_seqlens=cu_seqlens,
-            **_variant(module, kwargs))
+            **attention_variant(module, kwargs))
         return out, None
 
     distattn_attention.mesh = mesh
@@ -156,10 +127,10 @@ def _make_attention(name, mesh, layout, schedule, backend):
 
 
 def _make_mask(name, mesh):
-    def distattn_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
-                      mask_function=None, attention_mask=None, **kwargs):
-        """transformers mask function: the distributed attention applies causality itself,
-        so no [S, S] mask is ever built. A padding mask is refused unless it masks nothing.
+    def distattn_mask(*, kv_length=None, attention_mask=None, **kwargs):
+        """transformers mask function (called with keywords only; the others differ between
+        versions): the distributed attention applies causality itself, so no [S, S] mask is
+        ever built. A padding mask is refused unless it masks nothing.
         Each rank sees only its shard of the mask, so the verdict is agreed over the mesh
         (one small collective per model call): every rank raises, or none does."""
         error = None
@@ -399,4 +370,3 @@ class _RematCheckpoint:
     def __call__(self, function, *args, **kwargs):
         return _ckpt.checkpoint_with_remat(function, *args, slot=self.slot, **kwargs)
 
-from .generation import generate, sharded_cache  # noqa: E402,F401  (see generation.py)
