@@ -327,7 +327,8 @@ class ShardedKVCache:
         step = cache.begin_replicated(1)          # decoding: every rank, the same token
         ...
 
-    State: ``seq_len`` (tokens cached), ``counts`` (tokens per rank, [R][U]),
+    State: ``seq_len`` (tokens cached), ``counts`` (tokens per rank, [R][U]), ``work``
+    (queries this rank computed and steps it opened, sharded and replicated),
     ``local_positions`` (global positions of this rank's tokens, in storage order),
     ``comm.bytes_sent``. Tensors are fixed by the first ``attend`` (batch, heads, head_dim,
     dtype, device); later calls must match.
@@ -350,6 +351,10 @@ class ShardedKVCache:
         self.seq_len = 0
         self.counts = [[0] * self.mesh.ulysses_degree for _ in range(self.mesh.ring_degree)]
         self.step: Step | None = None
+        # Work this rank did, per kind of step: queries computed and steps opened (a
+        # caller's check that a prompt was prefilled sharded once and never re-fed).
+        self.work = {"sharded_queries": 0, "sharded_steps": 0, "replicated_queries": 0,
+                     "replicated_steps": 0}
         self._layers = [_LayerKV() for _ in range(num_layers)]
         self._positions: list[torch.Tensor] = []
         self._meta = None       # (B, Hq, Hkv, D, dtype, device) after the first attend
@@ -442,6 +447,9 @@ class ShardedKVCache:
         return self._open(step)
 
     def _open(self, step: Step) -> Step:
+        kind = "replicated" if step.kind == "replicated" else "sharded"
+        self.work[f"{kind}_queries"] += step.n_new if kind == "replicated" else len(step.keep)
+        self.work[f"{kind}_steps"] += 1
         self._positions.append(step.start + torch.tensor(step.own_offsets, dtype=torch.long))
         self.step = step
         return step

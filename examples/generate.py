@@ -4,7 +4,9 @@ A stock transformers ``LlamaForCausalLM`` (built from a config, random weights: 
 downloaded) generates greedily from a long prompt twice: once in one process with
 ``model.generate``, once with ``dtf.generate`` over the SP group, where each rank runs its
 share of the prompt and keeps the K/V of its own tokens. Printed: prefill tokens/s, decode
-ms/token and KV-cache memory per rank for both, and whether the tokens agree.
+ms/token and KV-cache memory per rank for both, and the checks of ``checks`` (tokens equal,
+cache length per rank and in total, the prompt prefilled once); ``--check`` exits 1 if one
+fails.
 
     python examples/generate.py                          # 4 CPU processes over gloo
     python examples/generate.py --nproc 4 --ulysses 2 --prompt-len 8192
@@ -126,6 +128,7 @@ def run(args, ref=None) -> int:
         lambda x, **kw: dtf.generate(model, x, mesh, past_key_values=cache, **kw), ids, device,
         max_new_tokens=args.new_tokens, do_sample=False)
     stats = {"rank": rank, "tok_s": tok_s, "ms": ms, "tokens": cache.sharded.local_len,
+             "cached": cache.sharded.seq_len, "work": dict(cache.sharded.work),
              "used": cache.sharded.nbytes(used=True) / 2**20,
              "mib": cache.sharded.nbytes() / 2**20}
     gathered = [None] * world
@@ -145,13 +148,48 @@ def run(args, ref=None) -> int:
     for s in gathered:
         print(f"{'SP rank ' + str(s['rank']):<14s}{s['tok_s']:>14,.0f}{s['ms']:>15.2f}"
               f"{s['tokens']:>14d}{s['used']:>16.2f}{s['mib']:>11.2f}")
-    if ref is None:
-        return 0
-    same = torch.equal(out.cpu(), ref[0].cpu())
-    agree = (out.cpu() == ref[0].cpu())[:, args.prompt_len:].float().mean().item()
-    print(f"tokens identical to one process: {'yes' if same else 'no'} "
-          f"({agree:.0%} of new tokens agree)")
-    return 1 if args.check and not same else 0
+    failed = [name for name, ok in checks(args, out, gathered, ref) if not ok]
+    if failed:
+        print(f"check FAILED: {', '.join(failed)}")
+    return 1 if args.check and failed else 0
+
+
+def checks(args, out, gathered, ref) -> list[tuple[str, bool]]:
+    """What can be wrong, each printed with its numbers: (name, ok) pairs.
+
+    - the tokens equal one-process ``model.generate`` (when it ran);
+    - the cache holds prompt + generated - 1 tokens (the last new token is never fed back) on
+      every rank, each token on exactly one rank, none holding more than its share + 1;
+    - prefill work: the prompt, all but its last token, was prefilled once, sharded (the
+      ranks' sharded queries add up to it), and every replicated step (one per generated
+      token) fed exactly one token: nothing was re-fed."""
+    world, prompt = len(gathered), args.prompt_len
+    generated = out.shape[1] - prompt
+    expected = prompt + generated - 1
+    held = [s["tokens"] for s in gathered]
+    sharded = sum(s["work"]["sharded_queries"] for s in gathered)
+    replicated = [(s["work"]["replicated_queries"], s["work"]["replicated_steps"])
+                  for s in gathered]
+    result = []
+
+    def report(name, ok, detail):
+        print(f"{name + ':':<28s}{'yes' if ok else 'NO '}  ({detail})")
+        result.append((name, ok))
+
+    if ref is not None:
+        same = torch.equal(out.cpu(), ref[0].cpu())
+        agree = (out.cpu() == ref[0].cpu())[:, prompt:].float().mean().item()
+        report("tokens identical", same, f"{agree:.0%} of new tokens agree with one process")
+    report("cache length", all(s["cached"] == expected for s in gathered) and sum(held) ==
+           expected, f"{[s['cached'] for s in gathered]} cached, {sum(held)} held in all; "
+           f"expected {prompt} + {generated} - 1 = {expected}")
+    report("cache per rank", max(held) <= -(-expected // world) + 1,
+           f"{held} tokens per rank, share {expected / world:.1f}")
+    report("prompt prefilled once", sharded == prompt - 1,
+           f"{sharded} queries in sharded steps over all ranks, prompt - 1 = {prompt - 1}")
+    report("one token per decode step", all(q == n == generated for q, n in replicated),
+           f"(queries, steps) per rank {sorted(set(replicated))}, {generated} generated")
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +236,9 @@ def parse_args(argv=None):
     p.add_argument("--skip-reference", action="store_true",
                    help="no one-process run (for prompts one device cannot hold)")
     p.add_argument("--check", action="store_true",
-                   help="exit 1 unless the tokens equal the one-process ones")
+                   help="exit 1 unless the tokens equal the one-process ones, the cache holds "
+                        "prompt + generated - 1 tokens spread over the ranks, and the prompt "
+                        "was prefilled once, sharded")
     return p.parse_args(argv)
 
 

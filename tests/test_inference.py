@@ -389,6 +389,7 @@ def test_core_refuses_before_communicating(core_results, what, exc, words):
 # transformers: models and worker
 # ---------------------------------------------------------------------------------------------
 VOCAB, PROMPT, NEW = 101, 19, 6
+GREEDY_LENGTHS = (PROMPT, 37, 32)    # odd lengths, and one every mesh and layout divides
 # name -> K/V heads (of 4 query heads). Mistral's window (8) cuts the 25-token sequences.
 MODELS = {"llama": 4, "qwen2": 2, "mistral": 1}
 # windows on alternating layers with softcap (Gemma 2) or sinks (gpt-oss): greedy only
@@ -502,11 +503,16 @@ def tf_worker(rank: int, world: int) -> bytes:
         for mesh_name, mesh in meshes.items():
             greedy, sampled = _generate_cases(dtf, mesh, model, ids)
             results[f"{kind}-{mesh_name}"] = {"greedy": greedy, "sampled": sampled}
-    for kind in VARIANT_MODELS:
+    for kind in [*MODELS, *VARIANT_MODELS]:
         model = build_model(kind)
         for mesh_name, mesh in meshes.items():
-            results[f"{kind}-{mesh_name}"] = {"greedy": dtf.generate(
-                model, ids, mesh, max_new_tokens=NEW, do_sample=False)}
+            for length in GREEDY_LENGTHS:
+                cache, x = dtf.sharded_cache(mesh, model.config), prompts(length=length)
+                out = dtf.generate(model, x, mesh, cache=cache, attention_mask=torch.ones_like(x),
+                                   max_new_tokens=NEW, do_sample=False)
+                results[f"{kind}-{mesh_name}-{length}"] = {
+                    "greedy": out, "seq_len": cache.sharded.seq_len,
+                    "counts": cache.sharded.counts, "work": dict(cache.sharded.work)}
     # continuations: pass-Q and pass-KV turns, and a chunked prefill; the cache's placement
     llama = build_model("llama")
     for mesh_name, mesh in meshes.items():
@@ -551,9 +557,12 @@ def tf_references():
         sampled = model.generate(ids, attention_mask=ones, max_new_tokens=NEW, do_sample=True,
                                  top_k=30, temperature=0.9)
         refs[kind] = {"greedy": greedy, "sampled": sampled}
-    for kind in VARIANT_MODELS:
-        refs[kind] = {"greedy": build_model(kind).generate(ids, max_new_tokens=NEW,
-                                                           do_sample=False)}
+    for kind in [*MODELS, *VARIANT_MODELS]:
+        model = build_model(kind)
+        for length in GREEDY_LENGTHS:     # all-ones mask: a prompt may hold the pad id
+            x = prompts(length=length)
+            refs[f"{kind}-{length}"] = model.generate(x, attention_mask=torch.ones_like(x),
+                                                      max_new_tokens=NEW, do_sample=False)
     llama = build_model("llama")
     gen = lambda x: llama.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW,
                                    do_sample=False)
@@ -563,14 +572,25 @@ def tf_references():
     return refs
 
 
+@pytest.mark.parametrize("length", GREEDY_LENGTHS)
 @pytest.mark.parametrize("mesh_name", TF_MESHES)
 @pytest.mark.parametrize("kind", [*MODELS, *VARIANT_MODELS])
-def test_generate_greedy_equals_one_process(tf_results, tf_references, kind, mesh_name):
-    ref = tf_references[kind]["greedy"]
-    assert ref.shape == (2, PROMPT + NEW)
+def test_generate_greedy_equals_one_process(tf_results, tf_references, kind, mesh_name,
+                                            length):
+    """Token for token, and the cache holds what it should: prompt + NEW - 1 tokens (the last
+    new token is never fed back), each on one rank; the prompt but its last token prefilled
+    once, sharded; every decode step one token (nothing re-fed)."""
+    ref = tf_references[f"{kind}-{length}"]
+    assert ref.shape == (2, length + NEW)
     for rank, r in enumerate(tf_results):
-        got = r[f"{kind}-{mesh_name}"]["greedy"]
-        assert torch.equal(got, ref), f"rank {rank}:\n{got}\n!=\n{ref}"
+        got = r[f"{kind}-{mesh_name}-{length}"]
+        assert torch.equal(got["greedy"], ref), f"rank {rank}:\n{got['greedy']}\n!=\n{ref}"
+        assert got["seq_len"] == length + NEW - 1
+        assert sum(c for row in got["counts"] for c in row) == length + NEW - 1
+        assert got["work"]["replicated_steps"] == got["work"]["replicated_queries"] == NEW
+    sharded = sum(r[f"{kind}-{mesh_name}-{length}"]["work"]["sharded_queries"]
+                  for r in tf_results)
+    assert sharded == length - 1
 
 
 @pytest.mark.parametrize("mesh_name", TF_MESHES)
