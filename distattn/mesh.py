@@ -201,20 +201,45 @@ class SPMesh:
 
     @classmethod
     def from_device_mesh(cls, device_mesh, ulysses_dim: str = "sp_u", ring_dim: str = "sp_r",
-                         timeout: Optional[timedelta] = None) -> "SPMesh":
-        """Use two named dimensions of a ``torch.distributed.device_mesh.DeviceMesh``. The
-        placement follows the dimension order: the later (faster-varying) one is inner.
+                         timeout: Optional[timedelta] = None, *, sp_dim: Optional[str] = None,
+                         ulysses_degree: int = 1,
+                         placement: str = "ulysses_inner") -> "SPMesh":
+        """The SP mesh of a ``torch.distributed.device_mesh.DeviceMesh``, in one of two ways:
+
+        - two named dimensions, ``ulysses_dim`` and ``ring_dim`` (e.g. a (dp, sp_r, sp_u)
+          mesh). The placement follows the dimension order: the later (faster-varying) one is
+          inner.
+        - one named SP dimension, ``sp_dim`` (e.g. a plain (dp, sp) mesh: ``sp_dim="sp"``),
+          split into ``ulysses_degree x (size // ulysses_degree)`` with ``placement`` as in
+          ``build`` (``ulysses_degree=1``: a pure ring). When ``sp_dim`` is not given and the
+          mesh has neither default two-dimension name but one dimension named "sp" or "cp",
+          that one is taken.
 
         ``timeout`` (default: the default process group's) bounds every wait; the device
         mesh's groups are used where they carry it (DeviceMesh creates its groups with
         torch's default), else groups over the same ranks are created with it. The control
-        group spans the SP sub-mesh (these two dimensions) that holds this rank."""
+        group spans the SP sub-mesh that holds this rank. Only the members of one SP group
+        synchronise (the other replicas' calls are independent)."""
         _require_initialized()
         names = tuple(device_mesh.mesh_dim_names or ())
+        two_named = ulysses_dim in names and ring_dim in names
+        if sp_dim is None and not two_named and (ulysses_dim, ring_dim) == ("sp_u", "sp_r"):
+            single = [n for n in names if n in ("sp", "cp")]
+            sp_dim = single[0] if len(single) == 1 else None
+        if sp_dim is not None:
+            if sp_dim not in names:
+                raise ValueError(f"sp_dim={sp_dim!r} is not a dimension of the device mesh "
+                                 f"(its dimensions are {names})")
+            return cls.build(ulysses_degree=ulysses_degree,
+                             group=device_mesh.get_group(sp_dim), placement=placement,
+                             timeout=_resolve_timeout(timeout, dist.group.WORLD))
         for arg, dim in (("ulysses_dim", ulysses_dim), ("ring_dim", ring_dim)):
             if dim not in names:
-                raise ValueError(f"{arg}={dim!r} is not a dimension of the device mesh "
-                                 f"(its dimensions are {names})")
+                raise ValueError(
+                    f"{arg}={dim!r} is not a dimension of the device mesh (its dimensions "
+                    f"are {names}): name its two SP dimensions with ulysses_dim= and "
+                    f"ring_dim=, or its one SP dimension with sp_dim= (split by "
+                    f"ulysses_degree=)")
         if ulysses_dim == ring_dim:
             raise ValueError("ulysses_dim and ring_dim must name different mesh dimensions")
 

@@ -445,6 +445,15 @@ def run_mesh_checks(rank: int, world: int) -> dict:
     # The device-mesh mesh computes the same attention as the built one.
     case = Case(world, 2, 2, "ulysses_inner", "zigzag", True, 8, 2, 32, 1, "fp64", "torch")
     res["device_mesh_attention"] = run_case(case, m)
+    # A plain (dp, sp) mesh: each dp replica's "sp" dimension is its own SP group (found by
+    # name, or named with sp_dim=), a ring or split by ulysses_degree.
+    dp_sp = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "sp"))
+    m = distattn.SPMesh.from_device_mesh(dp_sp)
+    res["dp_sp"] = (m.ulysses_degree, m.ring_degree, list(m.ring_ranks))
+    one = init_device_mesh("cpu", (1, 4), mesh_dim_names=("data", "context"))
+    m = distattn.SPMesh.from_device_mesh(one, sp_dim="context", ulysses_degree=2)
+    res["sp_dim"] = (m.ulysses_degree, m.ring_degree, list(m.ulysses_ranks), list(m.ring_ranks))
+    res["sp_dim_attention"] = run_case(case, m)
     return res
 
 

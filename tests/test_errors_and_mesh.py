@@ -46,7 +46,7 @@ EXPECTED = {
     "build_bad_degree": ("ValueError", ["ulysses_degree=3", "divisor of 4"]),
     "build_bad_product": ("ValueError", ["2 * 4 != 4"]),
     "build_bad_placement": ("ValueError", ["placement", "'diagonal'"]),
-    "device_mesh_bad_dim": ("ValueError", ["ulysses_dim='sp_u'"]),
+    "device_mesh_bad_dim": ("ValueError", ["ulysses_dim='sp_u'", "sp_dim="]),
     "good_call_after_errors": ("ok", []),
 }
 
@@ -84,6 +84,11 @@ def test_mesh_placements_and_device_mesh():
         assert r["device_mesh"][:6] == r["ulysses_inner"]
         assert r["device_mesh"][6] == "ulysses_inner"
         errs = r["device_mesh_attention"]
+        assert all(errs[n] <= 1e-10 for n in ("out", "lse", "dq", "dk", "dv")), errs
+        # (dp, sp): ranks 0-1 and 2-3 are two rings; sp_dim= split 2 x 2 like build
+        assert r["dp_sp"] == (1, 2, [g - g % 2, g - g % 2 + 1])
+        assert r["sp_dim"] == (2, 2, r["ulysses_inner"][2], r["ulysses_inner"][3])
+        errs = r["sp_dim_attention"]
         assert all(errs[n] <= 1e-10 for n in ("out", "lse", "dq", "dk", "dv")), errs
 
 
