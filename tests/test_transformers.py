@@ -79,6 +79,14 @@ def _refusals(mesh, ids, dtf):
         model.set_attn_implementation(name)
         model(**inputs, **extra)
 
+    def run_full(model):          # every rank passes the whole, unsharded batch
+        model.set_attn_implementation(name)
+        model(input_ids=ids, use_cache=False)
+
+    def generate(model):          # model.generate instead of dtf.generate
+        model.set_attn_implementation(name)
+        model.eval().generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2)
+
     return {
         "padding": _error(lambda: run(build_model("llama"), attention_mask=pad)),
         "mask4d": _error(lambda: run(build_model("llama"), attention_mask=torch.zeros(
@@ -93,6 +101,8 @@ def _refusals(mesh, ids, dtf):
             {"input_ids": ids, "attention_mask": torch.zeros_like(ids)}, mesh)),
         "unknown_key": _error(lambda: dtf.shard_batch({"input_ids": ids, "pixel_values": ids},
                                                       mesh)),
+        "unsharded": _error(lambda: run_full(build_model("llama"))),
+        "plain_generate": _error(lambda: generate(build_model("llama"))),
         "loss_shapes": _error(lambda: dtf.sp_loss(torch.zeros(BATCH, 3, VOCAB),
                                                   torch.zeros(BATCH, 4, dtype=torch.long),
                                                   mesh)),
@@ -249,6 +259,8 @@ def test_all_ones_mask_is_accepted(world_results):
     ("padded_batch", "ValueError", "padding"),
     ("unknown_key", "ValueError", "pixel_values"),
     ("loss_shapes", "ValueError", "shift_labels"),
+    ("unsharded", "ValueError", "dtf.shard_batch"),
+    ("plain_generate", "ValueError", "dtf.generate(model, input_ids, mesh)"),
 ])
 def test_refuses_clearly(world_results, what, exc, words):
     for r in world_results:

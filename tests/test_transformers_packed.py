@@ -147,3 +147,41 @@ def test_shard_batch_packed_errors():
                             layout="packed")
     # the label of each document's last token is ignored, and so is every padding slot
     assert (local["shift_labels"] == -100).sum() >= len(DOC_LENS)
+
+
+def test_shard_batch_takes_the_flattening_collators_boundaries():
+    """DataCollatorWithFlattening's return_flash_attn_kwargs / return_seq_idx outputs carry
+    the same boundaries as its position ids: accepted, checked, and sharded the same way."""
+    from transformers import DataCollatorWithFlattening
+
+    from distattn.integrations import transformers as dtf
+    from distattn.mesh import SPMesh
+
+    mesh = SPMesh(1, 2, 0, 0, None, None, (0,), (0, 1))
+    ids, _, _ = packed_batch()
+    docs, start = [], 0
+    for n in DOC_LENS:
+        docs.append({"input_ids": ids[0, start:start + n].tolist()})
+        start += n
+    plain = DataCollatorWithFlattening(return_tensors="pt")(docs)
+    full = DataCollatorWithFlattening(return_tensors="pt", return_flash_attn_kwargs=True,
+                                      return_seq_idx=True)(docs)
+    assert {"cu_seq_lens_q", "seq_idx"} <= set(full)
+    want = dtf.shard_batch(dict(plain), mesh, layout="packed")
+    got = dtf.shard_batch(dict(full), mesh, layout="packed")
+    assert set(got) == set(want)
+    for key in want:
+        same = (torch.equal(got[key], want[key]) if isinstance(want[key], torch.Tensor)
+                else got[key] == want[key])
+        assert same, key
+    assert want[dtf.CU_SEQLENS_KEY] == tuple(torch.tensor((0,) + DOC_LENS).cumsum(0).tolist())
+    # boundaries alone (no position ids) give the same documents
+    alone = {k: v for k, v in full.items() if k != "position_ids"}
+    assert dtf.shard_batch(alone, mesh, layout="packed")[dtf.CU_SEQLENS_KEY] == \
+        want[dtf.CU_SEQLENS_KEY]
+    # and contradicting ones are refused
+    bad = dict(full)
+    bad["cu_seq_lens_q"] = bad["cu_seq_lens_k"] = torch.tensor([0, 5, sum(DOC_LENS)],
+                                                               dtype=torch.int32)
+    with pytest.raises(ValueError, match="differ|disagree"):
+        dtf.shard_batch(bad, mesh, layout="packed")

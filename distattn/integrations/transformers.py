@@ -69,9 +69,10 @@ def _refuse_unsupported(name, module, query, key, attention_mask, dropout, kwarg
     if query.shape[2] != key.shape[2]:
         raise NotImplementedError(
             f"attn_implementation={name!r} (distattn) needs queries and keys over the same "
-            f"local tokens (got {query.shape[2]} queries, {key.shape[2]} keys): KV-cache "
-            f"decoding and cross-attention are not supported; call the model with "
-            f"use_cache=False")
+            f"local tokens (got {query.shape[2]} queries, {key.shape[2]} keys): this looks "
+            f"like KV-cache decoding (model.generate) or cross-attention. To generate with a "
+            f"sequence-parallel cache use dtf.generate(model, input_ids, mesh); to train, "
+            f"call the model with use_cache=False")
 
 
 POSITIONS_CHECKED = "_distattn_positions_checked"
@@ -92,12 +93,25 @@ def _check_positions(name, position_ids, mesh, layout, local_len) -> None:
     ok = position_ids.shape[-1] == local_len and bool((position_ids == expected).all())
     agree_error(mesh, None if ok else ValueError(
         f"attn_implementation={name!r} (distattn): the position_ids given to the model are "
-        f"not the global positions of one sequence sharded with layout={layout!r}. A packed "
-        f"batch (positions restarting at each document) needs its document boundaries: call "
-        f"the model with every model input dtf.shard_batch returns, "
-        f"model(**{{k: v for k, v in local.items() if k != 'shift_labels'}}), which includes "
-        f"'distattn_cu_seqlens'; otherwise pass position_ids=local['position_ids']"))
+        f"not the global positions of one sequence sharded with layout={layout!r}: "
+        f"{_positions_diagnosis(position_ids, local_len)}"))
     setattr(position_ids, POSITIONS_CHECKED, True)
+
+
+def _positions_diagnosis(position_ids, local_len) -> str:
+    """What the wrong position ids most likely mean, and the fix."""
+    how = (f"shard the batch with dtf.shard_batch(batch, mesh, layout=...) (the layout given "
+           f"to dtf.register) and call the model with every model input it returns, "
+           f"model(**{{k: v for k, v in local.items() if k != 'shift_labels'}})")
+    row = position_ids.reshape(-1, position_ids.shape[-1])[0]
+    if bool((row == torch.arange(local_len, device=row.device)).all()):
+        return (f"they are 0..{local_len - 1}, as for a whole unsharded sequence (or a shard "
+                f"passed without its positions). To train, {how}. To generate, use "
+                f"dtf.generate(model, input_ids, mesh) instead of model.generate")
+    if bool((row[1:] < row[:-1]).any()):
+        return (f"they restart inside the row, as in a packed batch, which needs its document "
+                f"boundaries ('distattn_cu_seqlens'): {how}")
+    return f"another layout or another sequence length? {how}"
 
 
 def _make_attention(name, mesh, layout, schedule, backend):
@@ -190,6 +204,46 @@ def _document_starts(pos: torch.Tensor) -> list:
     return [0] + jumps.tolist()
 
 
+# What DataCollatorWithFlattening adds with return_flash_attn_kwargs=True / return_seq_idx=True:
+# the same document boundaries as its restarting position_ids (checked to agree, then used).
+_FLATTENING_BOUNDARY_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+                             "seq_idx")
+
+
+def _flattening_boundaries(batch: dict, bsz: int, seq_len: int):
+    """The document boundaries (a tuple) that the collator's boundary keys give, or None
+    when there are none; raises when they contradict one another."""
+    found = {}
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        if batch.get(key) is not None:
+            cu = torch.as_tensor(batch[key]).flatten().tolist()
+            if not cu or cu[-1] != seq_len:
+                raise ValueError(f"{key} must end at the packed row's length {seq_len}, got "
+                                 f"{cu}")
+            found[key] = tuple(int(c) for c in cu)
+    if batch.get("seq_idx") is not None:
+        idx = torch.as_tensor(batch["seq_idx"])
+        if idx.dim() != 2 or idx.shape[1] != seq_len:
+            raise ValueError(f"seq_idx must be [batch, {seq_len}], got {tuple(idx.shape)}")
+        row = idx[0]
+        found["seq_idx"] = tuple([0] + ((row[1:] != row[:-1]).nonzero().flatten() + 1)
+                                 .tolist() + [seq_len])
+    if not found:
+        return None
+    if len(set(found.values())) > 1:
+        raise ValueError(f"the collator's document boundaries disagree: {found}")
+    cu = check_cu_seqlens(next(iter(found.values())))
+    if len(cu) > 2 and bsz != 1:
+        raise ValueError(f"the boundary keys describe a packed row of several documents, but "
+                         f"the batch has {bsz} rows: pack every document into one row")
+    for key in ("max_length_q", "max_length_k"):
+        if batch.get(key) is not None and int(batch[key]) != max(
+                b - a for a, b in zip(cu[:-1], cu[1:])):
+            raise ValueError(f"{key}={int(batch[key])} is not the longest document of "
+                             f"cu_seq_lens {list(cu)}")
+    return cu
+
+
 def shard_batch(batch: dict, mesh, layout: str = "zigzag") -> dict:
     """This rank's part of a full batch, ready for a causal LM.
 
@@ -199,7 +253,11 @@ def shard_batch(batch: dict, mesh, layout: str = "zigzag") -> dict:
     [B or 1, S] (default: 0..S-1).
 
     *Packed batches*: ``position_ids`` that restart (at 0, as transformers'
-    ``DataCollatorWithFlattening`` makes them) mark document boundaries. Such a batch must be
+    ``DataCollatorWithFlattening`` makes them) mark document boundaries; so do the keys that
+    collator adds with ``return_flash_attn_kwargs=True`` (``cu_seq_lens_q/k``,
+    ``max_length_q/k``) or ``return_seq_idx=True`` (``seq_idx``), which must agree with the
+    position ids where both are given (they are consumed: the result carries the boundaries
+    as ``distattn_cu_seqlens``). Such a batch must be
     one row (B = 1; any length S); labels may hold -100 at document starts. The result then
     also holds ``distattn_cu_seqlens`` (the global boundaries, a tuple), which the registered
     attention uses so that no token attends across documents, and no label crosses a
@@ -218,10 +276,13 @@ def shard_batch(batch: dict, mesh, layout: str = "zigzag") -> dict:
     check_layout(layout)
     if not isinstance(batch, dict) or "input_ids" not in batch:
         raise ValueError("batch must be a dict with 'input_ids' [batch, seq_len]")
-    unknown = set(batch) - {"input_ids", "labels", "attention_mask", "position_ids"}
+    unknown = set(batch) - {"input_ids", "labels", "attention_mask", "position_ids",
+                            *_FLATTENING_BOUNDARY_KEYS}
     if unknown:
         raise ValueError(f"shard_batch does not know how to shard {sorted(unknown)}; it takes "
-                         f"input_ids, labels, attention_mask (all ones) and position_ids")
+                         f"input_ids, labels, attention_mask (all ones), position_ids and the "
+                         f"document boundaries DataCollatorWithFlattening adds "
+                         f"({', '.join(_FLATTENING_BOUNDARY_KEYS)})")
     ids = batch["input_ids"]
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
         raise ValueError(f"input_ids must be a 2-D tensor [batch, seq_len], got "
@@ -256,6 +317,12 @@ def shard_batch(batch: dict, mesh, layout: str = "zigzag") -> dict:
                     f"{bsz} rows: pack every document into one row (batch 1), as "
                     f"DataCollatorWithFlattening does")
             cu = check_cu_seqlens(starts[0] + [seq_len])
+    given = _flattening_boundaries(batch, bsz, seq_len)
+    if given is not None:
+        if pos is not None and (cu or (0, seq_len)) != given:
+            raise ValueError(f"the document boundaries of position_ids ({list(cu or (0, seq_len))}"
+                             f") and of the collator's boundary keys ({list(given)}) differ")
+        cu = given if len(given) > 2 else cu
     if cu is None and layout == "packed":
         raise ValueError("layout='packed' places documents: pass a packed row (position_ids "
                          "restarting at every document)")
