@@ -238,7 +238,8 @@ def mask(ctx, mesh):
     attention_mask = torch.ones(1, 4, dtype=torch.long)
     if ctx.odd:
         attention_mask[0, -1] = 0
-    result = _make_mask("distattn", mesh)(1, 4, 4, attention_mask=attention_mask)
+    result = _make_mask("distattn", mesh)(batch_size=1, q_length=4, kv_length=4,
+                                          attention_mask=attention_mask)
     _attn(mesh, *ctx.qkv(), causal=True)
     return f"mask {result}"
 
