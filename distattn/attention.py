@@ -19,7 +19,7 @@ from .mesh import as_mesh
 from .plan import helper_plan, ring_plan
 from .ring import RingConfig
 from .sinks import sinks_grad
-from .ulysses import check_heads
+from .ulysses import check_heads, head_split
 
 SCHEDULES = ("auto", "ring", "helper")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -195,8 +195,8 @@ def prepare(q, k, v, *, mesh=None, causal=False, softmax_scale=None, layout="con
     block_backend = get_backend(backend, q, k, v, window=window is not None,
                                 softcap=bool(softcap))
     if sinks is not None and U > 1:        # the executor sees this rank's head shard
-        per = q.shape[2] // U
-        sinks = sinks[mesh.ulysses_rank * per:(mesh.ulysses_rank + 1) * per]
+        start, stop = head_split(q.shape[2], k.shape[2], U).q_bounds[mesh.ulysses_rank]
+        sinks = sinks[start:stop]
     return RingConfig(mesh, _plan(lay, causal, window, schedule), block_backend,
                       float(softmax_scale), profiler, softcap, sinks)
 
