@@ -96,10 +96,11 @@ def _with(shape, dim: int, size: int):
     return shape
 
 
-def _split(q, k, mesh):
-    """The head split of this call (None: the equal one of ``repeat_kv_heads``)."""
+def _split(q, k, v, mesh):
+    """The head split of this call (None: the equal one of ``repeat_kv_heads``, which stacks
+    K with V and q with out, so only when V's head dim is q/k's)."""
     split = head_split(q.shape[2], k.shape[2], mesh.ulysses_degree)
-    return None if split.even else split
+    return None if split.even and v.shape[-1] == k.shape[-1] else split
 
 
 def usp_forward(q, k, v, cfg: RingConfig):
@@ -108,7 +109,7 @@ def usp_forward(q, k, v, cfg: RingConfig):
     U, group = cfg.mesh.ulysses_degree, cfg.mesh.ulysses_group
     if U == 1:
         return forward(q, k, v, cfg)
-    split = _split(q, k, cfg.mesh)
+    split = _split(q, k, v, cfg.mesh)
     if split is not None:
         qh, kh, vh = _to_heads_v([q, k, v], [False, True, True], split, cfg.mesh, 1, 2,
                                  _a2a("q/K/V", "forward"))
@@ -133,7 +134,7 @@ def usp_backward(dout, q, k, v, out, lse, cfg: RingConfig):
     dout = dout.contiguous()
     if U == 1:
         return backward(dout, q, k, v, out, lse, cfg)
-    split = _split(q, k, cfg.mesh)
+    split = _split(q, k, v, cfg.mesh)
     if split is not None:
         qh, oh, dh, kh, vh = _to_heads_v([q, out, dout, k, v], [False] * 3 + [True] * 2,
                                          split, cfg.mesh, 1, 2,
