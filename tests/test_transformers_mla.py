@@ -2,7 +2,10 @@
 CPU processes. DeepseekV3 (tiny: qk_nope 16 + qk_rope 8 = q/k head dim 24, v_head_dim 16) and a
 Qwen2 whose 6 q / 3 K/V heads split unevenly over Ulysses 2. One training step with distattn
 (ring 4 zigzag; Ulysses 2 x ring 2 contiguous) must match one-process eager training: loss and
-logits to 1e-5, every parameter gradient summed over the SP group to 1e-4, in fp32.
+logits to 1e-5, every parameter gradient summed over the SP group to 1e-4, in fp32. And
+``dtf.generate`` greedy (prefill then decode through the ShardedKVCache) equals
+``model.generate`` for DeepseekV3 on both meshes. (5.24's DeepseekV3 hands its cache the
+compressed latents; distattn's cache layers keep the expanded K/V of its own ShardedKVCache.)
 
 The distattn attention function gets V at its true head dim (transformers pads V only for its
 flash-attention paths), so no score or output element is computed on padding.
@@ -76,7 +79,16 @@ def run_cases(rank, world):
             "loss": loss.detach().clone(),
             "logits": distattn.unshard(out.logits.detach(), mesh, dim=1, layout=layout),
             "grads": grads if rank == 0 else None}
+    from distattn.integrations import transformers as dtf
+    model = build_model("deepseek_v3").eval()
+    for mesh_name, mesh in meshes.items():
+        results[f"generate-{mesh_name}"] = dtf.generate(model, gen_prompts(), mesh,
+                                                        max_new_tokens=6, do_sample=False)
     return _to_bytes(results)
+
+
+def gen_prompts():
+    return torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(1))
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +128,12 @@ def test_mla_and_uneven_models_match_single_process(world_results, references, c
         assert err <= 1e-4, f"{pname}: gradient relative error {err:.2e}"
         checked += 1
     assert checked > 10
+
+
+@pytest.mark.parametrize("mesh_name", ("ring4", "ulysses2xring2"))
+def test_deepseek_v3_generate_greedy_equals_one_process(world_results, mesh_name):
+    model = build_model("deepseek_v3").eval()
+    ref = model.generate(gen_prompts(), max_new_tokens=6, do_sample=False,
+                         pad_token_id=model.config.eos_token_id)
+    for rank, r in enumerate(world_results):
+        assert torch.equal(r[f"generate-{mesh_name}"], ref), f"rank {rank}"
