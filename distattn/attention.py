@@ -19,7 +19,7 @@ from .mesh import as_mesh
 from .plan import helper_plan, ring_plan
 from .ring import RingConfig
 from .sinks import sinks_grad
-from .ulysses import check_heads
+from .ulysses import check_heads, head_split
 
 SCHEDULES = ("auto", "ring", "helper")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -87,9 +87,11 @@ def _check_tensors(q, k, v) -> None:
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, "
                          f"{v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
-                         f"{tuple(v.shape)}")
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"k and v must have the same shape (but for V's head dim, which may "
+                         f"differ: MLA), got {tuple(k.shape)} and {tuple(v.shape)}")
+    if v.shape[-1] == 0:
+        raise ValueError(f"v has an empty head dim (shape {tuple(v.shape)})")
     (b, s, hq, d), (bk, sk, hkv, dk) = q.shape, k.shape
     if b != bk:
         raise ValueError(f"q and k must have the same batch size, got {b} and {bk}")
@@ -195,8 +197,8 @@ def prepare(q, k, v, *, mesh=None, causal=False, softmax_scale=None, layout="con
     block_backend = get_backend(backend, q, k, v, window=window is not None,
                                 softcap=bool(softcap))
     if sinks is not None and U > 1:        # the executor sees this rank's head shard
-        per = q.shape[2] // U
-        sinks = sinks[mesh.ulysses_rank * per:(mesh.ulysses_rank + 1) * per]
+        start, stop = head_split(q.shape[2], k.shape[2], U).q_bounds[mesh.ulysses_rank]
+        sinks = sinks[start:stop]
     return RingConfig(mesh, _plan(lay, causal, window, schedule), block_backend,
                       float(softmax_scale), profiler, softcap, sinks)
 
@@ -208,7 +210,8 @@ def dist_flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mesh=N
                     cu_seqlens=None, window=None, softcap=None, sinks=None):
     """Exact softmax attention over a sequence sharded across the ranks of ``mesh``.
 
-    q [B, S_local, Hq, D]; k, v [B, S_local, Hkv, D] with Hq % Hkv == 0: this rank's tokens,
+    q [B, S_local, Hq, D]; k [B, S_local, Hkv, D]; v [B, S_local, Hkv, Dv] with Hq % Hkv == 0
+    (Dv may differ from D: MLA; the default scale is 1/sqrt(D)): this rank's tokens,
     sharded by ``layout`` ("contiguous", "zigzag", "stripe" or "packed"; see
     ``distattn.shard``).
 
@@ -226,7 +229,7 @@ def dist_flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mesh=N
     is that rank's share: summed over the SP group it is the single-device gradient.
 
     ``mesh``: an SPMesh, a ProcessGroup (pure ring) or None (pure ring over the default
-    group). Returns out [B, S_local, Hq, D] in q's dtype, differentiable in q, k and v, and
+    group). Returns out [B, S_local, Hq, Dv] in q's dtype, differentiable in q, k and v, and
     with ``return_lse`` also lse [B, Hq, S_local] (natural log; float32, or float64 for
     float64 inputs; not differentiable).
 

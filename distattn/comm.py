@@ -101,3 +101,32 @@ def all_to_all(x: torch.Tensor, group, world: int, scatter_dim: int, gather_dim:
     shape = list(recv.shape)
     merged = shape[:gather_dim] + [shape[gather_dim] * shape[gather_dim + 1]] + shape[gather_dim + 2:]
     return recv.reshape(merged)
+
+
+def all_to_all_v(send: list[list[torch.Tensor]], recv_shapes: list[list[tuple]], group,
+                 what: str = "Ulysses all-to-all") -> list[list[torch.Tensor]]:
+    """All-to-all of unequal parts: ``send[i]`` (a list of tensors, any shapes, one dtype)
+    goes to group rank i; ``recv_shapes[j]`` are the shapes of what group rank j sends here
+    (the caller knows them: every rank computes the same head split). Returns, per source
+    rank j, its tensors with those shapes. Everything travels as one flat
+    ``all_to_all_single`` with per-rank split sizes. Not differentiable."""
+    ref = next(t for parts in send for t in parts)
+    flat = [t.reshape(-1) for parts in send for t in parts]
+    send_buf = torch.cat(flat) if flat else ref.new_empty(0)
+    in_splits = [sum(t.numel() for t in parts) for parts in send]
+    numel = [[torch.Size(s).numel() for s in shapes] for shapes in recv_shapes]
+    out_splits = [sum(n) for n in numel]
+    recv = send_buf.new_empty(sum(out_splits))
+    work = dist.all_to_all_single(recv, send_buf, out_splits, in_splits, group=group,
+                                  async_op=True)
+    wait_all([work], lambda: f"{what} (uneven split, {in_splits} elements out, "
+                             f"{out_splits} in) over ranks "
+                             f"{dist.get_process_group_ranks(group)}")
+    parts, at = [], 0
+    for shapes, sizes in zip(recv_shapes, numel):
+        mine = []
+        for shape, size in zip(shapes, sizes):
+            mine.append(recv[at:at + size].view(shape))
+            at += size
+        parts.append(mine)
+    return parts

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from .comm import wait_all
 from .kernels.mask import accumulation_dtype
 from .merge import merge_, new_accumulators
+from .packing import pack, unpack
 from .profile import span
 from .ring import RingConfig, _start_profile, finish_forward
 
@@ -102,8 +103,9 @@ def helper_forward(q, k, v, cfg: RingConfig):
     """out [B, n, Hq, D] (q's dtype), lse [B, Hq, n] (accumulation dtype)."""
     plan, r, be, scale, cap = cfg.plan, cfg.mesh.ring_rank, cfg.backend, cfg.scale, cfg.softcap
     acc = accumulation_dtype(q.dtype)
-    out_acc, lse_acc = new_accumulators(q, acc)
-    kv_mine = torch.stack([k, v])
+    out_acc, lse_acc = new_accumulators(q, acc, v.shape[-1])
+    dims = (k.shape[-1], v.shape[-1])
+    kv_mine = pack(k, v)
     pool, inputs, returned = _Pool(), {}, {}
     gr = lambda rank: _global(cfg, rank)
 
@@ -126,7 +128,7 @@ def helper_forward(q, k, v, cfg: RingConfig):
         sl = plan.slots(task.rows)
         buf = inputs.pop(t)
         if task.kind == "own":
-            be.forward_into(q[:, sl], buf[0], buf[1], out_acc[:, sl], lse_acc[:, :, sl],
+            be.forward_into(q[:, sl], *unpack(buf, dims), out_acc[:, sl], lse_acc[:, :, sl],
                             scale=scale, mask=task.mask, softcap=cap)
             return None
         return be.forward(buf, k, v, scale=scale, mask=task.mask, softcap=cap)  # help: (out, lse)
@@ -140,7 +142,7 @@ def helper_forward(q, k, v, cfg: RingConfig):
             if kind == "q":
                 sl = plan.slots(rows)
                 o = pool.get(("ret_o", sl.stop - sl.start), s,
-                             lambda: torch.empty_like(q[:, sl]))
+                             lambda: torch.empty_like(out_acc[:, sl], dtype=q.dtype))
                 l = pool.get(("ret_l", sl.stop - sl.start), s,
                              lambda: torch.empty_like(lse_acc[:, :, sl]))
                 ex.recv(o, gr(helper))
@@ -161,9 +163,12 @@ def helper_backward(dout, q, k, v, out, lse, cfg: RingConfig):
     plan, r, be, scale, cap = cfg.plan, cfg.mesh.ring_rank, cfg.backend, cfg.scale, cfg.softcap
     acc = accumulation_dtype(q.dtype)
     dq_acc = torch.zeros(q.shape, dtype=acc, device=q.device)
-    kv_mine = torch.stack([k, v])
+    dims = (k.shape[-1], v.shape[-1])
+    kv_mine = pack(k, v)
     dkv_acc = torch.zeros(kv_mine.shape, dtype=acc, device=q.device)
-    qod = torch.stack([q, out, dout])          # what a helper needs of our query rows
+    dk_acc, dv_acc = unpack(dkv_acc, dims)
+    qod_dims = (q.shape[-1], out.shape[-1], dout.shape[-1])
+    qod = pack(q, out.to(q.dtype), dout)          # what a helper needs of our query rows
     lse = lse.contiguous()
     pool, inputs, returned = _Pool(), {}, {}
     gr = lambda rank: _global(cfg, rank)
@@ -194,21 +199,21 @@ def helper_backward(dout, q, k, v, out, lse, cfg: RingConfig):
     def compute(t):
         task = plan.tasks[r][t]
         if task.kind == "diag":
-            be.backward_into(dout, q, k, v, out, lse, dq_acc, dkv_acc[0], dkv_acc[1],
+            be.backward_into(dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc,
                              scale=scale, mask=task.mask, softcap=cap)
             return None
         sl = plan.slots(task.rows)
         buf = inputs.pop(t)
         if task.kind == "own":      # dK/dV of the peer's K/V go back to it
             dkv = pool.get("dkv_out", t, lambda: torch.empty_like(dkv_acc)).zero_()
-            be.backward_into(dout[:, sl], q[:, sl], buf[0], buf[1], out[:, sl],
-                             lse[:, :, sl], dq_acc[:, sl], dkv[0], dkv[1],
+            be.backward_into(dout[:, sl], q[:, sl], *unpack(buf, dims), out[:, sl],
+                             lse[:, :, sl], dq_acc[:, sl], *unpack(dkv, dims),
                              scale=scale, mask=task.mask, softcap=cap)
             return dkv
-        (hq, ho, hdo), hlse = buf[0], buf[1]   # help: dq rows go back, dK/dV stay here
+        (hq, ho, hdo), hlse = unpack(buf[0], qod_dims), buf[1]   # help: dq rows go back, dK/dV stay here
         dq = pool.get(("dq_out", hq.shape), t, lambda: torch.empty(
             hq.shape, dtype=acc, device=q.device)).zero_()
-        be.backward_into(hdo, hq, k, v, ho, hlse, dq, dkv_acc[0], dkv_acc[1],
+        be.backward_into(hdo, hq, k, v, ho, hlse, dq, dk_acc, dv_acc,
                          scale=scale, mask=task.mask, softcap=cap)
         return dq
 
@@ -234,4 +239,4 @@ def helper_backward(dout, q, k, v, out, lse, cfg: RingConfig):
                 dq_acc[:, sl].add_(buf)
 
     _drive(cfg, q.device, "backward", post_inputs, post_returns, compute, absorb)
-    return dq_acc.to(q.dtype), dkv_acc[0].to(k.dtype), dkv_acc[1].to(v.dtype)
+    return dq_acc.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)

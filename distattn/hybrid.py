@@ -16,12 +16,12 @@ from __future__ import annotations
 import torch
 
 from .agree import check_agreement
-from .comm import all_to_all
+from .comm import all_to_all, all_to_all_v
 from .helper import helper_backward, helper_forward
 from .plan import HelperPlan
 from .ring import RingConfig, ring_backward, ring_forward
 from .sinks import sinks_grad
-from .ulysses import repeat_kv_heads
+from .ulysses import head_split, repeat_kv_heads
 
 
 def _schedule(cfg: RingConfig):
@@ -42,12 +42,82 @@ def _a2a(tensors: str, pass_name: str) -> str:
     return f"Ulysses all-to-all of {tensors} ({pass_name})"
 
 
+def _heads_of(split, w: int, kv: bool):
+    """Rank w's heads: a slice of the q heads, or an index tensor of the K/V heads."""
+    return split.kv_index[w] if kv else range(*split.q_bounds[w])
+
+
+def _count(split, w: int, kv: bool) -> int:
+    return len(_heads_of(split, w, kv))
+
+
+def _take(t, heads, hdim: int, kv: bool):
+    if kv:
+        return t.index_select(hdim, torch.tensor(heads, device=t.device))
+    return t.narrow(hdim, heads.start, len(heads))
+
+
+def _to_heads_v(tensors, kinds, split, mesh, sdim: int, hdim: int, what: str):
+    """Uneven seq -> heads: each tensor [.., n (sdim), H (hdim), ..] becomes [.., U*n,
+    H_u, ..] with this rank's heads of ``split`` (``kinds[i]``: True for K/V heads)."""
+    U, me = mesh.ulysses_degree, mesh.ulysses_rank
+    send = [[_take(t, _heads_of(split, w, kv), hdim, kv) for t, kv in zip(tensors, kinds)]
+            for w in range(U)]
+    shapes = [[_with(t.shape, hdim, _count(split, me, kv)) for t, kv in zip(tensors, kinds)]
+              for _ in range(U)]
+    got = all_to_all_v(send, shapes, mesh.ulysses_group, what)
+    return [torch.cat([got[w][i] for w in range(U)], dim=sdim) for i in range(len(tensors))]
+
+
+def _to_seq_v(tensors, kinds, split, mesh, sdim: int, hdim: int, what: str):
+    """Inverse of ``_to_heads_v``; K/V tensors (gradients) come back summed over the ranks
+    that held a copy of a head, so they have Hkv heads again."""
+    U, me = mesh.ulysses_degree, mesh.ulysses_rank
+    n = tensors[0].shape[sdim] // U
+    send = [[t.narrow(sdim, w * n, n) for t in tensors] for w in range(U)]
+    shapes = [[_with(_with(t.shape, sdim, n), hdim, _count(split, w, kv))
+               for t, kv in zip(tensors, kinds)] for w in range(U)]
+    got = all_to_all_v(send, shapes, mesh.ulysses_group, what)
+    result = []
+    for i, kv in enumerate(kinds):
+        parts = torch.cat([got[w][i] for w in range(U)], dim=hdim)
+        if kv:
+            index = torch.tensor([h for w in range(U) for h in split.kv_index[w]],
+                                 device=parts.device)
+            total = parts.new_zeros(_with(parts.shape, hdim, split.hkv))
+            parts = total.index_add_(hdim, index, parts)
+        result.append(parts)
+    return result
+
+
+def _with(shape, dim: int, size: int):
+    shape = list(shape)
+    shape[dim] = size
+    return shape
+
+
+def _split(q, k, v, mesh):
+    """The head split of this call (None: the equal one of ``repeat_kv_heads``, which stacks
+    K with V and q with out, so only when V's head dim is q/k's)."""
+    split = head_split(q.shape[2], k.shape[2], mesh.ulysses_degree)
+    return None if split.even and v.shape[-1] == k.shape[-1] else split
+
+
 def usp_forward(q, k, v, cfg: RingConfig):
     """(out [B, n, Hq, D] in q's dtype, lse [B, Hq, n]) for this rank's n tokens."""
     forward, _ = _schedule(cfg)
     U, group = cfg.mesh.ulysses_degree, cfg.mesh.ulysses_group
     if U == 1:
         return forward(q, k, v, cfg)
+    split = _split(q, k, v, cfg.mesh)
+    if split is not None:
+        qh, kh, vh = _to_heads_v([q, k, v], [False, True, True], split, cfg.mesh, 1, 2,
+                                 _a2a("q/K/V", "forward"))
+        out, lse = forward(qh, kh, vh, cfg)
+        out, = _to_seq_v([out], [False], split, cfg.mesh, 1, 2, _a2a("out", "forward"))
+        lse, = _to_seq_v([lse.contiguous()], [False], split, cfg.mesh, 2, 1,
+                         _a2a("lse", "forward"))
+        return out, lse
     kv = _kv_to_heads(k, v, cfg.mesh, "forward")
     qh = all_to_all(q, group, U, scatter_dim=2, gather_dim=1, what=_a2a("q", "forward"))
     out, lse = forward(qh, kv[0], kv[1], cfg)
@@ -64,6 +134,16 @@ def usp_backward(dout, q, k, v, out, lse, cfg: RingConfig):
     dout = dout.contiguous()
     if U == 1:
         return backward(dout, q, k, v, out, lse, cfg)
+    split = _split(q, k, v, cfg.mesh)
+    if split is not None:
+        qh, oh, dh, kh, vh = _to_heads_v([q, out, dout, k, v], [False] * 3 + [True] * 2,
+                                         split, cfg.mesh, 1, 2,
+                                         _a2a("q/out/dout/K/V", "backward"))
+        lse_h, = _to_heads_v([lse.contiguous()], [False], split, cfg.mesh, 2, 1,
+                             _a2a("lse", "backward"))
+        dq, dk, dv = backward(dh, qh, kh, vh, oh, lse_h, cfg)
+        return tuple(_to_seq_v([dq, dk, dv], [False, True, True], split, cfg.mesh, 1, 2,
+                               _a2a("dq/dK/dV", "backward")))
     hkv = k.shape[2]
     # q, out and dout share one all-to-all; k and v another (repeated heads as in forward).
     qod = all_to_all(torch.stack([q, out, dout]), group, U, scatter_dim=3, gather_dim=2,

@@ -62,6 +62,7 @@ from .comm import all_to_all
 from .kernels import BACKENDS, Mask, accumulation_dtype, get_backend
 from .layout import _all_gather, local_indices, seq_multiple
 from .merge import merge_, new_accumulators
+from .packing import unpack
 from .mesh import as_mesh
 from .sinks import fold_sinks_
 from .ulysses import check_heads
@@ -211,27 +212,36 @@ def _runs(offsets: list[int]) -> list[tuple[int, int, int]]:
 
 
 class _LayerKV:
-    """This rank's K/V of one layer: a growable [2, B, capacity, Hkv, D] buffer (K at 0, V at
-    1) of which the first ``length`` tokens are used, in the order they were stored."""
+    """This rank's K/V of one layer: a growable buffer of which the first ``length`` tokens
+    are used, in the order they were stored: [2, B, capacity, Hkv, D] (K at 0, V at 1), or
+    with V's head dim Dv != D (MLA) [1, B, capacity, Hkv, D + Dv] (``packing``: K then V on
+    the last dim, no padding). ``unpack(view, dims)`` gives K and V."""
 
     def __init__(self):
         self.buf = None
         self.length = 0
+        self.dims = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         n = k.shape[1]
+        dims = (k.shape[-1], v.shape[-1])
+        if self.dims is not None and dims != self.dims:
+            raise ValueError(f"k/v head dims {dims} differ from the cache's {self.dims}")
+        self.dims = dims
         if self.buf is None or self.length + n > self.buf.shape[2]:
             need = self.length + n
             # grow by a quarter: a decode step copies the shard only now and then
             cap = need if self.buf is None else max(need, self.buf.shape[2] * 5 // 4 + 1)
-            b, _, h, d = k.shape
-            new = torch.empty(2, b, cap, h, d, dtype=k.dtype, device=k.device)
+            b, _, h, _ = k.shape
+            shape = (2, b, cap, h, dims[0]) if dims[0] == dims[1] else (1, b, cap, h, sum(dims))
+            new = torch.empty(shape, dtype=k.dtype, device=k.device)
             if self.buf is not None:
                 new[:, :, :self.length] = self.buf[:, :, :self.length]
             self.buf = new
         if n:
-            self.buf[0, :, self.length:self.length + n] = k
-            self.buf[1, :, self.length:self.length + n] = v
+            bk, bv = unpack(self.buf[:, :, self.length:self.length + n], dims)
+            bk.copy_(k)
+            bv.copy_(v)
         self.length += n
 
     def view(self) -> torch.Tensor:
@@ -382,8 +392,8 @@ class ShardedKVCache:
 
     def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's (K, V) of ``layer``, [B, tokens, Hkv, D] each, in storage order."""
-        kv = self._layers[layer].view()
-        return kv[0], kv[1]
+        store = self._layers[layer]
+        return tuple(unpack(store.view(), store.dims))
 
     # -- opening steps ----------------------------------------------------------------------------
     def _check_can_begin(self, n_new) -> None:
@@ -565,9 +575,10 @@ class ShardedKVCache:
         if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
             raise TypeError("q, k and v must share one dtype and one device")
         (b, n, hq, d), (bk, nk, hkv, dk) = q.shape, k.shape
-        if k.shape != v.shape or (bk, nk, dk) != (b, n, d):
+        if k.shape[:-1] != v.shape[:-1] or (bk, nk, dk) != (b, n, d):
             raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} "
-                             f"must agree on batch, tokens and head_dim (k and v entirely)")
+                             f"must agree on batch, tokens and head_dim (k and v entirely, "
+                             f"but for V's head dim, which may differ: MLA)")
         if hkv == 0 or hq % hkv:
             raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv})")
         if n != step.local_slots:
@@ -590,8 +601,9 @@ class ShardedKVCache:
         every rank) over this rank's tokens: the cached ones (all visible) and its new ones
         (visible up to the query's own offset). With a window (one query, decoding) only
         the tokens at positions from ``start - left`` on are read."""
-        kv = self._layers[call.layer].view()
-        out, lse = new_accumulators(q_all, accumulation_dtype(q_all.dtype))
+        store = self._layers[call.layer]
+        kv, dims = store.view(), store.dims
+        out, lse = new_accumulators(q_all, accumulation_dtype(q_all.dtype), dims[1])
         fold = functools.partial(call.backend.forward_into, out_acc=out, lse_acc=lse,
                                  scale=call.scale, softcap=call.softcap)
         if call.left is not None:
@@ -602,14 +614,14 @@ class ShardedKVCache:
             seen = step.window_keys[call.left]
             if seen.numel():
                 keys = kv.index_select(2, seen)
-                fold(q_all, keys[0], keys[1], mask=Mask.none())
+                fold(q_all, *unpack(keys, dims), mask=Mask.none())
             return out, lse
         if c_old:
-            fold(q_all, kv[0, :, :c_old], kv[1, :, :c_old], mask=Mask.none())
+            fold(q_all, *unpack(kv[:, :, :c_old], dims), mask=Mask.none())
         for first, offset, length in _runs(step.own_offsets):
             rows = slice(c_old + first, c_old + first + length)
             # key j of the run is token `offset + j`: query i sees it iff offset + j <= i
-            fold(q_all, kv[0, :, rows], kv[1, :, rows], mask=Mask.causal(-offset))
+            fold(q_all, *unpack(kv[:, :, rows], dims), mask=Mask.causal(-offset))
         return out, lse
 
     def _store(self, k, v, call) -> int:
@@ -690,7 +702,8 @@ class ShardedKVCache:
         length (shorter shards padded, the padding cut off again using ``counts``). The
         gathered K/V of one piece are the transient memory: the larger of the new chunk's
         K/V and 1/CACHE_PIECES of the cache."""
-        kv = self._layers[call.layer].view()[:, :, :c_old]      # [2, B, c_old, Hkv, D]
+        store = self._layers[call.layer]
+        kv = store.view()[:, :, :c_old]      # [2, B, c_old, Hkv, D] (or packed: MLA)
         longest = max(max(row) for row in counts)
         piece = longest if self.mesh.size == 1 else max(q.shape[1],
                                                          -(-longest // CACHE_PIECES))
@@ -704,7 +717,7 @@ class ShardedKVCache:
             parts = [gathered[r, u, :, :, :min(piece, c - start)]
                      for r, row in enumerate(counts) for u, c in enumerate(row) if c > start]
             keys = torch.cat(parts, dim=2)
-            call.backend.forward_into(q, keys[0], keys[1], out, lse, scale=call.scale,
+            call.backend.forward_into(q, *unpack(keys, store.dims), out, lse, scale=call.scale,
                                       mask=Mask.none(), softcap=call.softcap)
 
     def _degree(self, which: str) -> int:

@@ -38,9 +38,11 @@ def merge_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Tensor,
     lse_acc.copy_(new_lse)
 
 
-def new_accumulators(q: torch.Tensor, acc_dtype: torch.dtype):
-    """Empty running result for queries q [B, S, H, D]: out = 0, lse = -inf."""
+def new_accumulators(q: torch.Tensor, acc_dtype: torch.dtype, dv: int | None = None):
+    """Empty running result for queries q [B, S, H, D]: out [B, S, H, Dv] = 0 (Dv: V's head
+    dim, default D), lse = -inf."""
     b, s, h, d = q.shape
+    d = d if dv is None else dv
     out = torch.zeros(b, s, h, d, dtype=acc_dtype, device=q.device)
     lse = torch.full((b, h, s), float("-inf"), dtype=acc_dtype, device=q.device)
     return out, lse

@@ -26,6 +26,7 @@ from .comm import RingExchange
 from .kernels.base import BlockAttention
 from .kernels.mask import accumulation_dtype
 from .merge import new_accumulators
+from .packing import pack, unpack
 from .mesh import SPMesh
 from .plan import RingPlan
 from .profile import span
@@ -83,9 +84,10 @@ def ring_forward(q, k, v, cfg: RingConfig):
     """out [B, n, Hq, D] (q's dtype), lse [B, Hq, n] (accumulation dtype)."""
     plan, r, T = cfg.plan, cfg.mesh.ring_rank, cfg.plan.steps
     acc = accumulation_dtype(q.dtype)
-    out_acc, lse_acc = new_accumulators(q, acc)
+    out_acc, lse_acc = new_accumulators(q, acc, v.shape[-1])
     masks = plan.masks(r)
-    kv = torch.stack([k, v])
+    dims = (k.shape[-1], v.shape[-1])
+    kv = pack(k, v)
     if T > 1:
         travel = _Payloads(plan, kv.shape, kv.dtype, q.device, 2)
         ring = RingExchange(cfg.mesh)
@@ -96,7 +98,7 @@ def ring_forward(q, k, v, cfg: RingConfig):
             nxt = travel.view((t + 1) % 2, plan.kv_source(r, t + 1))
             handle = ring.start(_own_payload(kv, plan, r) if t == 0 else cur, nxt)
         with span(prof, "compute", t, q.device):
-            cfg.backend.forward_into(q, cur[0], cur[1], out_acc, lse_acc, scale=cfg.scale,
+            cfg.backend.forward_into(q, *unpack(cur, dims), out_acc, lse_acc, scale=cfg.scale,
                                      mask=masks[t], softcap=cfg.softcap)
         if t + 1 < T:
             with span(prof, "wait", t, q.device):
@@ -118,7 +120,8 @@ def ring_backward(dout, q, k, v, out, lse, cfg: RingConfig):
     acc = accumulation_dtype(q.dtype)
     dq_acc = torch.zeros(q.shape, dtype=acc, device=q.device)
     masks = plan.masks(r)
-    kv = torch.stack([k, v])
+    dims = (k.shape[-1], v.shape[-1])
+    kv = pack(k, v)
     dkv_local = torch.zeros(kv.shape, dtype=acc, device=q.device)
     if T > 1:
         travel = _Payloads(plan, kv.shape, kv.dtype, q.device, 2)
@@ -134,8 +137,8 @@ def ring_backward(dout, q, k, v, out, lse, cfg: RingConfig):
         owner = plan.kv_source(r, t)
         mine = dkv_local if t == 0 else grads.view(t % 2, owner).zero_()
         with span(prof, "compute", t, q.device):
-            cfg.backend.backward_into(dout, q, cur[0], cur[1], out, lse, dq_acc, mine[0],
-                                      mine[1], scale=cfg.scale, mask=masks[t],
+            cfg.backend.backward_into(dout, q, *unpack(cur, dims), out, lse, dq_acc,
+                                      *unpack(mine, dims), scale=cfg.scale, mask=masks[t],
                                       softcap=cfg.softcap)
         with span(prof, "wait", t, q.device):
             if grad_handle is not None:   # partial sum for the K/V held now, from prev rank
@@ -156,4 +159,5 @@ def ring_backward(dout, q, k, v, out, lse, cfg: RingConfig):
         for a, b in plan.payload[r]:
             dkv_local[:, :, a:b].add_(total[:, :, at:at + b - a])
             at += b - a
-    return dq_acc.to(q.dtype), dkv_local[0].to(k.dtype), dkv_local[1].to(v.dtype)
+    dk, dv = unpack(dkv_local, dims)
+    return dq_acc.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

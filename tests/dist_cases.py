@@ -37,6 +37,11 @@ class Case:
     window: tuple = None    # (left, right), -1 unbounded
     softcap: float = 0.0
     sinks: bool = False
+    v_head_dim: int = 0     # MLA: V's head dim when it differs from q/k's (0: the same)
+
+    @property
+    def dv(self) -> int:
+        return self.v_head_dim or self.head_dim
 
     @property
     def id(self) -> str:
@@ -46,7 +51,8 @@ class Case:
                 + (f"-docs_{self.docs}" if self.docs else "")
                 + (f"-win{self.window[0]}_{self.window[1]}" if self.window else "")
                 + (f"-cap{self.softcap}" if self.softcap else "")
-                + ("-sinks" if self.sinks else ""))
+                + ("-sinks" if self.sinks else "")
+                + (f"-dv{self.v_head_dim}" if self.v_head_dim else ""))
 
     @property
     def cu_seqlens(self):
@@ -250,8 +256,8 @@ def run_case(case: Case, mesh) -> dict:
     S, B, D = case.seq_len, case.batch, case.head_dim
     q = torch.randn(B, S, case.hq, D, generator=gen, dtype=torch.float64)
     k = torch.randn(B, S, case.hkv, D, generator=gen, dtype=torch.float64)
-    v = torch.randn(B, S, case.hkv, D, generator=gen, dtype=torch.float64)
-    dout = torch.randn(B, S, case.hq, D, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, S, case.hkv, case.dv, generator=gen, dtype=torch.float64)
+    dout = torch.randn(B, S, case.hq, case.dv, generator=gen, dtype=torch.float64)
     q, k, v, dout = (t.to(dtype) for t in (q, k, v, dout))
 
     sinks = (torch.randn(case.hq, generator=gen, dtype=torch.float64).to(dtype)
@@ -381,8 +387,8 @@ def run_error_cases(rank: int, world: int) -> dict:
         "seq": call(q[:, :2], k, v, mesh=ring),
         "head_dim": call(q[..., :4], k, v, mesh=ring),
         "gqa_ratio": call(q[:, :, :3], k, v, mesh=ring),
-        "ulysses_heads": call(torch.randn(B, S, 6, D), torch.randn(B, S, 3, D),
-                              torch.randn(B, S, 3, D), mesh=mesh),
+        "ulysses_heads": call(torch.randn(B, S, 1, D), torch.randn(B, S, 1, D),
+                              torch.randn(B, S, 1, D), mesh=mesh),
         "zigzag_odd_local": call(q[:, :3], k[:, :3], v[:, :3], mesh=ring, layout="zigzag"),
         "layout": call(q, k, v, mesh=ring, layout="snake"),
         "schedule": call(q, k, v, mesh=ring, schedule="fastest"),

@@ -15,7 +15,7 @@ EXPECTED = {
     "seq": ("ValueError", ["local tokens", "same layout"]),
     "head_dim": ("ValueError", ["head_dim"]),
     "gqa_ratio": ("ValueError", ["multiple of k/v heads"]),
-    "ulysses_heads": ("ValueError", ["ulysses_degree=2", "Hkv=3", "[1, 3, 6]"]),
+    "ulysses_heads": ("ValueError", ["ulysses_degree=2", "Hq=1", "degree <= Hq"]),
     "zigzag_odd_local": ("ValueError", ["zigzag", "multiple of 2", "cu_seqlens=[0, length]"]),
     "layout": ("ValueError", ["layout", "'snake'"]),
     "schedule": ("ValueError", ["schedule", "'fastest'"]),

@@ -96,10 +96,12 @@ class CoreCase:
     window: int | None = None      # left reach of a sliding window (decode steps only)
     softcap: float | None = None
     sinks: bool = False
+    v_head_dim: int = 0            # MLA: V's head dim when it is not HEAD_DIM
 
     @property
     def id(self) -> str:
-        variant = "".join(f"-{name}" for name, on in (
+        variant = f"-dv{self.v_head_dim}" if self.v_head_dim else ""
+        variant += "".join(f"-{name}" for name, on in (
             (f"window{self.window}", self.window is not None),
             (f"softcap{self.softcap}", self.softcap is not None), ("sinks", self.sinks)) if on)
         return (f"u{self.ulysses}r{WORLD // self.ulysses}-{self.placement}-{self.layout}-"
@@ -128,6 +130,15 @@ def core_cases() -> list[CoreCase]:
               CoreCase(4, "ulysses_inner", "stripe", 8, 8, 2, 9, "torch", 3, 5.0, False),
               CoreCase(1, "ulysses_inner", "contiguous", 8, 2, 1, 17, "torch", None, 5.0, True),
               CoreCase(2, "ring_inner", "zigzag", 8, 2, 2, 13, "reference", None, None, True)]
+    # MLA (V's head dim 8 or 24, q/k's 16) and Ulysses degrees that split the heads unevenly
+    cases += [CoreCase(1, "ulysses_inner", "zigzag", 8, 2, 1, 13, "torch", v_head_dim=8),
+              CoreCase(4, "ulysses_inner", "contiguous", 8, 8, 2, 17, "reference",
+                       v_head_dim=24),
+              CoreCase(2, "ring_inner", "stripe", 8, 1, 1, 22, "torch", 4, 5.0, True, 8),
+              CoreCase(4, "ulysses_inner", "zigzag", 6, 3, 1, 13, "torch", None, None, True),
+              CoreCase(4, "ulysses_inner", "stripe", 6, 6, 2, 9, "reference", 3, None, False,
+                       8),
+              CoreCase(2, "ulysses_inner", "contiguous", 3, 3, 1, 22, "torch")]
     return cases
 
 
@@ -162,9 +173,9 @@ def dense_reference(q, k, v, left=None, softcap=None, sinks=None) -> torch.Tenso
 def _full_tensors(case: CoreCase, total: int):
     """Per layer: full q, k, v and the sink logits (or None)."""
     gen = torch.Generator().manual_seed(zlib.crc32(case.id.encode()))
-    make = lambda h: torch.randn(case.batch, total, h, HEAD_DIM, generator=gen,
-                                 dtype=torch.float64)
-    return [(make(case.hq), make(case.hkv), make(case.hkv),
+    make = lambda h, d=HEAD_DIM: torch.randn(case.batch, total, h, d, generator=gen,
+                                             dtype=torch.float64)
+    return [(make(case.hq), make(case.hkv), make(case.hkv, case.v_head_dim or HEAD_DIM),
              torch.randn(case.hq, generator=gen, dtype=torch.float64) if case.sinks else None)
             for _ in range(LAYERS)]
 
@@ -202,7 +213,7 @@ def run_core_case(case: CoreCase, mesh) -> dict:
     stored_ok = all(torch.equal(cache.layer_kv(layer)[0], tensors[layer][1][:, positions]) and
                     torch.equal(cache.layer_kv(layer)[1], tensors[layer][2][:, positions])
                     for layer in range(LAYERS))
-    per_token = 2 * case.hkv * HEAD_DIM * case.batch * 8 * LAYERS
+    per_token = (HEAD_DIM + (case.v_head_dim or HEAD_DIM)) * case.hkv * case.batch * 8 * LAYERS
     return {"error": max(errors), "padding": max(padding), "kinds": steps,
             "counts": cache.counts, "positions": positions.tolist(), "stored_ok": stored_ok,
             "seq_len": cache.seq_len, "total": total, "nbytes": cache.nbytes(),

@@ -92,7 +92,7 @@ class BlockAttention:
         if len(blocks) == 1 and blocks[0][0] == slice(0, sq) and blocks[0][1] == slice(0, sk):
             return self.forward_piece(q, k, v, scale=scale, mask=blocks[0][2], softcap=softcap)
         acc = accumulation_dtype(q.dtype)
-        out, lse = new_accumulators(q, acc)
+        out, lse = new_accumulators(q, acc, v.shape[-1])
         self._pieces_into(blocks, q, k, v, out, lse, scale, softcap)
         return out.to(q.dtype), lse
 
@@ -126,9 +126,10 @@ class BlockAttention:
                 scale=scale, mask=sub, softcap=softcap)
 
 
-def empty_result(q: torch.Tensor, lse_dtype: torch.dtype):
-    """(out, lse) of a block in which no query sees any key."""
-    b, sq, hq, _ = q.shape
-    out = torch.zeros_like(q)
+def empty_result(q: torch.Tensor, lse_dtype: torch.dtype, dv: int | None = None):
+    """(out, lse) of a block in which no query sees any key; out has V's head dim ``dv``
+    (default q's)."""
+    b, sq, hq, d = q.shape
+    out = q.new_zeros(b, sq, hq, d if dv is None else dv)
     lse = torch.full((b, hq, sq), float("-inf"), dtype=lse_dtype, device=q.device)
     return out, lse

@@ -170,6 +170,10 @@ class CudaBackend(BlockAttention):
                             f"q/k/v, or use backend='torch' or 'reference'")
         if k.dtype != q.dtype or v.dtype != q.dtype:
             raise TypeError(f"k and v must have q's dtype {q.dtype}, got {k.dtype}, {v.dtype}")
+        if k.shape[:-1] == v.shape[:-1] and k.shape[-1] != v.shape[-1]:
+            raise ValueError(f"{me} has no kernels for V's head dim ({v.shape[-1]}) differing "
+                             f"from q/k's ({k.shape[-1]}) (MLA) yet; use backend='torch' or "
+                             f"'reference' (docs/KERNELS.md)")
         if k.shape != v.shape:
             raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
                              f"{tuple(v.shape)}")

@@ -49,7 +49,7 @@ class ReferenceBackend(BlockAttention):
         tiles = list(band_tiles(mask, q.shape[1], k.shape[1]))
         if len(tiles) == 1 and tiles[0][2] is mask:
             return self._forward_dense(q, k, v, scale=scale, mask=mask, softcap=softcap)
-        out, lse = empty_result(q, accumulation_dtype(q.dtype))
+        out, lse = empty_result(q, accumulation_dtype(q.dtype), v.shape[-1])
         for rows, cols, sub in tiles:       # disjoint rows: each row written once
             o, l = self._forward_dense(q[:, rows], k[:, cols], v[:, cols], scale=scale,
                                        mask=sub, softcap=softcap)

@@ -239,22 +239,22 @@ class TorchBackend(BlockAttention):
     # The varlen kernels and where they run (None: never); tests inject a CPU stand-in.
     varlen_ops: Optional[FlashVarlenOps] = _aten_varlen_ops()
 
-    def _varlen(self, q: torch.Tensor, softcap: float) -> Optional[FlashVarlenOps]:
+    def _varlen(self, q: torch.Tensor, softcap: float, v: torch.Tensor) -> Optional[FlashVarlenOps]:
         """The varlen ops when these inputs run as varlen launches, else None."""
         ops = self.varlen_ops
-        if ops is None or softcap or q.device.type not in ops.devices or \
+        if ops is None or softcap or q.shape[-1] != v.shape[-1] or q.device.type not in ops.devices or \
                 q.dtype not in ops.dtypes:
             return None
         return ops
 
     def forward(self, q, k, v, *, scale, mask, softcap=0.0):
-        ops = self._varlen(q, softcap)
+        ops = self._varlen(q, softcap, v)
         if ops is None:
             return super().forward(q, k, v, scale=scale, mask=mask, softcap=softcap)
         return varlen_forward(ops, q, k, v, scale, mask)
 
     def forward_into(self, q, k, v, out_acc, lse_acc, *, scale, mask, softcap=0.0):
-        ops = self._varlen(q, softcap)
+        ops = self._varlen(q, softcap, v)
         if ops is None:
             return super().forward_into(q, k, v, out_acc, lse_acc, scale=scale, mask=mask,
                                         softcap=softcap)
@@ -262,7 +262,7 @@ class TorchBackend(BlockAttention):
 
     def backward_into(self, dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc, *, scale, mask,
                       softcap=0.0):
-        ops = self._varlen(q, softcap)
+        ops = self._varlen(q, softcap, v)
         if ops is None:
             return super().backward_into(dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc,
                                          scale=scale, mask=mask, softcap=softcap)
@@ -311,12 +311,16 @@ class TorchBackend(BlockAttention):
         grouped = t.reshape(b, s, hkv, g, x)
         return [grouped[:, :, :, i] for i in range(g)]
 
+    # PyTorch's flash kernels (CPU, CUDA, varlen) need one head dim for q, k and v: with
+    # V's head dim different (MLA) the pieces run on the reference math, at the true dims
+    # (padding V to q's would compute on the padding).
     @staticmethod
-    def _needs_reference(mask: Mask, softcap: float) -> bool:
-        return bool(softcap) or mask.kind not in ("none", "causal", "empty")
+    def _needs_reference(mask: Mask, softcap: float, q, v) -> bool:
+        return (q.shape[-1] != v.shape[-1] or bool(softcap)
+                or mask.kind not in ("none", "causal", "empty"))
 
     def forward_piece(self, q, k, v, *, scale, mask, softcap=0.0):
-        if self._needs_reference(mask, softcap):
+        if self._needs_reference(mask, softcap, q, v):
             return ReferenceBackend().forward_piece(q, k, v, scale=scale, mask=mask,
                                                     softcap=softcap)
         acc = accumulation_dtype(q.dtype)
@@ -346,7 +350,7 @@ class TorchBackend(BlockAttention):
         return out.to(q.dtype), lse
 
     def backward_piece(self, dout, q, k, v, out, lse, *, scale, mask, softcap=0.0):
-        if self._needs_reference(mask, softcap):
+        if self._needs_reference(mask, softcap, q, v):
             return ReferenceBackend().backward_piece(dout, q, k, v, out, lse, scale=scale,
                                                      mask=mask, softcap=softcap)
         acc = accumulation_dtype(q.dtype)
