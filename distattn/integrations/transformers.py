@@ -36,6 +36,8 @@ from . import checkpoint as _ckpt
 from .generation import generate, sharded_cache  # noqa: F401  (dtf.generate)
 from .hf import UNSUPPORTED_ATTENTION_KWARGS, attention_variant
 from .hf import require as _transformers
+from . import guard as _guard
+from .guard import UnsupportedModelError, prepare  # noqa: F401  (dtf.prepare)
 
 IGNORE_INDEX = -100
 CU_SEQLENS_KEY = "distattn_cu_seqlens"   # model kwarg: global document boundaries (a tuple)
@@ -123,6 +125,12 @@ def _make_attention(name, mesh, layout, schedule, backend):
         global document boundaries of a packed batch."""
         _refuse_unsupported(name, module, query, key, attention_mask, dropout, kwargs)
         cu_seqlens = kwargs.get(CU_SEQLENS_KEY)
+        config = getattr(module, "config", None)
+        if config is not None:      # the model guard (guard.py): cached, no communication
+            verdict = _guard.check_config(config)
+            global_len = (max(b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]))
+                          if cu_seqlens is not None else query.shape[2] * mesh.size)
+            _guard.check_length(verdict, global_len, f" (attn_implementation={name!r})")
         if cu_seqlens is None:
             _check_positions(name, kwargs.get("position_ids"), mesh, layout, query.shape[2])
         is_causal = kwargs.get("is_causal")
@@ -147,6 +155,9 @@ def _make_mask(name, mesh):
         ever built. A padding mask is refused unless it masks nothing.
         Each rank sees only its shard of the mask, so the verdict is agreed over the mesh
         (one small collective per model call): every rank raises, or none does."""
+        config = kwargs.get("config")
+        if config is not None:      # the model guard, before this function's collective
+            _guard.check_config(config)
         error = None
         if attention_mask is not None and not (
                 isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
@@ -415,6 +426,7 @@ def checkpoint_layers(model) -> "torch.nn.Module":
     _transformers()
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    prepare(model)      # the model guard: refuse what SP cannot train exactly
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no GradientCheckpointingLayer (decoder "

@@ -1,0 +1,76 @@
+"""The model guard (distattn/integrations/guard.py), without a world: the verdict is local and
+deterministic (every rank computes it from the same config), so one process checks it.
+Families of the allow-list pass; hybrid sequence mixers, chunked attention, unknown layer
+types, unknown families and length-dependent RoPE past its switch length are refused by name.
+"""
+import re
+import warnings
+
+import pytest
+
+pytest.importorskip("transformers")
+import transformers as tf  # noqa: E402
+
+from distattn.integrations import guard  # noqa: E402
+
+TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+
+def cfg(model_type, **extra):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        c = tf.AutoConfig.for_model(model_type, **TINY)
+    for k, v in extra.items():
+        setattr(c, k, v)
+    return c
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral", "gemma2", "phi3"])
+def test_allowed_families_pass(model_type):
+    assert guard.config_verdict(cfg(model_type)).error is None
+
+
+@pytest.mark.parametrize("model_type,needle", [
+    ("qwen3_next", "'linear_attention'"), ("minimax", "'linear_attention'"),
+    ("jamba", "amba"), ("lfm2", "convolution"), ("bamba", "'linear_attention'|Mamba"),
+    ("falcon_h1", "'hybrid'|Mamba"), ("llama4_text", "chunked_attention"),
+    ("bloom", "allow-list")])
+def test_refused_families_name_the_reason(model_type, needle):
+    try:
+        c = cfg(model_type)
+    except Exception as exc:   # absent in this transformers version
+        pytest.skip(f"{model_type}: {exc}")
+    with pytest.raises(guard.UnsupportedModelError, match="sequence parallelism") as info:
+        guard.check_config(c)
+    assert re.search(needle, str(info.value)), str(info.value)
+
+
+def test_unknown_layer_type_is_refused():
+    c = cfg("llama")
+    c.layer_types = ["full_attention", "some_future_mixer"]
+    with pytest.raises(guard.UnsupportedModelError, match="'some_future_mixer'.*does not know"):
+        guard.check_config(c)
+
+
+def test_length_dependent_rope_has_a_limit():
+    c = cfg("llama")
+    if hasattr(c, "rope_parameters") and c.rope_parameters is not None:
+        c.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    else:
+        c.rope_scaling = {"rope_type": "dynamic", "factor": 2.0}
+    verdict = guard.check_config(c)
+    assert verdict.max_len == 128 and verdict.rope_type == "dynamic"
+    guard.check_length(verdict, 128)
+    with pytest.raises(guard.UnsupportedModelError, match="'dynamic'.*at most 128"):
+        guard.check_length(verdict, 256)
+
+
+def test_static_rope_types_pass():
+    c = cfg("llama")
+    spec = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    if hasattr(c, "rope_parameters") and c.rope_parameters is not None:
+        c.rope_parameters = spec
+    else:
+        c.rope_scaling = spec
+    assert guard.check_config(c).max_len is None
