@@ -63,6 +63,7 @@ from .kernels import BACKENDS, Mask, accumulation_dtype, get_backend
 from .layout import _all_gather, local_indices, seq_multiple
 from .merge import merge_, new_accumulators
 from .mesh import as_mesh
+from .segments import check_chunk_size
 from .sinks import fold_sinks_
 from .ulysses import check_heads
 
@@ -471,7 +472,7 @@ class ShardedKVCache:
     # -- attention ---------------------------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                softmax_scale: float | None = None, window=None, softcap: float | None = None,
-               sinks: torch.Tensor | None = None) -> torch.Tensor:
+               sinks: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
         """Store this layer's new K/V and return the new tokens' attention output.
 
         q [B, step.local_slots, Hq, D]; k, v [B, step.local_slots, Hkv, D] (Hq % Hkv == 0):
@@ -486,11 +487,16 @@ class ShardedKVCache:
         ``softcap``, and ``sinks`` [Hq] (one extra logit per head, attached to no value).
         A window is supported where it is exact without per-token masks: on the prompt (a
         sharded step of an empty cache) and on one-token replicated steps (decoding); on
-        other steps it raises NotImplementedError unless it hides nothing there."""
+        other steps it raises NotImplementedError unless it hides nothing there.
+        ``chunk_size`` (chunked attention, as in ``dist_flash_attn``) is accepted where it
+        hides nothing: while the cache plus the step's tokens fit in the first chunk. A step
+        that would cross a chunk boundary raises NotImplementedError (on every rank, before
+        any communication): chunked decoding is not implemented."""
         name = f"ShardedKVCache.attend (layer {layer})"
         try:
             step = self._check_attend(layer, q, k, v)
             call = self._check_variant(step, q, softmax_scale, window, softcap, sinks)
+            self._check_chunks(step, chunk_size)
             call.backend = get_backend(self.backend, q, k, v, softcap=call.softcap > 0)
             call.layer = layer
         except Exception as exc:   # raises it (with DISTATTN_CHECK: on every rank, at once)
@@ -516,6 +522,17 @@ class ShardedKVCache:
             self.seq_len += step.n_new
             self.step = None
         return out
+
+    @staticmethod
+    def _check_chunks(step, chunk_size) -> None:
+        chunk_size = check_chunk_size(chunk_size)
+        total = step.start + step.n_new
+        if chunk_size is not None and total > chunk_size:
+            raise NotImplementedError(
+                f"chunked attention (chunk_size={chunk_size}) over {total} tokens is not "
+                f"supported by ShardedKVCache: the cache runs it only while every token fits "
+                f"in the first chunk. Keep prompt + generated tokens <= {chunk_size}, or "
+                f"generate with one process")
 
     def _check_variant(self, step, q, softmax_scale, window, softcap, sinks) -> "_Call":
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
