@@ -63,7 +63,7 @@ from .kernels import BACKENDS, Mask, accumulation_dtype, get_backend
 from .layout import _all_gather, local_indices, seq_multiple
 from .merge import merge_, new_accumulators
 from .mesh import as_mesh
-from .segments import check_chunk_size
+from .segments import check_chunk_origin, check_chunk_size
 from .sinks import fold_sinks_
 from .ulysses import check_heads
 
@@ -472,7 +472,8 @@ class ShardedKVCache:
     # -- attention ---------------------------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                softmax_scale: float | None = None, window=None, softcap: float | None = None,
-               sinks: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
+               sinks: torch.Tensor | None = None, chunk_size: int | None = None,
+               chunk_origin: str = "row") -> torch.Tensor:
         """Store this layer's new K/V and return the new tokens' attention output.
 
         q [B, step.local_slots, Hq, D]; k, v [B, step.local_slots, Hkv, D] (Hq % Hkv == 0):
@@ -496,7 +497,7 @@ class ShardedKVCache:
         try:
             step = self._check_attend(layer, q, k, v)
             call = self._check_variant(step, q, softmax_scale, window, softcap, sinks)
-            self._check_chunks(step, chunk_size)
+            self._check_chunks(step, chunk_size, chunk_origin)
             call.backend = get_backend(self.backend, q, k, v, softcap=call.softcap > 0)
             call.layer = layer
         except Exception as exc:   # raises it (with DISTATTN_CHECK: on every rank, at once)
@@ -524,8 +525,9 @@ class ShardedKVCache:
         return out
 
     @staticmethod
-    def _check_chunks(step, chunk_size) -> None:
+    def _check_chunks(step, chunk_size, chunk_origin) -> None:
         chunk_size = check_chunk_size(chunk_size)
+        check_chunk_origin(chunk_origin)     # one sequence: both origins agree
         total = step.start + step.n_new
         if chunk_size is not None and total > chunk_size:
             raise NotImplementedError(

@@ -17,16 +17,20 @@ from spawn import run_world
 TOL = 1e-10
 
 
-def dense_mask(S, cu, chunk, causal, window):
-    """Boolean [S, S]: query i (row) sees key j (column), from the definitions."""
+def dense_mask(S, cu, chunk, causal, window, origin="row"):
+    """Boolean [S, S]: query i (row) sees key j (column), from the definitions. Chunks count
+    row indices (origin "row") or positions within the document ("document")."""
     i = torch.arange(S).unsqueeze(1)
     j = torch.arange(S).unsqueeze(0)
     doc = torch.zeros(S, dtype=torch.int64)
+    pos = torch.arange(S)
     for d, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
         doc[a:b] = d
+        pos[a:b] -= a
     vis = doc.unsqueeze(1) == doc.unsqueeze(0)
     if chunk is not None:
-        vis &= (i // chunk) == (j // chunk)
+        idx = torch.arange(S) if origin == "row" else pos
+        vis &= (idx.unsqueeze(1) // chunk) == (idx.unsqueeze(0) // chunk)
     if causal:
         vis &= j <= i
     if window is not None:
@@ -49,7 +53,7 @@ def dense_attention(q, k, v, vis, scale):
     return torch.einsum("bhqk,bkhd->bqhd", p, v), lse
 
 
-# (world, ulysses, ring, layout, causal, cu, chunk, window, schedule, backend)
+# (world, ulysses, ring, layout, causal, cu, chunk, window, schedule, backend[, origin])
 def cases(world):
     docs = {2: (0, 5, 6, 19, 23), 4: (0, 3, 17, 18, 30, 37), 8: (0, 9, 30, 31, 50, 53)}[world]
     meshes = {2: [(1, 2), (2, 1)], 4: [(1, 4), (2, 2), (4, 1)], 8: [(1, 8), (2, 4)]}[world]
@@ -65,7 +69,7 @@ def cases(world):
                                                                ("stripe", False)):
                         continue
                     out.append((world, u, r, layout, causal, cu, chunk, None, "auto",
-                                "reference"))
+                                "reference", "document" if chunk == 7 else "row"))
         # shard-aligned chunks (one ring part = 2*chunk tokens), windows, helper, torch backend
         n = 4 * r * u
         aligned = (0, n)
@@ -76,7 +80,8 @@ def cases(world):
         out.append((world, u, r, "zigzag", True, docs, 6, (3, 0), "auto", "reference"))
         out.append((world, u, r, "contiguous", False, docs, 5, (2, 3), "auto", "reference"))
         if r > 1 and world < 8:
-            out.append((world, u, r, "contiguous", True, docs, 6, None, "helper", "reference"))
+            out.append((world, u, r, "contiguous", True, docs, 6, None, "helper", "reference",
+                        "document"))
             out.append((world, u, r, "contiguous", True, aligned, n // r, None, "helper",
                         "torch"))
     return out
@@ -91,16 +96,19 @@ def run_cases(rank, world, case_list):
     # Invalid chunk sizes are refused on every rank before any communication (no hang).
     mesh0 = distattn.SPMesh.build(ulysses_degree=1, ring_degree=world)
     x = torch.zeros(1, 4, 2, 8, dtype=torch.float64)
-    for bad in (0, -3, 2.5, True, "4"):
+    for arg, bad in (("chunk_size", 0), ("chunk_size", -3), ("chunk_size", 2.5),
+                     ("chunk_size", True), ("chunk_size", "4"), ("chunk_origin", "global")):
+        kwargs = {"chunk_size": 4, arg: bad}
         try:
-            distattn.dist_flash_attn(x, x, x, mesh=mesh0, chunk_size=bad)
-            errors.append(f"chunk_size={bad!r} was accepted")
+            distattn.dist_flash_attn(x, x, x, mesh=mesh0, **kwargs)
+            errors.append(f"{arg}={bad!r} was accepted")
         except ValueError as exc:
-            if "chunk_size" not in str(exc):
-                errors.append(f"chunk_size={bad!r}: message does not name it: {exc}")
-    for world_, u, r, layout, causal, cu, chunk, window, schedule, backend in case_list:
-        tag = f"u{u}r{r} {layout} causal={causal} cu={cu} chunk={chunk} win={window} " \
-              f"{schedule} {backend}"
+            if arg not in str(exc):
+                errors.append(f"{arg}={bad!r}: message does not name it: {exc}")
+    for world_, u, r, layout, causal, cu, chunk, window, schedule, backend, *rest in case_list:
+        origin = rest[0] if rest else "row"
+        tag = f"u{u}r{r} {layout} causal={causal} cu={cu} chunk={chunk}/{origin} " \
+              f"win={window} {schedule} {backend}"
         if (u, r) not in meshes:
             meshes[u, r] = distattn.SPMesh.build(ulysses_degree=u, ring_degree=r)
         mesh = meshes[u, r]
@@ -110,8 +118,8 @@ def run_cases(rank, world, case_list):
                          for h in (hq, hkv, hkv, hq))
         scale = D ** -0.5
         fq, fk, fv = (t.clone().requires_grad_() for t in (q, k, v))
-        ref_out, ref_lse = dense_attention(fq, fk, fv, dense_mask(S, cu, chunk, causal, window),
-                                           scale)
+        ref_out, ref_lse = dense_attention(fq, fk, fv, dense_mask(S, cu, chunk, causal, window,
+                                                                 origin), scale)
         ref_out.backward(dout)
         sh = lambda t: distattn.shard(t, mesh, dim=1, layout=layout, cu_seqlens=cu)
         lq, lk, lv = (sh(t).clone().requires_grad_() for t in (q, k, v))
@@ -119,7 +127,7 @@ def run_cases(rank, world, case_list):
             out, lse = distattn.dist_flash_attn(
                 lq, lk, lv, mesh=mesh, causal=causal, layout=layout, schedule=schedule,
                 backend=backend, return_lse=True, cu_seqlens=cu, window=window,
-                chunk_size=chunk)
+                chunk_size=chunk, chunk_origin=origin)
             out.backward(sh(dout))
         except Exception as exc:  # noqa: BLE001 - reported to the pytest process
             errors.append(f"{tag}: raised {exc!r}")
@@ -156,13 +164,15 @@ def test_chunks_are_documents_inside_documents():
     from distattn.segments import chunk_boundaries, chunked_layout
 
     assert chunk_boundaries(23, 5, (0, 7, 23)) == (0, 5, 7, 10, 15, 20, 23)
+    assert chunk_boundaries(23, 5, (0, 7, 23), "document") == (0, 5, 7, 12, 17, 22, 23)
     assert chunk_boundaries(10, 4, None) == (0, 4, 8, 10)
     for layout in ("contiguous", "zigzag", "stripe", "packed"):
-        for cu, chunk in (((0, 7, 23, 40), 6), ((0, 40), 8), ((0, 1, 40), 40)):
-            lay = chunked_layout(ring_layout(layout, 40, 4, 1, cu), chunk)
+        for cu, chunk, origin in (((0, 7, 23, 40), 6, "row"), ((0, 7, 23, 40), 6, "document"),
+                                  ((0, 40), 8, "row"), ((0, 1, 40), 40, "document")):
+            lay = chunked_layout(ring_layout(layout, 40, 4, 1, cu), chunk, origin)
             for causal in (True, False):
                 got = visible_pairs(ring_plan(lay, causal))
-                want = dense_mask(40, cu, chunk, causal, None).nonzero().tolist()
+                want = dense_mask(40, cu, chunk, causal, None, origin).nonzero().tolist()
                 assert set(got) == {tuple(p) for p in want}, (layout, cu, chunk, causal)
                 assert set(got.values()) == {1}
 

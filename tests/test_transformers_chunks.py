@@ -51,7 +51,9 @@ def make_batch(packed):
     if packed:
         ids = torch.randint(0, VOCAB, (1, SEQ), generator=g)
         pos = torch.cat([torch.arange(b - a) for a, b in zip(PACKED_DOCS[:-1], PACKED_DOCS[1:])])
-        return {"input_ids": ids, "labels": ids.clone(), "position_ids": pos.unsqueeze(0)}
+        labels = ids.clone()
+        labels[0, list(PACKED_DOCS[1:-1])] = -100   # no loss across a document end (as sp_loss)
+        return {"input_ids": ids, "labels": labels, "position_ids": pos.unsqueeze(0)}
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
     labels = ids.clone()
     labels[0, 3:6] = -100

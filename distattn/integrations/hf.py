@@ -130,18 +130,32 @@ def temperature_ratio(module, global_index):
     return ratio.view(1, 1, -1, 1)
 
 
+@functools.cache
+def chunk_origin() -> str:
+    """Where the installed transformers starts the chunks of a packed row: "document" when
+    its mask builder remaps the mask's indices to the packed position ids
+    (``masking_utils.remap_positions_for_packed_sequence``, transformers 5), so chunks
+    restart at every document; "row" before (4.57: global indices of the row)."""
+    from transformers import masking_utils
+
+    return "document" if hasattr(masking_utils, "remap_positions_for_packed_sequence") \
+        else "row"
+
+
 def attention_variant(module, kwargs) -> dict:
     """window / softcap / sinks / chunk_size of one attention call, in distattn's terms.
 
     transformers' ``sliding_window=W`` lets query i see key j when ``|i - j| < W`` on the
     allowed side: ``window=(W - 1, W - 1)``; with causal attention the right side is cut to
-    0, and bidirectional sliding layers (Gemma 3) keep both sides. ``chunk_size``: see
-    ``chunk_size`` (chunks count global token indices, as transformers' chunked mask)."""
+    0, and bidirectional sliding layers (Gemma 3) keep both sides. Chunked layers add
+    ``chunk_size`` (see ``chunk_size``) and ``chunk_origin`` (see ``chunk_origin``)."""
     width = kwargs["sliding_window"] if "sliding_window" in kwargs else \
         getattr(module, "sliding_window", None)
     sinks = kwargs.get("s_aux", kwargs.get("sinks"))
+    size = chunk_size(module)
+    chunks = {} if size is None else {"chunk_size": size, "chunk_origin": chunk_origin()}
     return {"window": None if width is None else (int(width) - 1, int(width) - 1),
-            "softcap": kwargs.get("softcap"), "sinks": sinks, "chunk_size": chunk_size(module)}
+            "softcap": kwargs.get("softcap"), "sinks": sinks, **chunks}
 
 
 def plain_checkpointing(model) -> None:
