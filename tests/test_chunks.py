@@ -206,3 +206,17 @@ def test_ring_steps_no_chunk_reaches_send_nothing():
     # The helper schedule keeps its messages but skips the work no chunk reaches.
     hp = helper_plan(chunked_layout(lay, 16), True)
     assert all(not hp.tasks[r][t].mask.pieces for r in range(4) for t in range(1, hp.steps))
+
+
+def test_kv_cache_runs_chunks_only_where_they_hide_nothing():
+    from types import SimpleNamespace
+
+    from distattn.inference import ShardedKVCache
+
+    check = ShardedKVCache._check_chunks
+    check(SimpleNamespace(start=0, n_new=8), 8, "row")           # one chunk: exact
+    check(SimpleNamespace(start=7, n_new=1), None, "document")
+    with pytest.raises(NotImplementedError, match="chunk_size=8"):
+        check(SimpleNamespace(start=8, n_new=1), 8, "row")
+    with pytest.raises(ValueError, match="chunk_size"):
+        check(SimpleNamespace(start=0, n_new=1), 0, "row")
