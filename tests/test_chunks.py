@@ -64,10 +64,9 @@ def cases(world):
                 for cu, chunk in ((docs, 4), (docs, 7), ((0, 8 * r + 3), 2 * 4)):
                     # chunk 8 on [0, 8r+3] contiguous: ring parts of 8r+3 tokens / r ranks
                     # are not aligned; 4 on docs lands on and off document ends
-                    if world == 8 and (layout, causal) not in (("zigzag", True),
-                                                               ("packed", True),
-                                                               ("stripe", False)):
-                        continue
+                    if world == 8 and (layout, causal) != {1: ("zigzag", True),
+                                                           2: ("packed", True)}[u]:
+                        continue    # world 8: a subset, to keep the test fast
                     out.append((world, u, r, layout, causal, cu, chunk, None, "auto",
                                 "reference", "document" if chunk == 7 else "row"))
         # shard-aligned chunks (one ring part = 2*chunk tokens), windows, helper, torch backend
@@ -75,6 +74,8 @@ def cases(world):
         aligned = (0, n)
         out.append((world, u, r, "contiguous", True, aligned, n // r, None, "ring",
                     "reference"))
+        if world == 8:
+            continue
         out.append((world, u, r, "contiguous", True, aligned, n // (2 * r), None, "auto",
                     "torch"))
         out.append((world, u, r, "zigzag", True, docs, 6, (3, 0), "auto", "reference"))
