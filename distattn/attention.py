@@ -18,6 +18,7 @@ from .layout import RingLayout, check_layout, ring_layout, seq_multiple
 from .mesh import as_mesh
 from .plan import helper_plan, ring_plan
 from .ring import RingConfig
+from .segments import check_chunk_origin, check_chunk_size, chunked_layout
 from .sinks import sinks_grad
 from .ulysses import check_heads, head_split
 
@@ -26,7 +27,9 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @functools.lru_cache(maxsize=128)
-def _plan(lay: RingLayout, causal: bool, window, schedule: str):
+def _plan(lay: RingLayout, causal: bool, window, schedule: str, chunk_size=None,
+          chunk_origin="row"):
+    lay = chunked_layout(lay, chunk_size, chunk_origin)
     if schedule == "helper":
         return helper_plan(lay, causal, window)
     return ring_plan(lay, causal, window)
@@ -166,7 +169,7 @@ def _ring_layout(q, mesh, layout: str, cu_seqlens) -> RingLayout:
 
 def prepare(q, k, v, *, mesh=None, causal=False, softmax_scale=None, layout="contiguous",
             schedule="auto", backend="auto", profiler=None, cu_seqlens=None, window=None,
-            softcap=None, sinks=None) -> RingConfig:
+            softcap=None, sinks=None, chunk_size=None, chunk_origin="row") -> RingConfig:
     """Check every argument of ``dist_flash_attn`` (raising before any communication) and
     return the execution config: mesh, plan, block backend, scale."""
     _check_tensors(q, k, v)
@@ -185,6 +188,8 @@ def prepare(q, k, v, *, mesh=None, causal=False, softmax_scale=None, layout="con
         raise TypeError("profiler must be a distattn.profile.StepProfiler (or None)")
     cu_seqlens = check_cu_seqlens(cu_seqlens)
     window = _check_window(window)
+    chunk_size = check_chunk_size(chunk_size)
+    chunk_origin = check_chunk_origin(chunk_origin)
     softcap = _check_softcap(softcap)
     sinks = _check_sinks(sinks, q)
     mesh = as_mesh(mesh)
@@ -193,13 +198,15 @@ def prepare(q, k, v, *, mesh=None, causal=False, softmax_scale=None, layout="con
         check_heads(q.shape[2], k.shape[2], U)
     lay = _ring_layout(q, mesh, layout, cu_seqlens)
     schedule = _resolve_schedule(schedule, layout, causal, lay.part_len, R,
-                                 cu_seqlens is not None, window is not None)
+                                 cu_seqlens is not None or chunk_size is not None,
+                                 window is not None)
     block_backend = get_backend(backend, q, k, v, window=window is not None,
                                 softcap=bool(softcap))
     if sinks is not None and U > 1:        # the executor sees this rank's head shard
         start, stop = head_split(q.shape[2], k.shape[2], U).q_bounds[mesh.ulysses_rank]
         sinks = sinks[start:stop]
-    return RingConfig(mesh, _plan(lay, causal, window, schedule), block_backend,
+    return RingConfig(mesh, _plan(lay, causal, window, schedule, chunk_size, chunk_origin),
+                      block_backend,
                       float(softmax_scale), profiler, softcap, sinks)
 
 
@@ -207,7 +214,8 @@ def dist_flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mesh=N
                     causal: bool = False, softmax_scale: float | None = None,
                     layout: str = "contiguous", schedule: str = "auto",
                     backend: str = "auto", return_lse: bool = False, profiler=None,
-                    cu_seqlens=None, window=None, softcap=None, sinks=None):
+                    cu_seqlens=None, window=None, softcap=None, sinks=None,
+                    chunk_size=None, chunk_origin="row"):
     """Exact softmax attention over a sequence sharded across the ranks of ``mesh``.
 
     q [B, S_local, Hq, D]; k [B, S_local, Hkv, D]; v [B, S_local, Hkv, Dv] with Hq % Hkv == 0
@@ -223,6 +231,13 @@ def dist_flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mesh=N
     ``window=(left, right)``: query i sees key j only if ``i - left <= j <= i + right`` in
     global token positions (-1 = unbounded; transformers' ``sliding_window=W`` is ``(W - 1,
     0)`` with causal). Ring steps and blocks no window reaches are neither computed nor sent.
+    ``chunk_size=c`` (chunked attention, Llama 4's ``attention_chunk_size``): query i sees
+    key j only if ``i // c == j // c``. With ``chunk_origin="row"`` (default) i and j are
+    *global token indices* of the row: with ``cu_seqlens`` the chunks are the global
+    multiples of c intersected with the documents (transformers 4.57 on a packed row); with
+    ``"document"`` they are positions within the document, so chunks restart at every
+    document (transformers 5). Without documents the two agree. Chunks combine with causal,
+    windows and documents; ring steps no chunk reaches are neither computed nor sent.
     ``softcap=c``: scores become ``c * tanh(score / c)`` before the softmax (Gemma 2).
     ``sinks`` [Hq] (differentiable): one extra logit per head in the softmax denominator,
     attached to no value (gpt-oss); the returned lse includes it. Its gradient on each rank
@@ -245,14 +260,15 @@ def dist_flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mesh=N
             raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
         cfg = prepare(q, k, v, mesh=mesh, causal=causal, softmax_scale=softmax_scale,
                       layout=layout, schedule=schedule, backend=backend, profiler=profiler,
-                      cu_seqlens=cu_seqlens, window=window, softcap=softcap, sinks=sinks)
+                      cu_seqlens=cu_seqlens, window=window, softcap=softcap, sinks=sinks,
+                      chunk_size=chunk_size, chunk_origin=chunk_origin)
     except Exception as exc:   # raises it (with DISTATTN_CHECK: on every rank, at once)
         fail_everywhere(mesh, "dist_flash_attn", exc)
     check_agreement(cfg.mesh, "dist_flash_attn", dict(
         q=q, k=k, v=v, causal=causal, softmax_scale=cfg.scale, layout=layout,
         schedule=schedule, backend=backend, cu_seqlens=check_cu_seqlens(cu_seqlens),
-        window=window, softcap=softcap, sinks=sinks,
-        requires_grad=torch.is_grad_enabled() and any(
+        window=window, softcap=softcap, sinks=sinks, chunk_size=chunk_size,
+        chunk_origin=chunk_origin, requires_grad=torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, sinks))))
     out, lse = USPAttention.apply(q, k, v, sinks, cfg)
     return (out, lse) if return_lse else out

@@ -64,6 +64,7 @@ from .layout import _all_gather, local_indices, seq_multiple
 from .merge import merge_, new_accumulators
 from .packing import unpack
 from .mesh import as_mesh
+from .segments import check_chunk_origin, check_chunk_size
 from .sinks import fold_sinks_
 from .ulysses import check_heads
 
@@ -489,7 +490,8 @@ class ShardedKVCache:
     # -- attention ---------------------------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                softmax_scale: float | None = None, window=None, softcap: float | None = None,
-               sinks: torch.Tensor | None = None) -> torch.Tensor:
+               sinks: torch.Tensor | None = None, chunk_size: int | None = None,
+               chunk_origin: str = "row") -> torch.Tensor:
         """Store this layer's new K/V and return the new tokens' attention output.
 
         q [B, step.local_slots, Hq, D]; k, v [B, step.local_slots, Hkv, D] (Hq % Hkv == 0):
@@ -504,11 +506,16 @@ class ShardedKVCache:
         ``softcap``, and ``sinks`` [Hq] (one extra logit per head, attached to no value).
         A window is supported where it is exact without per-token masks: on the prompt (a
         sharded step of an empty cache) and on one-token replicated steps (decoding); on
-        other steps it raises NotImplementedError unless it hides nothing there."""
+        other steps it raises NotImplementedError unless it hides nothing there.
+        ``chunk_size`` (chunked attention, as in ``dist_flash_attn``) is accepted where it
+        hides nothing: while the cache plus the step's tokens fit in the first chunk. A step
+        that would cross a chunk boundary raises NotImplementedError (on every rank, before
+        any communication): chunked decoding is not implemented."""
         name = f"ShardedKVCache.attend (layer {layer})"
         try:
             step = self._check_attend(layer, q, k, v)
             call = self._check_variant(step, q, softmax_scale, window, softcap, sinks)
+            self._check_chunks(step, chunk_size, chunk_origin)
             call.backend = get_backend(self.backend, q, k, v, softcap=call.softcap > 0)
             call.layer = layer
         except Exception as exc:   # raises it (with DISTATTN_CHECK: on every rank, at once)
@@ -534,6 +541,18 @@ class ShardedKVCache:
             self.seq_len += step.n_new
             self.step = None
         return out
+
+    @staticmethod
+    def _check_chunks(step, chunk_size, chunk_origin) -> None:
+        chunk_size = check_chunk_size(chunk_size)
+        check_chunk_origin(chunk_origin)     # one sequence: both origins agree
+        total = step.start + step.n_new
+        if chunk_size is not None and total > chunk_size:
+            raise NotImplementedError(
+                f"chunked attention (chunk_size={chunk_size}) over {total} tokens is not "
+                f"supported by ShardedKVCache: the cache runs it only while every token fits "
+                f"in the first chunk. Keep prompt + generated tokens <= {chunk_size}, or "
+                f"generate with one process")
 
     def _check_variant(self, step, q, softmax_scale, window, softcap, sinks) -> "_Call":
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale

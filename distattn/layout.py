@@ -113,7 +113,7 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def _cut_by_documents(start: int, length: int, g0: int, stride: int, cu: tuple) -> list:
+def cut_by_documents(start: int, length: int, g0: int, stride: int, cu: tuple) -> list:
     """The run of ``length`` tokens g0, g0+stride, ... at local ``start``, cut where documents
     change."""
     segs, i = [], 0
@@ -129,7 +129,7 @@ def _cut_by_documents(start: int, length: int, g0: int, stride: int, cu: tuple) 
 
 def _runs_to_parts(runs_per_rank, cu) -> tuple:
     """[(start, length, g0, stride)] per rank -> segments per rank."""
-    return tuple(tuple(seg for run in runs if run[1] > 0 for seg in _cut_by_documents(*run, cu))
+    return tuple(tuple(seg for run in runs if run[1] > 0 for seg in cut_by_documents(*run, cu))
                  for runs in runs_per_rank)
 
 

@@ -10,9 +10,68 @@ runs of one document; padding slots belong to no run and so are in no piece.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Optional
 
 from .kernels.mask import Mask, Piece
+from .layout import RingLayout, cut_by_documents
+
+
+def check_chunk_size(chunk_size) -> Optional[int]:
+    """A positive int (chunked attention, Llama 4's ``attention_chunk_size``) or None (off).
+    Raises ValueError naming the argument and the fix."""
+    if chunk_size is None:
+        return None
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int (query i sees key j only if "
+                         f"i // chunk_size == j // chunk_size, global token indices) or None "
+                         f"for no chunks; got {chunk_size!r}")
+    return chunk_size
+
+
+CHUNK_ORIGINS = ("row", "document")
+
+
+def check_chunk_origin(chunk_origin) -> str:
+    if chunk_origin not in CHUNK_ORIGINS:
+        raise ValueError(f"chunk_origin must be 'row' (chunks at global multiples of "
+                         f"chunk_size in the packed row) or 'document' (chunks restart at each "
+                         f"document's first token); got {chunk_origin!r}")
+    return chunk_origin
+
+
+def chunk_boundaries(seq_len: int, chunk_size: int, cu_seqlens: Optional[tuple],
+                     origin: str = "row") -> tuple:
+    """Boundaries of the chunked documents: the documents' own (``cu_seqlens``, or [0, S])
+    together with the chunk ends. ``origin="row"``: chunks count *global* token indices of
+    the row (multiples of ``chunk_size``; transformers 4.57 masks a packed row so:
+    ``q_idx // chunk == kv_idx // chunk``, and-ed with the same-document mask).
+    ``origin="document"``: chunks count positions within each document (``cu[d] + m *
+    chunk_size``; transformers 5 remaps the mask's indices to the packed position ids)."""
+    docs = cu_seqlens or (0, seq_len)
+    if origin == "row":
+        ends = range(0, seq_len, chunk_size)
+    else:
+        ends = (p for a, b in zip(docs[:-1], docs[1:]) for p in range(a, b, chunk_size))
+    return tuple(sorted(set(docs) | set(ends)))
+
+
+@functools.lru_cache(maxsize=64)
+def chunked_layout(lay: RingLayout, chunk_size: Optional[int],
+                   origin: str = "row") -> RingLayout:
+    """The layout ``lay`` for masking under chunked attention: "documents inside documents".
+    Every segment is cut again where a chunk ends, and ``doc`` then numbers the chunked
+    documents (``chunk_boundaries``), so ``block_mask`` shows a key only inside its query's
+    chunk and plans skip (compute nothing, send nothing at) ring steps no chunk reaches.
+    Slots and global tokens are those of ``lay``: shard, unshard and positions do not change.
+    The result is for plans only (its ``cu_seqlens`` are the chunked boundaries)."""
+    if chunk_size is None or chunk_size >= lay.seq_len:
+        return lay
+    cu = chunk_boundaries(lay.seq_len, chunk_size, lay.cu_seqlens, origin)
+    parts = tuple(tuple(piece for sg in segs for piece in cut_by_documents(
+        sg.start, sg.length, sg.g0, sg.stride, cu)) for segs in lay.parts)
+    return dataclasses.replace(lay, cu_seqlens=cu, parts=parts)
 
 
 def attention_bounds(causal: bool, window: Optional[tuple]) -> tuple:

@@ -70,17 +70,92 @@ def output_cache(output):
     return getattr(output, cache_kwarg())
 
 
+def chunk_size(module):
+    """The attention chunk of ``module``'s layer (chunked attention, Llama 4), or None.
+
+    transformers (4.57 and 5.x) marks chunked layers in the config: ``layer_types[i] ==
+    "chunked_attention"`` for the layer ``module.layer_idx``, with the chunk in
+    ``config.attention_chunk_size`` (Llama 4 makes its RoPE layers chunked, its NoPE layers
+    -- ``no_rope_layers[i] == 0`` -- full). A config with ``attention_chunk_size`` and no
+    ``layer_types`` is chunked on every layer, as transformers' mask builder reads it. A
+    chunked layer without a chunk size raises (transformers itself cannot build its mask)."""
+    config = getattr(module, "config", None)
+    size = getattr(config, "attention_chunk_size", None)
+    types = getattr(config, "layer_types", None)
+    idx = getattr(module, "layer_idx", None)
+    if types is not None:
+        if idx is None or not 0 <= idx < len(types):
+            if size is not None and "chunked_attention" in types:
+                raise ValueError(f"{type(module).__name__} has no layer_idx: distattn cannot "
+                                 f"tell whether its layer is chunked (layer_types holds "
+                                 f"'chunked_attention')")
+            return None
+        if types[idx] != "chunked_attention":
+            return None
+        if size is None:
+            raise ValueError(f"layer {idx} is 'chunked_attention' but the config has no "
+                             f"attention_chunk_size: set it, or make the layer "
+                             f"'full_attention'")
+        return int(size)
+    return None if size is None else int(size)
+
+
+def temperature_tuning(module):
+    """(floor_scale, attn_scale) of a Llama 4 NoPE layer that tunes its query temperature,
+    else None. Such a layer multiplies query t by ``1 + attn_scale * log1p(floor((p + 1) /
+    floor_scale))`` before attention, where p is the token's index in the *row* (transformers
+    4.57: ``cache_position``; 5.x: ``arange`` of the row plus the cached length) -- never the
+    position id. Under SP a rank's row is its shard, so p is a local index there:
+    ``temperature_ratio`` corrects it."""
+    if not getattr(module, "attn_temperature_tuning", False) or getattr(module, "use_rope", 1):
+        return None
+    return float(module.floor_scale), float(module.attn_scale)
+
+
+def temperature_ratio(module, global_index):
+    """The factor that turns the query temperature a NoPE layer applied with local indices
+    0..n-1 into the one-process temperature at the tokens' global row indices
+    ``global_index`` [n] (int64; padding slots, -1, get 1), or None when the layer tunes no
+    temperature. Shape [1, 1, n, 1] (transformers' query layout [B, H, S, D])."""
+    tuning = temperature_tuning(module)
+    if tuning is None:
+        return None
+    import torch
+
+    floor_scale, attn_scale = tuning
+    temp = lambda p: torch.log1p(torch.floor((p.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+    local = torch.arange(global_index.numel(), device=global_index.device)
+    ratio = torch.where(global_index >= 0, temp(global_index) / temp(local),
+                        torch.ones((), device=global_index.device))
+    return ratio.view(1, 1, -1, 1)
+
+
+@functools.cache
+def chunk_origin() -> str:
+    """Where the installed transformers starts the chunks of a packed row: "document" when
+    its mask builder remaps the mask's indices to the packed position ids
+    (``masking_utils.remap_positions_for_packed_sequence``, transformers 5), so chunks
+    restart at every document; "row" before (4.57: global indices of the row)."""
+    from transformers import masking_utils
+
+    return "document" if hasattr(masking_utils, "remap_positions_for_packed_sequence") \
+        else "row"
+
+
 def attention_variant(module, kwargs) -> dict:
-    """window / softcap / sinks of one attention call, in distattn's terms.
+    """window / softcap / sinks / chunk_size of one attention call, in distattn's terms.
 
     transformers' ``sliding_window=W`` lets query i see key j when ``|i - j| < W`` on the
     allowed side: ``window=(W - 1, W - 1)``; with causal attention the right side is cut to
-    0, and bidirectional sliding layers (Gemma 3) keep both sides."""
+    0, and bidirectional sliding layers (Gemma 3) keep both sides. Chunked layers add
+    ``chunk_size`` (see ``chunk_size``) and ``chunk_origin`` (see ``chunk_origin``)."""
     width = kwargs["sliding_window"] if "sliding_window" in kwargs else \
         getattr(module, "sliding_window", None)
     sinks = kwargs.get("s_aux", kwargs.get("sinks"))
+    size = chunk_size(module)
+    chunks = {} if size is None else {"chunk_size": size, "chunk_origin": chunk_origin()}
     return {"window": None if width is None else (int(width) - 1, int(width) - 1),
-            "softcap": kwargs.get("softcap"), "sinks": sinks}
+            "softcap": kwargs.get("softcap"), "sinks": sinks, **chunks}
 
 
 def plain_checkpointing(model) -> None:

@@ -33,6 +33,7 @@ from ..documents import check_cu_seqlens
 from ..layout import check_layout, local_indices, positions, seq_multiple, shard
 from ..mesh import as_mesh
 from . import checkpoint as _ckpt
+from . import hf
 from .generation import generate, sharded_cache  # noqa: F401  (dtf.generate)
 from .hf import UNSUPPORTED_ATTENTION_KWARGS, attention_variant
 from .hf import require as _transformers
@@ -116,6 +117,18 @@ def _positions_diagnosis(position_ids, local_len) -> str:
     return f"another layout or another sequence length? {how}"
 
 
+def _row_temperature(module, query, mesh, layout, cu_seqlens):
+    """Llama 4's NoPE layers scale queries by a temperature of the token's row index, which
+    the model computed from this rank's local indices: rescale to the global ones
+    (``hf.temperature_ratio``), so the layer computes what it computes on one process."""
+    if hf.temperature_tuning(module) is None:
+        return query
+    n = query.shape[2]
+    seq_len = n * mesh.size if cu_seqlens is None else check_cu_seqlens(cu_seqlens)[-1]
+    index = local_indices(seq_len, mesh, layout, cu_seqlens).to(query.device)
+    return (query * hf.temperature_ratio(module, index).to(query.dtype)).to(query.dtype)
+
+
 def _make_attention(name, mesh, layout, schedule, backend):
     def distattn_attention(module, query, key, value, attention_mask, scaling=None,
                            dropout=0.0, **kwargs):
@@ -133,6 +146,7 @@ def _make_attention(name, mesh, layout, schedule, backend):
             _guard.check_length(verdict, global_len, f" (attn_implementation={name!r})")
         if cu_seqlens is None:
             _check_positions(name, kwargs.get("position_ids"), mesh, layout, query.shape[2])
+        query = _row_temperature(module, query, mesh, layout, cu_seqlens)
         is_causal = kwargs.get("is_causal")
         if is_causal is None:
             is_causal = getattr(module, "is_causal", True)
