@@ -187,3 +187,49 @@ def _prepare_facts(cu, causal, r, P, prep) -> bool:
             and mq == max(b - a for a, b in zip(local_q, local_q[1:]))
             and cu_k.tolist()[-1] == want_k.stop - want_k.start
             and mk == max(b - a for a, b in zip(cu_k.tolist(), cu_k.tolist()[1:])))
+
+
+def run_yunchang(rank: int, world: int) -> dict:
+    """USP 2 x 2 (world 4; use_ulysses_low) for the three ring impls, causal and not, the
+    qkv-packed module, EXTRACT_FUNC_DICT's shards, and UlyssesAttention over the world."""
+    from distattn.compat import yunchang as yc
+
+    ud, rd = 2, world // 2
+    yc.set_seq_parallel_pg(ud, rd, rank, world)
+    S, res = 4 * world, {}
+    kinds = {"basic": "contiguous", "zigzag": "zigzag", "strip": "stripe"}
+    for impl, kind in kinds.items():
+        ring_part = _index(kind, S, rd, rank // ud)
+        n = ring_part.numel() // ud
+        idx = ring_part[(rank % ud) * n:(rank % ud + 1) * n]   # then contiguous over Ulysses
+        x = torch.arange(S * 3.0).view(1, S, 3)
+        res[f"extract-{impl}"] = bool(torch.equal(
+            yc.EXTRACT_FUNC_DICT[impl](x, rank, world, rd, ud), x[:, idx]))
+        for causal in (False, True):
+            attn = yc.LongContextAttention(ring_impl_type=impl)
+            res[f"usp-{impl}-c{causal}"] = _check_usp(
+                f"{impl}{causal}", lambda q, k, v: (attn(q, k, v, causal=causal), None, None),
+                idx, S, causal)
+        packed = yc.LongContextAttentionQKVPacked(ring_impl_type=impl)
+        res[f"qkvpacked-{impl}"] = _check_usp(
+            f"p{impl}", lambda q, k, v: (packed(torch.stack([q, k, v], 2), causal=True), None,
+                                         None), idx, S, True, hkv=4)
+    uly = yc.UlyssesAttention()
+    n = S // world
+    res["ulysses"] = _check_usp("uly", lambda q, k, v: (uly(q, k, v, causal=True), None, None),
+                                torch.arange(rank * n, (rank + 1) * n), S, True)
+    return res
+
+
+def _check_usp(key, call, idx, S, causal, hq=4, hkv=2) -> dict:
+    q, k, v, dout = _data(key, S, hq, hkv)
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_out, _ = dense_attention(*ins, visibility(S, None, causal))
+    ref_grads = torch.autograd.grad(ref_out, ins, dout)
+    loc = [t[:, idx].detach().clone().requires_grad_() for t in (q, k, v)]
+    out = call(*loc)[0]
+    out.backward(dout[:, idx])
+    errs = {"out": _rel(out, ref_out[:, idx])}
+    errs.update({n: _rel(t.grad, rg[:, idx]) for n, t, rg in zip(("dq", "dk", "dv"), loc,
+                                                                  ref_grads)})
+    return errs

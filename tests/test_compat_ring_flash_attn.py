@@ -49,6 +49,10 @@ try:
     compat.alias("nope"); raise SystemExit("no refusal")
 except ValueError:
     pass
+yc = compat.alias("yunchang")
+from yunchang import LongContextAttention, set_seq_parallel_pg, EXTRACT_FUNC_DICT
+import yunchang.globals
+assert yunchang.globals.PROCESS_GROUP is yc.PROCESS_GROUP
 print("ok")
 '''
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -1,5 +1,6 @@
 """Drop-in modules for clients written against other sequence-parallel attention libraries
-(docs/COMPAT.md): ``distattn.compat.ring_flash_attn`` (ring-flash-attention 0.1.x's API).
+(docs/COMPAT.md): ``distattn.compat.ring_flash_attn`` (ring-flash-attention 0.1.x's API) and
+``distattn.compat.yunchang`` (yunchang's USP API).
 Each is a thin adapter over ``distattn.dist_flash_attn``.
 
 Nothing here touches ``sys.modules`` on import. ``alias(name)`` does, on request only, so that
@@ -12,10 +13,8 @@ import importlib
 import sys
 
 # alias name -> the compat package that provides it
-PROVIDED = {"ring_flash_attn": "distattn.compat.ring_flash_attn"}
-PLANNED = {"yunchang": "yunchang's API (set_seq_parallel_pg, LongContextAttention, ...) is not "
-                       "provided yet (issue 19 item 2); call distattn.dist_flash_attn with an "
-                       "SPMesh, or keep the real yunchang package"}
+PROVIDED = {"ring_flash_attn": "distattn.compat.ring_flash_attn",
+            "yunchang": "distattn.compat.yunchang"}
 
 
 def alias(name: str):
@@ -23,8 +22,6 @@ def alias(name: str):
     ``ring_flash_attn.adapters.hf_adapter``) in ``sys.modules`` and return it. Idempotent.
     Raises if the real package is already imported (both cannot be one module name), or if
     ``name`` is not provided."""
-    if name in PLANNED:
-        raise NotImplementedError(f"distattn.compat.alias({name!r}): {PLANNED[name]}")
     if name not in PROVIDED:
         raise ValueError(f"distattn.compat.alias: {name!r} is not provided; choose one of "
                          f"{sorted(PROVIDED)}")
