@@ -10,6 +10,15 @@ attention never reads them (they see nothing and nothing sees them).
 - ``zigzag``: the row is cut into 2R chunks; ring rank r holds chunks r and 2R-1-r (early and
   late tokens together balance causal work);
 - ``stripe``: token t lives on ring rank t mod R (rank r holds r, r+R, r+2R, ...);
+- ``doc_contiguous`` / ``doc_zigzag`` (per-document; the layouts the data pipelines of
+  ring-flash-attention's varlen functions, Transformer Engine THD and Megatron produce): every
+  document is split over all R ring ranks on its own, in R contiguous parts (``doc_contiguous``)
+  or in 2R chunks of which rank r holds r and 2R-1-r (``doc_zigzag``); a rank's part is its
+  pieces of every document, in document order. A document whose length does not divide by R
+  (2R) is padded at the end of its own pieces: each piece is ceil(L/R) (ceil(L/2R)) slots, the
+  slots past the document's end are inert padding. So when every length divides, the local
+  ``cu_seqlens`` of each rank is the global one divided by R (2R chunks: also by R). Without
+  ``cu_seqlens`` they are ``contiguous`` / ``zigzag`` (one document);
 - ``packed`` (needs ``cu_seqlens``; data-dependent): long documents are split zigzag-wise over
   every ring rank (each padded to a multiple of 2R), short documents stay whole on one rank,
   assigned to balance causal work. Whole documents never travel around the ring.
@@ -36,7 +45,9 @@ import torch.distributed as dist
 from .documents import check_cu_seqlens, document_lengths, document_of
 from .mesh import SPMesh, as_mesh
 
-LAYOUTS = ("contiguous", "zigzag", "stripe", "packed")
+LAYOUTS = ("contiguous", "zigzag", "stripe", "packed", "doc_contiguous", "doc_zigzag")
+# The per-document layouts and the one-sequence layout each equals for one document.
+DOC_LAYOUTS = {"doc_contiguous": "contiguous", "doc_zigzag": "zigzag"}
 # The busiest rank's causal work over the mean that ``packed`` accepts before it splits more
 # documents, and likewise for tokens per rank (padding included).
 PACKED_WORK_TOLERANCE = 1.03
@@ -186,6 +197,28 @@ def _packed_parts(S: int, R: int, U: int, cu: tuple):
     return _round_up(max(used), U), runs
 
 
+def _per_document_parts(layout: str, R: int, U: int, cu: tuple):
+    """(part_len, runs per rank) of ``doc_contiguous`` / ``doc_zigzag``: each document cut on
+    its own into R pieces (or 2R chunks, rank r taking r and 2R-1-r) of ceil(L/R) (ceil(L/2R))
+    slots, padded at the document's end; a rank's pieces follow each other in document order."""
+    runs = [[] for _ in range(R)]
+    pos = 0
+    for d, L in enumerate(document_lengths(cu)):
+        if layout == "doc_contiguous":
+            n = -(-L // R)
+            for r in range(R):
+                runs[r].append((pos, max(0, min(n, L - r * n)), cu[d] + r * n, 1))
+            pos += n
+        else:
+            c = -(-L // (2 * R))
+            for r in range(R):
+                for j, chunk in enumerate((r, 2 * R - 1 - r)):
+                    runs[r].append((pos + j * c, max(0, min(c, L - chunk * c)),
+                                    cu[d] + chunk * c, 1))
+            pos += 2 * c
+    return _round_up(pos, U), runs
+
+
 def _assign_whole(lens, work, by_size, R, k):
     """Split the k largest documents; give the others whole to ranks, largest first, each to
     the rank with the least causal work (then fewest tokens). Returns (balanced, owner)."""
@@ -212,6 +245,7 @@ def seq_multiple(layout: str, ring_degree: int, ulysses_degree: int) -> int:
     check_layout(layout)
     if layout == "packed":
         raise ValueError("layout='packed' places documents and needs cu_seqlens")
+    layout = DOC_LAYOUTS.get(layout, layout)      # one document: the one-sequence layout
     per_part = math.lcm(2, ulysses_degree) if layout == "zigzag" else ulysses_degree
     return ring_degree * per_part
 
@@ -232,6 +266,8 @@ def _ring_layout(layout: str, seq_len: int, R: int, U: int, cu: Optional[tuple])
     docs = cu if cu is not None else (0, seq_len)
     if layout == "packed":
         part_len, runs = _packed_parts(seq_len, R, U, docs)
+    elif layout in DOC_LAYOUTS:
+        part_len, runs = _per_document_parts(layout, R, U, docs)
     else:
         part_len, runs = _regular_parts(layout, seq_len, R, U, docs)
     return RingLayout(layout, seq_len, R, U, cu, part_len, _runs_to_parts(runs, docs))

@@ -1,0 +1,1 @@
+"""Adapters of ring-flash-attention's API to model libraries (``hf_adapter``: transformers)."""
