@@ -1,6 +1,6 @@
 """The model guard (distattn/integrations/guard.py), without a world: the verdict is local and
 deterministic (every rank computes it from the same config), so one process checks it.
-Families of the allow-list pass; hybrid sequence mixers, chunked attention, unknown layer
+Families of the allow-list pass (Llama 4's chunked layers too); hybrid sequence mixers, unknown layer
 types, unknown families and length-dependent RoPE past its switch length are refused by name.
 """
 import re
@@ -26,7 +26,8 @@ def cfg(model_type, **extra):
     return c
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral", "gemma2", "phi3"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral", "gemma2", "phi3",
+                                        "llama4_text", "deepseek_v3"])
 def test_allowed_families_pass(model_type):
     assert guard.config_verdict(cfg(model_type)).error is None
 
@@ -34,8 +35,7 @@ def test_allowed_families_pass(model_type):
 @pytest.mark.parametrize("model_type,needle", [
     ("qwen3_next", "'linear_attention'"), ("minimax", "'linear_attention'"),
     ("jamba", "amba"), ("lfm2", "convolution"), ("bamba", "'linear_attention'|Mamba"),
-    ("falcon_h1", "'hybrid'|Mamba"), ("llama4_text", "chunked_attention"),
-    ("bloom", "allow-list")])
+    ("falcon_h1", "'hybrid'|Mamba"), ("bloom", "EXACT_FAMILIES")])
 def test_refused_families_name_the_reason(model_type, needle):
     try:
         c = cfg(model_type)

@@ -41,7 +41,7 @@ from ..inference import STRATEGIES, ShardedKVCache
 from ..layout import _all_gather
 from ..mesh import as_mesh
 from ..ulysses import check_heads
-from . import hf
+from . import guard, hf
 
 # generate() arguments that work unchanged over a sharded cache (passed on to model.generate).
 SUPPORTED_GENERATE_KWARGS = frozenset({
@@ -314,6 +314,22 @@ def _check_window(model, input_ids, cached, chunk, total) -> None:
             f"prefill_chunk_size), or keep the whole sequence within {width} tokens")
 
 
+def _check_temperature_tuning(model, input_ids) -> None:
+    """Llama 4's NoPE layers scale a query by a temperature of its row index (arange of the
+    step's tokens plus the cached length), which a sharded prefill step computes from the
+    rank's local row: exact while every prompt token is below ``floor_scale`` (the
+    temperature is 1 there), refused beyond. Decode steps are replicated and exact."""
+    for module in model.modules():
+        tuning = hf.temperature_tuning(module)
+        if tuning is not None and input_ids.shape[1] - 1 > tuning[0] - 1:
+            raise NotImplementedError(
+                f"dtf.generate: {type(module).__name__} tunes its query temperature by row "
+                f"index (attn_temperature_tuning, floor_scale={int(tuning[0])}), which a "
+                f"sharded prefill of {input_ids.shape[1] - 1} tokens would compute from each "
+                f"rank's local rows; prompts up to {int(tuning[0])} tokens are exact. Use a "
+                f"shorter prompt, or one-process model.generate")
+
+
 def _resolve_cache(past_key_values, mesh, model, input_ids, layout, backend):
     if past_key_values is None:
         return sharded_cache(mesh, model.config, layout=layout or "zigzag",
@@ -356,7 +372,9 @@ def _check_call(model, input_ids, mesh, past_key_values, layout, backend, strate
                          f"got {getattr(input_ids, 'shape', type(input_ids).__name__)}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    guard.prepare(model)          # the whole model is exact under SP, or refused (local)
     chunk, total = _check_generate_kwargs(model, input_ids, mesh, kwargs)
+    _check_temperature_tuning(model, input_ids)
     cache = _resolve_cache(past_key_values, mesh, model, input_ids, layout, backend)
     _check_window(model, input_ids, cache.get_seq_length(), chunk, total)
     if cache.get_seq_length() == 0 and input_ids.shape[1] <= mesh.size:
