@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .agree import check_agreement, fail_everywhere
+from .agree import check_agreement, fail_everywhere, failure_marks
 from .documents import check_cu_seqlens
 from .hybrid import USPAttention, usp_backward
 from .kernels import BACKENDS, get_backend
@@ -262,7 +262,7 @@ def dist_flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mesh=N
                       layout=layout, schedule=schedule, backend=backend, profiler=profiler,
                       cu_seqlens=cu_seqlens, window=window, softcap=softcap, sinks=sinks,
                       chunk_size=chunk_size, chunk_origin=chunk_origin)
-    except Exception as exc:   # raises it (with DISTATTN_CHECK: on every rank, at once)
+    except Exception as exc:   # raises it on every rank, at once
         fail_everywhere(mesh, "dist_flash_attn", exc)
     check_agreement(cfg.mesh, "dist_flash_attn", dict(
         q=q, k=k, v=v, causal=causal, softmax_scale=cfg.scale, layout=layout,
@@ -270,7 +270,8 @@ def dist_flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mesh=N
         window=window, softcap=softcap, sinks=sinks, chunk_size=chunk_size,
         chunk_origin=chunk_origin, requires_grad=torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, sinks))))
-    out, lse = USPAttention.apply(q, k, v, sinks, cfg)
+    with failure_marks(cfg.mesh, "dist_flash_attn"):
+        out, lse = USPAttention.apply(q, k, v, sinks, cfg)
     return (out, lse) if return_lse else out
 
 
@@ -282,13 +283,14 @@ def dist_flash_attn_backward(dout, q, k, v, out, lse, **kwargs):
     uses this). Every rank of the mesh must call it."""
     try:
         cfg = prepare(q, k, v, **kwargs)
-    except Exception as exc:   # raises it (with DISTATTN_CHECK: on every rank, at once)
+    except Exception as exc:   # raises it on every rank, at once
         fail_everywhere(kwargs.get("mesh"), "dist_flash_attn_backward", exc)
     check_agreement(cfg.mesh, "dist_flash_attn_backward", dict(
         dout=dout, q=q, k=k, v=v, out=out, lse=lse, softmax_scale=cfg.scale,
         **{name: value for name, value in kwargs.items()
            if name not in ("mesh", "profiler", "softmax_scale", "cu_seqlens")},
         cu_seqlens=check_cu_seqlens(kwargs.get("cu_seqlens"))))
-    grads = usp_backward(dout, q, k, v, out, lse, cfg)
+    with failure_marks(cfg.mesh, "dist_flash_attn_backward"):
+        grads = usp_backward(dout, q, k, v, out, lse, cfg)
     sinks = kwargs.get("sinks")
     return grads if sinks is None else grads + (sinks_grad(dout, out, lse, sinks),)

@@ -24,6 +24,10 @@ class CommunicationError(RuntimeError):
     """A wait of distattn's communication failed: the message names the collective."""
 
 
+class MeshFailedError(CommunicationError):
+    """A call on a mesh whose communication failed earlier (``SPMesh.state.failed``)."""
+
+
 def wait_all(works, what) -> None:
     """Wait for every work handle in ``works``. ``what`` describes the collective (a str, or
     a function returning one, called only on failure). Raises ``CommunicationError`` (a
@@ -36,11 +40,10 @@ def wait_all(works, what) -> None:
         desc = what() if callable(what) else what
         raise CommunicationError(
             f"distattn: {desc} failed after waiting {time.monotonic() - start:.1f} s "
-            f"({type(exc).__name__}: {exc}). A rank of the mesh died, hung, skipped this call, "
-            f"or called it with different arguments; the other ranks fail too, at the latest "
-            f"after the mesh timeout (SPMesh.build(timeout=...)). Run every rank with "
-            f"DISTATTN_CHECK=1 to name a disagreement. The process group cannot be used "
-            f"after this error") from exc
+            f"({type(exc).__name__}: {exc}). A rank of the mesh died, hung, skipped this call "
+            f"or failed in the middle of it; the other ranks fail too, at the latest after the "
+            f"mesh timeout (SPMesh.build(timeout=...)). The mesh cannot be used after this "
+            f"error: build a new one once every rank is back, or restart the job") from exc
 
 
 class RingExchange:

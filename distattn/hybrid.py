@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .agree import check_agreement
+from .agree import check_agreement, failure_marks
 from .comm import all_to_all, all_to_all_v
 from .helper import helper_backward, helper_forward
 from .plan import HelperPlan
@@ -175,6 +175,7 @@ class USPAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, sinks = ctx.saved_tensors
         check_agreement(ctx.cfg.mesh, "the backward of dist_flash_attn", {"dout": dout})
-        dq, dk, dv = usp_backward(dout, q, k, v, out, lse, ctx.cfg)
+        with failure_marks(ctx.cfg.mesh, "the backward of dist_flash_attn"):
+            dq, dk, dv = usp_backward(dout, q, k, v, out, lse, ctx.cfg)
         dsinks = None if sinks is None else sinks_grad(dout, out, lse, sinks)
         return dq, dk, dv, dsinks, None

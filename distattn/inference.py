@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .agree import check_agreement, fail_everywhere
+from .agree import check_agreement, fail_everywhere, mark_failed
 from .attention import DTYPES, dist_flash_attn
 from .attention import _check_sinks as check_sinks
 from .attention import _check_softcap as check_softcap
@@ -518,10 +518,9 @@ class ShardedKVCache:
             self._check_chunks(step, chunk_size, chunk_origin)
             call.backend = get_backend(self.backend, q, k, v, softcap=call.softcap > 0)
             call.layer = layer
-        except Exception as exc:   # raises it (with DISTATTN_CHECK: on every rank, at once)
+        except Exception as exc:   # raises it on every rank, at once
             fail_everywhere(self.mesh, name, exc)
-        # Ranks must agree on what they send: free while the fields stay the same (decoding),
-        # one small collective when they change (see distattn.agree).
+        # Ranks must agree on what they send, and that no rank failed (see distattn.agree).
         check_agreement(self.mesh, name, dict(
             kind=step.kind, n_new=step.n_new, q=q, k=k, v=v, scale=call.scale,
             window=call.window, softcap=call.softcap, sinks=call.sinks))
@@ -535,6 +534,8 @@ class ShardedKVCache:
                     out = self._attend_replicated(q, k, v, call)
         except BaseException as exc:
             self._broken = f"layer {layer} of a {step.kind} step failed ({exc!r})"
+            if self.mesh.size > 1:
+                mark_failed(self.mesh, name, exc)
             raise
         step.done.add(layer)
         if len(step.done) == self.num_layers:

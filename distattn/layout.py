@@ -42,6 +42,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .agree import check_agreement, failure_marks
+from .comm import wait_all
 from .documents import check_cu_seqlens, document_lengths, document_of
 from .mesh import SPMesh, as_mesh
 
@@ -316,15 +318,22 @@ def _check_length(x: torch.Tensor, dim: int, cu: Optional[tuple]) -> None:
                          f"dim {dim}; the last entry of cu_seqlens must be the sequence length")
 
 
-def shard(x: torch.Tensor, mesh=None, dim: int = 1, layout: str = "contiguous",
-          cu_seqlens=None) -> torch.Tensor:
-    """This rank's part of the full tensor ``x`` (the same on every rank) along ``dim``.
-    Padding slots that the layout needs are zeros. Pure indexing, no communication;
-    differentiable."""
-    mesh = as_mesh(mesh)
-    dim = dim % x.dim()
-    cu = check_cu_seqlens(cu_seqlens)
-    _check_length(x, dim, cu)
+def agree_preparation(mesh: SPMesh, call: str, fields: dict, error=None) -> None:
+    """The agreement of ``shard``/``unshard``/``positions`` (see ``distattn.agree``): every rank
+    raises the same error, or none does. A mesh built by hand without groups (index arithmetic
+    only) has nothing to agree over and skips it."""
+    if mesh.control_group is None and mesh.size > 1:
+        if error is not None:
+            raise error
+        return
+    check_agreement(mesh, call, fields, error=error)
+    if error is not None:
+        raise error
+
+
+def take_shard(x: torch.Tensor, mesh: SPMesh, dim: int, layout: str, cu) -> torch.Tensor:
+    """``shard`` without its checks and agreement: ``dim`` non-negative, ``cu`` checked
+    (``check_cu_seqlens``) and ending at ``x.shape[dim]``. For callers that agreed already."""
     idx = local_indices(x.shape[dim], mesh, layout, cu)
     if idx.numel() and not bool((idx < 0).any()):
         if layout == "contiguous":
@@ -336,39 +345,74 @@ def shard(x: torch.Tensor, mesh=None, dim: int = 1, layout: str = "contiguous",
     return torch.cat([x, zero], dim=dim).index_select(dim, idx.to(x.device))
 
 
+def shard(x: torch.Tensor, mesh=None, dim: int = 1, layout: str = "contiguous",
+          cu_seqlens=None) -> torch.Tensor:
+    """This rank's part of the full tensor ``x`` (the same on every rank) along ``dim``.
+    Padding slots that the layout needs are zeros. Pure indexing, differentiable; every rank
+    of the mesh calls it: the ranks agree on ``x``'s shape and dtype, ``dim``, ``layout`` and
+    ``cu_seqlens`` (one small host collective, ``distattn.agree``), so a rank sharding
+    differently raises on every rank instead of training on other tokens."""
+    mesh = as_mesh(mesh)
+    try:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+        dim = dim % x.dim()
+        cu = check_cu_seqlens(cu_seqlens)
+        check_layout(layout)
+        _check_length(x, dim, cu)
+        ring_layout(layout, x.shape[dim], mesh.ring_degree, mesh.ulysses_degree, cu)
+    except Exception as exc:
+        agree_preparation(mesh, "distattn.shard", {}, exc)
+    agree_preparation(mesh, "distattn.shard", dict(x=x, dim=dim, layout=layout, cu_seqlens=cu))
+    return take_shard(x, mesh, dim, layout, cu)
+
+
 def _all_gather(t: torch.Tensor, group, n: int) -> list[torch.Tensor]:
     if n == 1:
         return [t]
     parts = [torch.empty_like(t) for _ in range(n)]
-    dist.all_gather(parts, t, group=group)
+    work = dist.all_gather(parts, t, group=group, async_op=True)
+    wait_all([work], lambda: f"the all-gather of distattn.unshard ({tuple(t.shape)}) over "
+                             f"ranks {dist.get_process_group_ranks(group)}")
     return parts
 
 
 def unshard(local: torch.Tensor, mesh=None, dim: int = 1, layout: str = "contiguous",
             cu_seqlens=None) -> torch.Tensor:
     """Inverse of ``shard``: the full tensor on every rank (all-gather, then reorder; padding
-    slots dropped). Every rank of the mesh must call it with same-shaped tensors. Not
-    differentiable: the result carries no autograd history."""
+    slots dropped). Every rank of the mesh calls it; the ranks first agree on the local
+    shape and dtype, ``dim``, ``layout`` and ``cu_seqlens`` (``distattn.agree``), so a
+    disagreement raises on every rank before any data moves. Not differentiable: the result
+    carries no autograd history."""
     mesh = as_mesh(mesh)
-    dim = dim % local.dim()
-    cu = check_cu_seqlens(cu_seqlens)
+    try:
+        if not isinstance(local, torch.Tensor):
+            raise TypeError(f"local must be a tensor, got {type(local).__name__}")
+        dim = dim % local.dim()
+        cu = check_cu_seqlens(cu_seqlens)
+        check_layout(layout)
+        part_len = local.shape[dim] * mesh.ulysses_degree
+        if cu is None:
+            seq_len = part_len * mesh.ring_degree
+            check_seq_len(seq_len, layout, mesh.ring_degree, mesh.ulysses_degree,
+                          arg="full length")
+        else:
+            seq_len = cu[-1]
+        lay = ring_layout(layout, seq_len, mesh.ring_degree, mesh.ulysses_degree, cu)
+        if lay.part_len != part_len:
+            raise ValueError(
+                f"local has {local.shape[dim]} tokens along dim {dim}, but layout={layout!r} "
+                f"with these cu_seqlens gives every rank {lay.local_len}; pass the cu_seqlens "
+                f"and layout that shard used")
+    except Exception as exc:
+        agree_preparation(mesh, "distattn.unshard", {}, exc)
+    agree_preparation(mesh, "distattn.unshard", dict(local=local, dim=dim, layout=layout, cu_seqlens=cu))
     local = local.detach().contiguous()
-    part_len = local.shape[dim] * mesh.ulysses_degree
-    if cu is None:
-        seq_len = part_len * mesh.ring_degree
-        check_seq_len(seq_len, layout, mesh.ring_degree, mesh.ulysses_degree, arg="full length")
-    else:
-        seq_len = cu[-1]
-    lay = ring_layout(layout, seq_len, mesh.ring_degree, mesh.ulysses_degree, cu)
-    if lay.part_len != part_len:     # checked before any communication
-        raise ValueError(
-            f"local has {local.shape[dim]} tokens along dim {dim}, but layout={layout!r} with "
-            f"these cu_seqlens gives every rank {lay.local_len}; pass the cu_seqlens and layout "
-            f"that shard used")
-    # Ulysses pieces concatenate (in u order) into this ring rank's part ...
-    part = torch.cat(_all_gather(local, mesh.ulysses_group, mesh.ulysses_degree), dim=dim)
-    # ... and the ring parts scatter their real slots back to global positions.
-    parts = _all_gather(part.contiguous(), mesh.ring_group, mesh.ring_degree)
+    with failure_marks(mesh, "distattn.unshard"):
+        # Ulysses pieces concatenate (in u order) into this ring rank's part ...
+        part = torch.cat(_all_gather(local, mesh.ulysses_group, mesh.ulysses_degree), dim=dim)
+        # ... and the ring parts scatter their real slots back to global positions.
+        parts = _all_gather(part.contiguous(), mesh.ring_group, mesh.ring_degree)
     shape = list(part.shape)
     shape[dim] = seq_len
     full = torch.empty(shape, dtype=local.dtype, device=local.device)
@@ -379,12 +423,27 @@ def unshard(local: torch.Tensor, mesh=None, dim: int = 1, layout: str = "contigu
     return full
 
 
-def positions(seq_len: int, mesh=None, layout: str = "contiguous", device=None,
-              cu_seqlens=None) -> torch.Tensor:
-    """Position of each local token (int64): its global index, or with ``cu_seqlens`` its
-    index within its document (RoPE position ids). Padding slots get 0."""
-    mesh = as_mesh(mesh)
+def local_positions(seq_len: int, mesh: SPMesh, layout: str, device=None,
+                    cu_seqlens=None) -> torch.Tensor:
+    """``positions`` without its agreement, for callers that agreed already."""
     lay = ring_layout(layout, seq_len, mesh.ring_degree, mesh.ulysses_degree, cu_seqlens)
     n = lay.local_len
     return lay.positions(mesh.ring_rank)[mesh.ulysses_rank * n:
                                          (mesh.ulysses_rank + 1) * n].to(device)
+
+
+def positions(seq_len: int, mesh=None, layout: str = "contiguous", device=None,
+              cu_seqlens=None) -> torch.Tensor:
+    """Position of each local token (int64): its global index, or with ``cu_seqlens`` its
+    index within its document (RoPE position ids). Padding slots get 0. Every rank of the
+    mesh calls it; the ranks agree on ``seq_len``, ``layout`` and ``cu_seqlens``
+    (``distattn.agree``)."""
+    mesh = as_mesh(mesh)
+    try:
+        cu = check_cu_seqlens(cu_seqlens)
+        check_layout(layout)
+        ring_layout(layout, seq_len, mesh.ring_degree, mesh.ulysses_degree, cu)
+    except Exception as exc:
+        agree_preparation(mesh, "distattn.positions", {}, exc)
+    agree_preparation(mesh, "distattn.positions", dict(seq_len=seq_len, layout=layout, cu_seqlens=cu))
+    return local_positions(seq_len, mesh, layout, device, cu)

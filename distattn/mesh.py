@@ -98,6 +98,19 @@ def _control_group(ranks: tuple, timeout):
                           use_local_synchronization=True)
 
 
+@dataclass(eq=False)
+class MeshState:
+    """What ``distattn.agree`` keeps for one mesh (the caller's object, never a global).
+
+    ``agreed``: the digest of the fields last agreed per call name (for
+    ``DISTATTN_CHECK=0``); ``digests``: a cache of field digests by their cheap key;
+    ``failed``: why the mesh's collectives became unusable (a wait failed, or a rank failed
+    mid-call), or None while it is healthy."""
+    agreed: dict = field(default_factory=dict)
+    digests: dict = field(default_factory=dict)
+    failed: Optional[str] = None
+
+
 @dataclass(frozen=True, eq=False)
 class SPMesh:
     """A sequence-parallel mesh. Build it with ``SPMesh.build`` or ``SPMesh.from_device_mesh``.
@@ -106,8 +119,8 @@ class SPMesh:
     ``ring_rank``, the ``ulysses_group``/``ring_group`` (None where the degree is 1) and the
     global ranks of their members in coordinate order (``ulysses_ranks``, ``ring_ranks``),
     ``control_group`` over all ranks of the mesh (``distattn.agree``'s only), ``timeout``
-    (carried by every one of these groups; None: torch's default) and ``agreed`` (the state
-    of ``distattn.agree``: the last agreed digest per call).
+    (carried by every one of these groups; None: torch's default) and ``state`` (what
+    ``distattn.agree`` keeps for the mesh: see ``MeshState``).
     """
     ulysses_degree: int
     ring_degree: int
@@ -120,7 +133,7 @@ class SPMesh:
     placement: str = "ulysses_inner"
     control_group: Optional[dist.ProcessGroup] = None
     timeout: Optional[timedelta] = None
-    agreed: dict = field(default_factory=dict, repr=False)
+    state: "MeshState" = field(default_factory=lambda: MeshState(), repr=False)
 
     @property
     def size(self) -> int:

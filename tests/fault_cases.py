@@ -109,12 +109,12 @@ class ScenarioContext:
         return self.rank == LAST_RANK
 
 
-class _CheckOn:
-    """DISTATTN_CHECK=1 for the duration of a with-block (the variable is read per call)."""
+class _CheckOff:
+    """DISTATTN_CHECK=0 (agree on change only) for a with-block (read on every call)."""
 
     def __enter__(self):
         self.old = os.environ.get("DISTATTN_CHECK")
-        os.environ["DISTATTN_CHECK"] = "1"
+        os.environ["DISTATTN_CHECK"] = "0"
 
     def __exit__(self, *exc):
         if self.old is None:
@@ -141,45 +141,34 @@ def _attn(mesh, q, k, v, **kw):
     return distattn.dist_flash_attn(q, k, v, mesh=mesh, layout="zigzag", **kw)
 
 
-def check_causal(ctx, mesh):
-    """DISTATTN_CHECK=1, rank 3 passes causal=False: ValueError everywhere; then a good call
-    on the same mesh must still work (the check left the ranks in step)."""
+def causal(ctx, mesh):
+    """Rank 3 passes causal=False: ValueError everywhere; then a good call on the same mesh
+    must still work (the agreement left the ranks in step)."""
     q, k, v = ctx.qkv()
-    with _CheckOn():
-        try:
-            _attn(mesh, q, k, v, causal=not ctx.odd)
-        except ValueError as exc:
-            _attn(mesh, q, k, v, causal=True)
-            raise exc
+    try:
+        _attn(mesh, q, k, v, causal=not ctx.odd)
+    except ValueError as exc:
+        _attn(mesh, q, k, v, causal=True)
+        raise exc
     return "no error"
 
 
-def check_length(ctx, mesh):
-    """DISTATTN_CHECK=1, rank 3 holds 8 local tokens, the others 4."""
-    with _CheckOn():
-        _attn(mesh, *ctx.qkv(8 if ctx.odd else 4), causal=True)
+def local_error(ctx, mesh):
+    """Only rank 3 passes a bad argument: every rank raises its error."""
+    _attn(mesh, *ctx.qkv(), causal=True, softmax_scale=-1.0 if ctx.odd else None)
     return "no error"
 
 
-def check_local_error(ctx, mesh):
-    """DISTATTN_CHECK=1, only rank 3 passes a bad argument: every rank raises its error."""
-    with _CheckOn():
-        _attn(mesh, *ctx.qkv(), causal=True, softmax_scale=-1.0 if ctx.odd else None)
+def window(ctx, mesh):
+    """Rank 3 passes another sliding window: the same local shapes and message sizes, a
+    silently different result without the agreement."""
+    _attn(mesh, *ctx.qkv(), causal=True, window=(2, 0) if ctx.odd else (3, 0))
     return "no error"
 
 
-def check_window(ctx, mesh):
-    """DISTATTN_CHECK=1, rank 3 passes another sliding window: the same local shapes and
-    message sizes, a silently different result without the check."""
-    with _CheckOn():
-        _attn(mesh, *ctx.qkv(), causal=True, window=(2, 0) if ctx.odd else (3, 0))
-    return "no error"
-
-
-def check_backward_skipped(ctx, mesh):
-    """DISTATTN_CHECK=1, rank 3 runs without autograd: caught at the forward, not as a hang
-    in the backward."""
-    with _CheckOn(), torch.set_grad_enabled(not ctx.odd):
+def backward_skipped(ctx, mesh):
+    """Rank 3 runs without autograd: caught at the forward, not as a hang in the backward."""
+    with torch.set_grad_enabled(not ctx.odd):
         out = _attn(mesh, *ctx.qkv(requires_grad=True), causal=True)
         if out.requires_grad:
             out.sum().backward()
@@ -187,15 +176,14 @@ def check_backward_skipped(ctx, mesh):
 
 
 def length(ctx, mesh):
-    """No check, first call on the mesh, rank 3 holds 8 local tokens: distattn agrees on the
-    arguments of a call that differs from the last agreed one, so a ValueError at once."""
+    """First call on the mesh, rank 3 holds 8 local tokens: a ValueError at once."""
     _attn(mesh, *ctx.qkv(8 if ctx.odd else 4), causal=True)
     return "no error"
 
 
 def documents(ctx, mesh):
-    """No check, first call on the mesh: rank 3 passes other document boundaries (of the
-    same total length, so its local shapes agree): a ValueError naming cu_seqlens at once."""
+    """Rank 3 passes other document boundaries (of the same total length, so its local
+    shapes agree): a ValueError naming cu_seqlens at once."""
     cu_seqlens = [0, 5, 16] if ctx.odd else [0, 16]
     _attn(mesh, *ctx.qkv(), causal=True, cu_seqlens=cu_seqlens)
     return "no error"
@@ -208,16 +196,24 @@ def _call(ctx, mesh, seq_local: int = 4, **kw):
 
 
 def length_steady(ctx, mesh):
-    """No check, after a good call: rank 3 alone changes to 8 local tokens. It waits in the
-    agreement, the others in the attention's first exchange: a distattn error after the
-    timeout, never a backend abort on a size mismatch."""
+    """After a good call, rank 3 alone changes to 8 local tokens: a ValueError at once on
+    every rank (every call agrees)."""
     _call(ctx, mesh)
     _call(ctx, mesh, 8 if ctx.odd else 4)
     return "no error"
 
 
+def length_steady_on_change(ctx, mesh):
+    """DISTATTN_CHECK=0, after a good call: rank 3 alone changes to 8 local tokens. It
+    waits in the agreement, the others in the attention's first exchange: a distattn error
+    after the timeout, never a backend abort on a size mismatch."""
+    with _CheckOff():
+        return length_steady(ctx, mesh)
+
+
 def skip(ctx, mesh):
-    """No check, after a good call: rank 3 skips the next one (and waits at the barrier)."""
+    """After a good call: rank 3 skips the next one (and waits at the barrier). The others
+    wait in the next call's agreement."""
     _call(ctx, mesh)
     if ctx.odd:
         return "skipped"
@@ -225,10 +221,127 @@ def skip(ctx, mesh):
     return "no error"
 
 
-def skip_check(ctx, mesh):
-    """DISTATTN_CHECK=1, after a good call: rank 3 skips the next one."""
-    with _CheckOn():
+def skip_on_change(ctx, mesh):
+    """DISTATTN_CHECK=0, after a good call: rank 3 skips the next one. The others wait in
+    the attention's first exchange."""
+    with _CheckOff():
         return skip(ctx, mesh)
+
+
+def _global_qkv(seq: int = 16, heads: int = 4, dim: int = 8):
+    """The same fp64 q, k, v [1, seq, heads, dim] on every rank, and one-process causal
+    attention on them (plain tensor math)."""
+    gen = torch.Generator().manual_seed(1234)
+    q, k, v = (torch.randn(1, seq, heads, dim, generator=gen, dtype=torch.float64)
+               for _ in range(3))
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * dim ** -0.5
+    s = s.masked_fill(~torch.ones(seq, seq, dtype=torch.bool).tril(), float("-inf"))
+    return q, k, v, torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
+
+
+def _outcome(fn) -> dict:
+    start = time.monotonic()
+    try:
+        value = fn()
+        out = {"kind": "ok", "value": value}
+    except Exception as exc:
+        out = {"kind": type(exc).__name__, "message": str(exc)}
+    out["seconds"] = time.monotonic() - start
+    return out
+
+
+def catch_and_continue(ctx, mesh):
+    """A training loop that catches errors and goes on: at call 1 only rank 3 passes
+    window=(-5, 0). Returns, per call, the outcome and the max error of the output against
+    one-process attention (every good call must be exact on every rank)."""
+    import distattn
+    q, k, v, ref = _global_qkv()
+    local = [distattn.shard(t, mesh, layout="zigzag") for t in (q, k, v, ref)]
+
+    def step(i):
+        bad = ctx.odd and i == 1
+        out = _attn(mesh, *local[:3], causal=True, window=(-5, 0) if bad else None)
+        return float((out - local[3]).abs().max())
+
+    return [_outcome(lambda: step(i)) for i in range(5)]
+
+
+# case -> what rank 3 passes instead of a good call's arguments (inputs or keywords)
+ONE_RANK_ERRORS = {
+    "dtype": dict(dtype=torch.float32),
+    "shape": dict(seq=8),
+    "causal": dict(causal=False),
+    "cu_seqlens": dict(cu_seqlens=[0, 5, 16]),
+    "window": dict(window=(-5, 0)),
+    "softcap": dict(softcap=-1.0),
+    "sinks": dict(sinks=torch.zeros(3, dtype=torch.float64)),
+    "layout": dict(layout="stripe"),
+    "schedule": dict(schedule="sideways"),
+    "backend": dict(backend="gpu"),
+    "scale": dict(softmax_scale=-1.0),
+    "requires_grad": dict(requires_grad=False),
+}
+
+
+def one_rank_errors(ctx, mesh):
+    """After a good call, for every case of ONE_RANK_ERRORS: rank 3 alone makes the bad call
+    (every rank must raise, fast), then every rank makes a good call (it must be exact)."""
+    import distattn
+    q, k, v, ref = _global_qkv()
+    good = [distattn.shard(t, mesh, layout="zigzag") for t in (q, k, v, ref)]
+
+    def call(case=None):
+        bad = dict(ONE_RANK_ERRORS[case]) if case and ctx.odd else {}
+        dtype = bad.pop("dtype", torch.float64)
+        seq = bad.pop("seq", 4)
+        grad = bad.pop("requires_grad", True)
+        kw = {"causal": True, "layout": "zigzag", **bad}
+        if seq == 4:
+            inputs = [t.to(dtype) for t in good[:3]]
+        else:
+            inputs = [torch.zeros(1, seq, 4, 8, dtype=dtype) for _ in range(3)]
+        inputs = [t.detach().requires_grad_(grad) for t in inputs]
+        out = distattn.dist_flash_attn(*inputs, mesh=mesh, **kw)
+        out.sum().backward()
+        return float((out.detach() - good[3]).abs().max())
+
+    results = {"first": _outcome(call)}
+    for case in ONE_RANK_ERRORS:
+        results[case] = {"bad": _outcome(lambda: call(case)), "after": _outcome(call)}
+    return results
+
+
+def unshard_disagreements(ctx, mesh):
+    """unshard with another layout, dtype or width on rank 3: every rank raises a named
+    ValueError before any data moves; then a good unshard returns the full tensor."""
+    import distattn
+    x = torch.arange(16 * 8, dtype=torch.float64).view(1, 16, 8)
+    local = distattn.shard(x, mesh, layout="zigzag")
+    cases = {"layout": lambda: dict(layout="stripe"), "dtype": lambda: dict(t=local.float()),
+             "width": lambda: dict(t=local[..., :4])}
+
+    def call(case=None):
+        bad = cases[case]() if case and ctx.odd else {}
+        full = distattn.unshard(bad.get("t", local), mesh, layout=bad.get("layout", "zigzag"))
+        return bool(torch.equal(full, x))
+
+    results = {case: _outcome(lambda: call(case)) for case in cases}
+    results["after"] = _outcome(call)
+    return results
+
+
+def die(ctx, mesh):
+    """After a good call: rank 3 exits (os._exit) at ring step 1 of the forward. The others
+    get a CommunicationError; their next call on the mesh names the earlier failure."""
+    from distattn.comm import CommunicationError
+    _call(ctx, mesh)
+    try:
+        _call(ctx, mesh, profiler=_DieAt("forward", 1) if ctx.odd else None)
+    except CommunicationError as first:
+        second = _outcome(lambda: _call(ctx, mesh))
+        raise CommunicationError(f"{first} || then: {second['kind']}: "
+                                 f"{second.get('message')} ({second['seconds']:.2f} s)")
+    return "no error"
 
 
 def mask(ctx, mesh):
@@ -242,13 +355,6 @@ def mask(ctx, mesh):
                                           attention_mask=attention_mask)
     _attn(mesh, *ctx.qkv(), causal=True)
     return f"mask {result}"
-
-
-def die(ctx, mesh):
-    """No check, after a good call: rank 3 exits (os._exit) at ring step 1 of the forward."""
-    _call(ctx, mesh)
-    _call(ctx, mesh, profiler=_DieAt("forward", 1) if ctx.odd else None)
-    return "no error"
 
 
 def timeouts(ctx, mesh):
@@ -284,5 +390,6 @@ def timeouts(ctx, mesh):
 
 
 SCENARIOS = {f.__name__: f for f in (
-    timeouts, check_causal, check_length, check_local_error, check_window,
-    check_backward_skipped, mask, documents, length, length_steady, skip, skip_check, die)}
+    timeouts, causal, local_error, window, backward_skipped, mask, documents, length,
+    length_steady, length_steady_on_change, skip, skip_on_change, catch_and_continue,
+    one_rank_errors, unshard_disagreements, die)}

@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 from contextlib import contextmanager
 
 import torch
 
+from ..agree import canonical, check_agreement, fail_everywhere
 from ..inference import STRATEGIES, ShardedKVCache
-from ..layout import _all_gather
 from ..mesh import as_mesh
 from ..ulysses import check_heads
 from . import guard, hf
@@ -403,16 +404,74 @@ def _prefill(model, cache, ids: torch.Tensor, chunk: int | None, strategy: str):
                 **{hf.cache_kwarg(): cache})
 
 
-def _check_agreement(ids: torch.Tensor, mesh) -> None:
-    """Raise if the ranks of the mesh did not produce the same ids."""
-    for group, world in ((mesh.ulysses_group, mesh.ulysses_degree),
-                         (mesh.ring_group, mesh.ring_degree)):
-        parts = _all_gather(ids.contiguous(), group, world)
-        if any(not torch.equal(p, ids) for p in parts):
-            raise RuntimeError(
-                "dtf.generate: the ranks of the mesh generated different tokens. Their logits "
-                "must be bit-identical: use deterministic kernels and the same seed, "
-                "generation arguments and model weights on every rank")
+def _describe(value) -> str:
+    """``canonical`` text for generate arguments, which may hold objects it cannot compare
+    (logits processors, streamers): those count by their type; a GenerationConfig by its
+    values."""
+    if hasattr(value, "to_dict") and not isinstance(value, torch.Tensor):
+        return type(value).__name__ + _describe(value.to_dict())
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {_describe(value[k])}"
+                               for k in sorted(value, key=repr)) + "}"
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(_describe(v) for v in value) + ")"
+    try:
+        return canonical(value)
+    except TypeError:
+        return f"<{type(value).__module__}.{type(value).__qualname__}>"
+
+
+def _rng_digest(device: torch.device) -> str:
+    """A digest of the RNG state sampling draws from (the CPU generator, and the current
+    CUDA one for CUDA inputs)."""
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device).cpu())
+    return hashlib.blake2b(b"".join(bytes(s.numpy()) for s in states),
+                           digest_size=8).hexdigest()
+
+
+def _ids_digest(ids: torch.Tensor) -> str:
+    return hashlib.blake2b(bytes(ids.detach().to("cpu", torch.int64).contiguous().numpy()),
+                           digest_size=8).hexdigest()
+
+
+def _agree_tokens(mesh, ids: torch.Tensor, when: str) -> None:
+    """Raise on every rank if the ranks of the mesh hold different ``ids`` (one small host
+    collective: shapes and a digest of the values)."""
+    try:
+        check_agreement(mesh, f"dtf.generate ({when})", {"ids": ids, "values": _ids_digest(ids)})
+    except ValueError as exc:
+        raise RuntimeError(
+            f"dtf.generate: the ranks of the mesh generated different tokens ({when}). Their "
+            f"logits must be bit-identical: use deterministic kernels and the same seed, "
+            f"generation arguments and model weights on every rank. Every rank raises this") \
+            from exc
+
+
+def _token_agreement(mesh):
+    """A transformers stopping criterion that never stops generation itself but agrees, after
+    every new token, that every rank holds the same tokens, so that the ranks stop together
+    (the same end-of-sequence decisions) or raise together at the first difference."""
+    from transformers import StoppingCriteria
+
+    class SameTokensOnEveryRank(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            _agree_tokens(mesh, input_ids, f"after {input_ids.shape[1]} tokens")
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return SameTokensOnEveryRank()
+
+
+def _agree_call(model, input_ids, mesh, layout, backend, strategy, kwargs) -> None:
+    """Every rank of the mesh calls dtf.generate with the same prompt shape, cache settings
+    and generation arguments, and, when sampling, the same RNG state."""
+    config = _effective_config(model, kwargs)
+    others = {k: v for k, v in kwargs.items() if not hasattr(config, k)}
+    check_agreement(mesh, "dtf.generate", dict(
+        input_ids=input_ids, prompt=_ids_digest(input_ids), layout=layout, backend=backend,
+        strategy=strategy, generation_config=_describe(config), other_arguments=_describe(
+            others), sampling_rng=_rng_digest(input_ids.device) if config.do_sample else None))
 
 
 def generate(model, input_ids: torch.Tensor, mesh, *, past_key_values=None, cache=None,
@@ -445,10 +504,16 @@ def generate(model, input_ids: torch.Tensor, mesh, *, past_key_values=None, cach
         raise ValueError("pass the cache as past_key_values= or as cache= (transformers' newer "
                          "name), not both")
     past_key_values = cache if cache is not None else past_key_values
-    cache, chunk = _check_call(model, input_ids, mesh, past_key_values, layout, backend,
-                               strategy, generate_kwargs)
+    try:
+        cache, chunk = _check_call(model, input_ids, mesh, past_key_values, layout, backend,
+                                   strategy, generate_kwargs)
+    except Exception as exc:     # raised on every rank of the mesh
+        fail_everywhere(mesh, "dtf.generate", exc)
+    _agree_call(model, input_ids, mesh, layout, backend, strategy, generate_kwargs)
     generate_kwargs = {k: v for k, v in generate_kwargs.items()
                        if k not in ("attention_mask", "prefill_chunk_size")}
+    generate_kwargs["stopping_criteria"] = _with_token_agreement(
+        generate_kwargs.get("stopping_criteria"), mesh)
     cached = cache.get_seq_length()
     with torch.no_grad(), _attention_bound_to(model, cache):
         _prefill(model, cache, input_ids[:, cached:-1], chunk, strategy)
@@ -456,5 +521,10 @@ def generate(model, input_ids: torch.Tensor, mesh, *, past_key_values=None, cach
                                 **{hf.cache_kwarg(): cache}, **generate_kwargs)
     ids = result if isinstance(result, torch.Tensor) else result.sequences
     cache.token_ids = ids[:, :cache.get_seq_length()].clone()
-    _check_agreement(ids, mesh)
+    _agree_tokens(mesh, ids, "the result")
     return result
+
+
+def _with_token_agreement(criteria, mesh):
+    from transformers import StoppingCriteriaList
+    return StoppingCriteriaList([*(criteria or []), _token_agreement(mesh)])

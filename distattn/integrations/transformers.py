@@ -30,7 +30,8 @@ from ..agree import agree_error
 from ..attention import SCHEDULES
 from ..kernels import BACKENDS
 from ..documents import check_cu_seqlens
-from ..layout import check_layout, local_indices, positions, seq_multiple, shard
+from ..layout import (agree_preparation, check_layout, local_indices, local_positions,
+                      seq_multiple, take_shard)
 from ..mesh import as_mesh
 from . import checkpoint as _ckpt
 from . import hf
@@ -92,7 +93,7 @@ def _check_positions(name, position_ids, mesh, layout, local_len) -> None:
     layers of one forward (and a checkpointed recomputation) check it once."""
     if position_ids is None or getattr(position_ids, POSITIONS_CHECKED, False):
         return
-    expected = positions(local_len * mesh.size, mesh, layout=layout, device=position_ids.device)
+    expected = local_positions(local_len * mesh.size, mesh, layout, position_ids.device)
     ok = position_ids.shape[-1] == local_len and bool((position_ids == expected).all())
     agree_error(mesh, None if ok else ValueError(
         f"attn_implementation={name!r} (distattn): the position_ids given to the model are "
@@ -269,35 +270,9 @@ def _flattening_boundaries(batch: dict, bsz: int, seq_len: int):
     return cu
 
 
-def shard_batch(batch: dict, mesh, layout: str = "zigzag") -> dict:
-    """This rank's part of a full batch, ready for a causal LM.
-
-    ``batch``: ``input_ids`` [B, S] (the whole sequences, the same on every rank of the SP
-    group), optionally ``labels`` [B, S] (default: ``input_ids``; -100 = ignore), an
-    ``attention_mask`` that must be all ones (padding is not supported) and ``position_ids``
-    [B or 1, S] (default: 0..S-1).
-
-    *Packed batches*: ``position_ids`` that restart (at 0, as transformers'
-    ``DataCollatorWithFlattening`` makes them) mark document boundaries; so do the keys that
-    collator adds with ``return_flash_attn_kwargs=True`` (``cu_seq_lens_q/k``,
-    ``max_length_q/k``) or ``return_seq_idx=True`` (``seq_idx``), which must agree with the
-    position ids where both are given (they are consumed: the result carries the boundaries
-    as ``distattn_cu_seqlens``). Such a batch must be
-    one row (B = 1; any length S); labels may hold -100 at document starts. The result then
-    also holds ``distattn_cu_seqlens`` (the global boundaries, a tuple), which the registered
-    attention uses so that no token attends across documents, and no label crosses a
-    document end. A single row takes any length S (as one document, with inert padding slots
-    where the layout needs them); a batch of several rows needs S to be a multiple of what
-    the mesh and layout need.
-
-    Returns ``{"input_ids", "position_ids", "shift_labels"}`` (+ ``distattn_cu_seqlens``),
-    each [B, S_local]: this rank's tokens, their positions (for RoPE), and the label of the
-    *next* token of the same document, computed on the full sequence before sharding (so the
-    prediction across a shard boundary is kept; -100 for a document's last token and for
-    padding slots). Every key but ``shift_labels`` is a model input:
-    ``model(**{k: v for k, v in local.items() if k != "shift_labels"})``. No communication.
-    """
-    mesh = as_mesh(mesh)
+def _read_batch(batch: dict, mesh, layout: str):
+    """The checks of ``shard_batch``: (input_ids, position_ids, next-token labels, cu_seqlens
+    or None), raising on a batch it cannot shard exactly."""
     check_layout(layout)
     if not isinstance(batch, dict) or "input_ids" not in batch:
         raise ValueError("batch must be a dict with 'input_ids' [batch, seq_len]")
@@ -369,7 +344,49 @@ def shard_batch(batch: dict, mesh, layout: str = "zigzag") -> dict:
     shifted[:, :-1] = labels[:, 1:]
     for start in (cu or (0,))[1:-1]:
         shifted[:, start - 1] = IGNORE_INDEX
-    part = lambda t: shard(t, mesh, dim=1, layout=layout, cu_seqlens=cu).contiguous()
+    return ids, pos, shifted, cu
+
+
+def shard_batch(batch: dict, mesh, layout: str = "zigzag") -> dict:
+    """This rank's part of a full batch, ready for a causal LM.
+
+    ``batch``: ``input_ids`` [B, S] (the whole sequences, the same on every rank of the SP
+    group), optionally ``labels`` [B, S] (default: ``input_ids``; -100 = ignore), an
+    ``attention_mask`` that must be all ones (padding is not supported) and ``position_ids``
+    [B or 1, S] (default: 0..S-1).
+
+    *Packed batches*: ``position_ids`` that restart (at 0, as transformers'
+    ``DataCollatorWithFlattening`` makes them) mark document boundaries; so do the keys that
+    collator adds with ``return_flash_attn_kwargs=True`` (``cu_seq_lens_q/k``,
+    ``max_length_q/k``) or ``return_seq_idx=True`` (``seq_idx``), which must agree with the
+    position ids where both are given (they are consumed: the result carries the boundaries
+    as ``distattn_cu_seqlens``). Such a batch must be
+    one row (B = 1; any length S); labels may hold -100 at document starts. The result then
+    also holds ``distattn_cu_seqlens`` (the global boundaries, a tuple), which the registered
+    attention uses so that no token attends across documents, and no label crosses a
+    document end. A single row takes any length S (as one document, with inert padding slots
+    where the layout needs them); a batch of several rows needs S to be a multiple of what
+    the mesh and layout need.
+
+    Returns ``{"input_ids", "position_ids", "shift_labels"}`` (+ ``distattn_cu_seqlens``),
+    each [B, S_local]: this rank's tokens, their positions (for RoPE), and the label of the
+    *next* token of the same document, computed on the full sequence before sharding (so the
+    prediction across a shard boundary is kept; -100 for a document's last token and for
+    padding slots). Every key but ``shift_labels`` is a model input:
+    ``model(**{k: v for k, v in local.items() if k != "shift_labels"})``. Every rank of the
+    mesh calls it: the ranks agree on the batch's shapes, the layout and the boundaries (one
+    small host collective, ``distattn.agree``), so a rank holding another batch or layout
+    raises on every rank instead of training on other tokens.
+    """
+    mesh = as_mesh(mesh)
+    try:
+        ids, pos, shifted, cu = _read_batch(batch, mesh, layout)
+    except Exception as exc:      # raised on every rank of the mesh
+        agree_preparation(mesh, "dtf.shard_batch", {}, exc)
+    agree_preparation(mesh, "dtf.shard_batch", dict(
+        input_ids=ids, position_ids=pos, labels=shifted, layout=layout, cu_seqlens=cu))
+    bsz, seq_len = ids.shape
+    part = lambda t: take_shard(t, mesh, 1, layout, cu).contiguous()
     shift_labels = part(shifted)
     if cu is not None:
         padding = local_indices(seq_len, mesh, layout, cu) < 0
