@@ -3,13 +3,14 @@
 Rows (the slowest rank's median over repeats):
 
 - ``baseline``: one ``dist.barrier`` on the same group, the latency floor of any collective;
-- ``check_agreement, DISTATTN_CHECK=1``: the fields of one ``dist_flash_attn`` call, digested
-  and compared over the mesh's control group (one small all-gather), as on every checked call;
-- ``check_agreement, default``: the same fields when they equal the last agreed ones: digests
-  only, no collective (every call after the first in steady state);
+- ``check_agreement, default``: the fields of one ``dist_flash_attn`` call, digested (cached
+  by their cheap key) and compared over the mesh's control group (one small all-gather), as
+  on every call by default;
+- ``check_agreement, DISTATTN_CHECK=0``: the same fields when they equal the last agreed ones:
+  the opt-out's steady state, no collective;
 - ``agree_error``: one agreement on "no error" (the transformers mask function, per model call);
-- ``dist_flash_attn forward``, without and with ``DISTATTN_CHECK=1``: the whole call, to set
-  the check's cost against a small attention.
+- ``dist_flash_attn forward``, default and with ``DISTATTN_CHECK=0``: the whole call, to set
+  the agreement's cost against an attention (their difference is the price of the default).
 
     python bench/agree.py                       # 4 CPU processes over gloo, USP 2 x 2
     python bench/agree.py --nproc 8 --ulysses 2 --seq-local 512
@@ -80,11 +81,12 @@ def measure(args) -> list[tuple[str, float]]:
     rows = [
         ("baseline: dist.barrier on the control group",
          lambda: dist.barrier(group=mesh.control_group), args.iters),
-        ("check_agreement, DISTATTN_CHECK=1", _with_check(True, agree), args.iters),
-        ("check_agreement, default (unchanged)", _with_check(False, agree), args.iters),
+        ("check_agreement, default (every call)", _with_check(True, agree), args.iters),
+        ("check_agreement, DISTATTN_CHECK=0 (unchanged)", _with_check(False, agree),
+         args.iters),
         ("agree_error (no error)", lambda: agree_error(mesh, None), args.iters),
-        ("dist_flash_attn forward", _with_check(False, attn_sync), args.attn_iters),
-        ("dist_flash_attn forward, DISTATTN_CHECK=1", _with_check(True, attn_sync),
+        ("dist_flash_attn forward, default", _with_check(True, attn_sync), args.attn_iters),
+        ("dist_flash_attn forward, DISTATTN_CHECK=0", _with_check(False, attn_sync),
          args.attn_iters),
     ]
     out = []

@@ -502,6 +502,32 @@ def tf_refusals(dtf, meshes, ids):
     return res
 
 
+def tf_disagreements(dtf, mesh, ids, rank: int) -> dict:
+    """One rank (the last) generates differently: another max_new_tokens, another sampling
+    seed, or logits of its own (a rank-dependent logits processor). Every rank must raise
+    the same named error, and the next good call must work."""
+    import transformers as tf
+
+    class Nudge(tf.LogitsProcessor):      # the last rank prefers another token from step 2
+        def __call__(self, input_ids, scores):
+            if rank == WORLD - 1 and input_ids.shape[1] >= PROMPT + 2:
+                scores = scores.clone()
+                scores[:, 0] += 1e3
+            return scores
+
+    llama, odd = build_model("llama"), rank == WORLD - 1
+    res = {}
+    res["max_new_tokens"] = _error(lambda: dtf.generate(
+        llama, ids, mesh, max_new_tokens=3 if odd else 2))
+    torch.manual_seed(100 + rank)
+    res["seed"] = _error(lambda: dtf.generate(llama, ids, mesh, max_new_tokens=2,
+                                              do_sample=True))
+    res["logits"] = _error(lambda: dtf.generate(
+        llama, ids, mesh, max_new_tokens=4, logits_processor=tf.LogitsProcessorList([Nudge()])))
+    res["good_after"] = dtf.generate(llama, ids, mesh, max_new_tokens=2).shape[1]
+    return res
+
+
 def tf_worker(rank: int, world: int) -> bytes:
     import distattn
     from distattn.integrations import hf, transformers as dtf
@@ -543,6 +569,7 @@ def tf_worker(rank: int, world: int) -> bytes:
             "chunked_cache_type": type(hf.output_cache(out)).__name__,
             "chunked_cache_len": hf.output_cache(out).get_seq_length()}
     results["refusals"] = tf_refusals(dtf, meshes, ids)
+    results["disagreements"] = tf_disagreements(dtf, meshes["usp2x2"], ids, rank)
     return _to_bytes(results)
 
 
@@ -660,6 +687,22 @@ def test_generate_refuses_before_communicating(tf_results, what, exc, words):
     for r in tf_results:
         assert r["refusals"]["attn_implementation_kept"] == "sdpa"
         assert r["refusals"]["good_after_errors"] == PROMPT + 2
+
+
+@pytest.mark.parametrize("what,exc,words", [
+    ("max_new_tokens", "ValueError", ["'generation_config'", "dtf.generate", "max_new_tokens"]),
+    ("seed", "ValueError", ["'sampling_rng'", "dtf.generate"]),
+    ("logits", "RuntimeError", ["generated different tokens", f"after {PROMPT + 3} tokens"]),
+])
+def test_generate_disagreements_raise_on_every_rank(tf_results, what, exc, words):
+    """A rank generating differently raises the same error on every rank (none waits the
+    timeout, none aborts), and the mesh generates correctly afterwards."""
+    for r in tf_results:
+        got = r["disagreements"][what]
+        assert got is not None and got[0] == exc, (what, got)
+        for w in words:
+            assert w in got[1], (what, w, got[1])
+        assert r["disagreements"]["good_after"] == PROMPT + 2
 
 
 # ---------------------------------------------------------------------------------------------

@@ -406,10 +406,10 @@ def _prefill(model, cache, ids: torch.Tensor, chunk: int | None, strategy: str):
 
 def _describe(value) -> str:
     """``canonical`` text for generate arguments, which may hold objects it cannot compare
-    (logits processors, streamers): those count by their type; a GenerationConfig by its
-    values."""
-    if hasattr(value, "to_dict") and not isinstance(value, torch.Tensor):
-        return type(value).__name__ + _describe(value.to_dict())
+    (logits processors, streamers): those count by their type; a GenerationConfig by the
+    values it sets."""
+    if hasattr(value, "to_diff_dict"):       # a GenerationConfig: what differs from defaults
+        return type(value).__name__ + _describe(value.to_diff_dict())
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k!r}: {_describe(value[k])}"
                                for k in sorted(value, key=repr)) + "}"
