@@ -133,3 +133,13 @@ def all_to_all_v(send: list[list[torch.Tensor]], recv_shapes: list[list[tuple]],
             at += size
         parts.append(mine)
     return parts
+
+
+def sp_all_reduce(t: torch.Tensor, mesh: SPMesh) -> None:
+    """In-place SUM of ``t`` over the whole SP group: over the Ulysses group, then the ring."""
+    for group, degree, what in ((mesh.ulysses_group, mesh.ulysses_degree, "Ulysses"),
+                                (mesh.ring_group, mesh.ring_degree, "ring")):
+        if degree > 1:
+            work = dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group, async_op=True)
+            wait_all([work], lambda: f"the all-reduce of {tuple(t.shape)} over the {what} "
+                                     f"ranks {dist.get_process_group_ranks(group)}")

@@ -407,12 +407,20 @@ def unshard(local: torch.Tensor, mesh=None, dim: int = 1, layout: str = "contigu
     except Exception as exc:
         agree_preparation(mesh, "distattn.unshard", {}, exc)
     agree_preparation(mesh, "distattn.unshard", dict(local=local, dim=dim, layout=layout, cu_seqlens=cu))
-    local = local.detach().contiguous()
     with failure_marks(mesh, "distattn.unshard"):
-        # Ulysses pieces concatenate (in u order) into this ring rank's part ...
-        part = torch.cat(_all_gather(local, mesh.ulysses_group, mesh.ulysses_degree), dim=dim)
-        # ... and the ring parts scatter their real slots back to global positions.
-        parts = _all_gather(part.contiguous(), mesh.ring_group, mesh.ring_degree)
+        return gather_full(local.detach(), mesh, dim, lay, seq_len)
+
+
+def gather_full(local: torch.Tensor, mesh: SPMesh, dim: int, lay: RingLayout,
+                seq_len: int) -> torch.Tensor:
+    """``unshard`` without its checks and agreement (for callers that agreed already): every
+    rank's ``local`` gathered over the mesh and put in global order along ``dim`` (padding
+    slots dropped). Not differentiable."""
+    local = local.contiguous()
+    # Ulysses pieces concatenate (in u order) into this ring rank's part ...
+    part = torch.cat(_all_gather(local, mesh.ulysses_group, mesh.ulysses_degree), dim=dim)
+    # ... and the ring parts scatter their real slots back to global positions.
+    parts = _all_gather(part.contiguous(), mesh.ring_group, mesh.ring_degree)
     shape = list(part.shape)
     shape[dim] = seq_len
     full = torch.empty(shape, dtype=local.dtype, device=local.device)

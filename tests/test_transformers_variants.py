@@ -1,7 +1,8 @@
 """Models with sliding windows, softcap and sinks through the transformers integration, on a
 gloo world of 4 CPU processes: Mistral (window on every layer), Qwen2 (window on some layers),
 Gemma 2 (alternating windows + logit softcap), Gemma 3 (alternating windows, bidirectional
-variant too) and gpt-oss (alternating windows + attention sinks). One training step with
+variant too), gpt-oss (alternating windows + attention sinks) and Llama with dynamic NTK RoPE
+(exact below its switch length, refused on every rank past it). One training step with
 distattn (ring 4 zigzag; Ulysses 2 x ring 2 contiguous with rematerialization-aware
 checkpointing) must match one-process eager training: loss and logits to 1e-5, every
 parameter gradient (sinks included) summed over the SP group to 1e-4, in fp32. The windows
@@ -20,7 +21,7 @@ pytest.importorskip("transformers")
 WORLD, BATCH, SEQ, VOCAB = 4, 2, 32, 101
 CASES = [(model, mesh, layout, ckpt)
          for model in ("mistral", "qwen2", "gemma2", "gemma3", "gemma3_bidirectional",
-                       "gpt_oss")
+                       "gpt_oss", "llama_dynamic")
          for mesh, layout, ckpt in (("ring4", "zigzag", False),
                                     ("ulysses2xring2", "contiguous", True))]
 
@@ -30,11 +31,21 @@ def case_id(case):
     return f"{model}-{mesh}-{layout}-{'remat' if ckpt else 'plain'}"
 
 
-def build_model(kind):
+def _dynamic_rope(config):
+    """Dynamic NTK RoPE (recomputed from the length when it passes max_position_embeddings),
+    in transformers 5's rope_parameters or 4.57's rope_scaling."""
+    if getattr(config, "rope_parameters", None) is not None:
+        config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    else:
+        config.rope_scaling = {"rope_type": "dynamic", "factor": 2.0}
+    return config
+
+
+def build_model(kind, max_positions=4 * SEQ):
     import transformers as tf
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4 * SEQ,
-                  tie_word_embeddings=False)
+                  num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=max_positions, tie_word_embeddings=False)
     alternating = ["sliding_attention", "full_attention"]
     cfg, cls = {
         "mistral": lambda: (tf.MistralConfig(sliding_window=5, **common),
@@ -53,6 +64,8 @@ def build_model(kind):
         "gpt_oss": lambda: (tf.GptOssConfig(sliding_window=5, head_dim=16, num_local_experts=4,
                                             num_experts_per_tok=2, layer_types=alternating,
                                             **common), tf.GptOssForCausalLM),
+        "llama_dynamic": lambda: (_dynamic_rope(tf.LlamaConfig(**common)),
+                                  tf.LlamaForCausalLM),
     }[kind]()
     torch.manual_seed(0)
     with warnings.catch_warnings():
@@ -90,6 +103,15 @@ def run_cases(rank, world):
             "loss": loss.detach().clone(),
             "logits": distattn.unshard(out.logits.detach(), mesh, dim=1, layout=layout),
             "grads": grads if rank == 0 else None}
+    # dynamic NTK RoPE past its switch length (16 < 32 tokens): each rank would rescale from
+    # its own positions, so it is refused, on every rank, before any attention collective
+    try:
+        sp_train_step(build_model("llama_dynamic", max_positions=SEQ // 2), meshes["ring4"],
+                      "zigzag", {"input_ids": ids, "labels": labels}, False,
+                      "distattn_variants_dynamic_long")
+        results["dynamic_past_limit"] = None
+    except Exception as exc:
+        results["dynamic_past_limit"] = (type(exc).__name__, str(exc))
     return _to_bytes(results)
 
 
@@ -112,6 +134,14 @@ def references():
                                     else torch.zeros_like(p))
                                 for n, p in model.named_parameters()}}
     return refs
+
+
+def test_length_dependent_rope_past_its_limit_is_refused_on_every_rank(world_results):
+    for rank, r in enumerate(world_results):
+        got = r["dynamic_past_limit"]
+        assert got is not None, f"rank {rank} trained dynamic RoPE past its limit"
+        assert got[0] == "UnsupportedModelError" and "'dynamic'" in got[1], (rank, got)
+        assert "at most 16" in got[1], got[1]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])

@@ -43,6 +43,7 @@ from ..inference import STRATEGIES, ShardedKVCache
 from ..mesh import as_mesh
 from ..ulysses import check_heads
 from . import guard, hf
+from .mixers import MIXERS_ATTR
 
 # generate() arguments that work unchanged over a sharded cache (passed on to model.generate).
 SUPPORTED_GENERATE_KWARGS = frozenset({
@@ -374,6 +375,11 @@ def _check_call(model, input_ids, mesh, past_key_values, layout, backend, strate
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     guard.prepare(model)          # the whole model is exact under SP, or refused (local)
+    if getattr(model, MIXERS_ATTR, None):
+        raise NotImplementedError(
+            f"dtf.generate does not support models with sequence-mixer layers yet "
+            f"({', '.join(getattr(model, MIXERS_ATTR)[:3])}, ...): their state caches are not "
+            f"sharded. Generate with one process")
     chunk, total = _check_generate_kwargs(model, input_ids, mesh, kwargs)
     _check_temperature_tuning(model, input_ids)
     cache = _resolve_cache(past_key_values, mesh, model, input_ids, layout, backend)

@@ -38,6 +38,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from .mixers import GATHERED_FAMILIES, gather_mixers
+
 VERDICT_ATTR = "_distattn_verdict"
 
 # config.model_type values known to train exactly (ring 4 zigzag and USP 2 x 2 contiguous,
@@ -53,7 +55,9 @@ EXACT_FAMILIES = frozenset({
 })
 
 # config.layer_types values that are softmax attention distattn runs exactly.
-EXACT_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
+EXACT_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention",
+                               "attention",     # hybrids' name for full attention (Granite 4)
+                               "mlp", "moe"})   # token-wise layers (Nemotron-H)
 
 # Layer types known to mix tokens by something other than softmax attention: what they are.
 SEQUENCE_MIXER_LAYER_TYPES = {
@@ -137,27 +141,41 @@ WAY_OUT = ("Train this model without sequence parallelism (attn_implementation='
            "exact (distattn.integrations.guard.EXACT_FAMILIES)")
 
 
-def _config_error(config) -> tuple[Optional[str], Optional[int], Optional[str]]:
+def _gathered_way(config) -> str:
+    """The way out for a family whose mixers distattn runs gathered (see mixers.py)."""
+    if getattr(config, "model_type", None) not in GATHERED_FAMILIES:
+        return ""
+    return ("dtf.prepare(model) runs them exactly, gathered over the SP group (each rank "
+            "computes these layers over the whole sequence; see docs/TRAINING.md). Or: ")
+
+
+def _config_error(config, gathered_mixers: bool = False
+                  ) -> tuple[Optional[str], Optional[int], Optional[str]]:
+    """(refusal or None, RoPE length limit, RoPE type). ``gathered_mixers``: the model's
+    sequence mixers run gathered (``mixers.gather_mixers``), so mixer layers are accepted
+    for families in ``GATHERED_FAMILIES``."""
     family = _family(config)
     head = f"distattn cannot train model family {family} exactly under sequence parallelism: "
+    way_out = _gathered_way(config) + WAY_OUT
+    gathered_mixers = gathered_mixers and getattr(config, "model_type", None) in GATHERED_FAMILIES
     layer_types = list(getattr(config, "layer_types", None) or [])
     for idx, kind in enumerate(layer_types):
-        if kind in EXACT_LAYER_TYPES:
+        if kind in EXACT_LAYER_TYPES or (gathered_mixers and kind in SEQUENCE_MIXER_LAYER_TYPES):
             continue
         what = SEQUENCE_MIXER_LAYER_TYPES.get(kind)
         if what is not None:
             return (head + f"layer {idx} has layer type {kind!r}: {what}, which mix tokens "
                     f"along the sequence outside distattn's attention and would see only this "
-                    f"rank's tokens. " + WAY_OUT, None, None)
+                    f"rank's tokens. " + way_out, None, None)
         return (head + f"layer {idx} has layer type {kind!r}, which distattn does not know "
                 f"(known exact: {sorted(EXACT_LAYER_TYPES)}); an unknown layer may mix tokens "
                 f"along the sequence. " + WAY_OUT, None, None)
-    for prefix, what in MIXER_CONFIG_HINTS:
+    for prefix, what in () if gathered_mixers else MIXER_CONFIG_HINTS:
         names = [n for n in vars(config) if n.startswith(prefix)]
         if names:
             return (head + f"its config describes {what} ({names[0]}=...), which mix tokens "
                     f"along the sequence outside distattn's attention and would see only this "
-                    f"rank's tokens. " + WAY_OUT, None, None)
+                    f"rank's tokens. " + way_out, None, None)
     max_len, rope_kind = None, None
     for spec in _rope_specs(config):
         rope_type = spec.get("rope_type", spec.get("type", "default"))
@@ -172,7 +190,7 @@ def _config_error(config) -> tuple[Optional[str], Optional[int], Optional[str]]:
                 f"{sorted(STATIC_ROPE_TYPES | LENGTH_DEPENDENT_ROPE_TYPES)}); it may depend on "
                 f"the sequence length, which each rank sees only locally. Use a static RoPE "
                 f"type", None, None)
-    if getattr(config, "model_type", None) not in EXACT_FAMILIES:
+    if getattr(config, "model_type", None) not in EXACT_FAMILIES and not gathered_mixers:
         return (head + f"the family is not in distattn's allow-list of families tested exact "
                 f"(EXACT_FAMILIES); it may hold layers that mix tokens along the sequence "
                 f"outside attention. " + WAY_OUT, None, None)
@@ -218,10 +236,15 @@ def check_length(verdict: Verdict, global_len: int, where: str = "") -> None:
             f"with a fixed factor)")
 
 
-def module_error(model) -> Optional[str]:
+def module_error(model, gathered=()) -> Optional[str]:
     """A refusal for a module of ``model`` whose class is a known non-attention sequence
-    mixer (Mamba, Gated DeltaNet, short convolutions, ...), or None."""
+    mixer (Mamba, Gated DeltaNet, short convolutions, ...), or None. ``gathered``: names of
+    modules that run gathered (they, their submodules and the layers holding them are
+    exact)."""
     for name, module in model.named_modules():
+        if any(name == g or name.startswith(f"{g}.") or g.startswith(f"{name}.")
+               for g in gathered):       # a gathered mixer, inside one, or holding one
+            continue
         cls = type(module).__name__
         if any(h in cls for h in MIXER_MODULE_HINTS) and "Attention" not in cls.replace(
                 "LinearAttention", "").replace("LightningAttention", ""):
@@ -234,8 +257,11 @@ def module_error(model) -> Optional[str]:
 
 def prepare(model):
     """Check ``model`` (a transformers model) once -- its config and its modules -- and raise
-    ``UnsupportedModelError`` on every rank if it cannot train exactly under SP. The verdict
-    is cached on the model; returns ``model``. No communication."""
+    ``UnsupportedModelError`` on every rank if it cannot train exactly under SP. A hybrid
+    model of ``GATHERED_FAMILIES`` (Mamba, Gated DeltaNet, lightning attention, short
+    convolutions) is accepted by hooking its sequence mixers to run gathered over the SP
+    group (``mixers.gather_mixers``). The verdict is cached on the model; returns ``model``.
+    No communication."""
     cached = getattr(model, VERDICT_ATTR, None)
     if not isinstance(cached, Verdict):
         config = getattr(model, "config", None)
@@ -243,9 +269,15 @@ def prepare(model):
             raise UnsupportedModelError(
                 f"dtf.prepare: {type(model).__name__} has no transformers config; distattn's "
                 f"guard checks transformers models only")
-        verdict = config_verdict(config)
+        gathered = ()
+        if getattr(_text_config(config), "model_type", None) in GATHERED_FAMILIES:
+            gathered = gather_mixers(model)
+            verdict = Verdict(*_config_error(_text_config(config), gathered_mixers=True))
+            object.__setattr__(_text_config(config), VERDICT_ATTR, verdict)
+        else:
+            verdict = config_verdict(config)
         if verdict.error is None:
-            error = module_error(model)
+            error = module_error(model, gathered)
             if error is not None:
                 verdict = Verdict(error)
         cached = verdict

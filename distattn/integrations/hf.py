@@ -24,6 +24,18 @@ UNSUPPORTED_ATTENTION_KWARGS = {
 }
 
 
+CU_SEQLENS_KEY = "distattn_cu_seqlens"   # model kwarg: global document boundaries (a tuple)
+
+
+def attention_function(name: str):
+    """The attention function transformers registered under ``name``, or None."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    try:
+        return ALL_ATTENTION_FUNCTIONS[name]
+    except KeyError:
+        return None
+
+
 def require():
     """Import transformers' attention and mask registries, or raise an ImportError that says
     how to install the extra (and which versions work)."""

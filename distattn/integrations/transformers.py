@@ -23,11 +23,11 @@ any communication, so a bad call fails the same way on every rank.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..agree import agree_error
 from ..attention import SCHEDULES
+from ..comm import sp_all_reduce
 from ..kernels import BACKENDS
 from ..documents import check_cu_seqlens
 from ..layout import (agree_preparation, check_layout, local_indices, local_positions,
@@ -42,7 +42,7 @@ from . import guard as _guard
 from .guard import UnsupportedModelError, prepare  # noqa: F401  (dtf.prepare)
 
 IGNORE_INDEX = -100
-CU_SEQLENS_KEY = "distattn_cu_seqlens"   # model kwarg: global document boundaries (a tuple)
+CU_SEQLENS_KEY = hf.CU_SEQLENS_KEY   # model kwarg: global document boundaries (a tuple)
 _BUILTIN_NAMES = ("eager", "sdpa", "flash_attention_2", "flash_attention_3",
                   "flash_attention_4", "flex_attention", "paged|eager")
 # ---------------------------------------------------------------------------------------------
@@ -401,14 +401,6 @@ def shard_batch(batch: dict, mesh, layout: str = "zigzag") -> dict:
     return local
 
 
-def _sp_all_reduce(t: torch.Tensor, mesh) -> None:
-    """In-place SUM over the whole SP group: over the Ulysses group, then the ring group."""
-    for group, degree in ((mesh.ulysses_group, mesh.ulysses_degree),
-                          (mesh.ring_group, mesh.ring_degree)):
-        if degree > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-
-
 def sp_loss(logits: torch.Tensor, shift_labels: torch.Tensor, mesh) -> torch.Tensor:
     """The single-device token-mean next-token cross entropy, from sharded logits.
 
@@ -436,7 +428,7 @@ def sp_loss(logits: torch.Tensor, shift_labels: torch.Tensor, mesh) -> torch.Ten
                                 ignore_index=IGNORE_INDEX, reduction="sum")
     count = (shift_labels != IGNORE_INDEX).sum()
     stats = torch.stack([local_sum.detach().double(), count.to(local_sum.device).double()])
-    _sp_all_reduce(stats, mesh)
+    sp_all_reduce(stats, mesh)
     total, n = stats[0].float(), stats[1].clamp(min=1).float()
     # value: global sum / global count (identical everywhere); gradient: local part only.
     return total / n + (local_sum - local_sum.detach()) / n

@@ -1,0 +1,203 @@
+"""Hybrid models (Mamba / Mamba2, Gated DeltaNet, lightning attention, short convolutions)
+through the transformers integration, on a gloo world of 4 CPU processes: after
+``dtf.prepare(model)`` their sequence mixers run gathered over the SP group
+(``distattn.integrations.mixers``), and one training step (ring 4 zigzag; Ulysses 2 x ring 2
+contiguous with rematerialization-aware checkpointing) must match one-process eager training:
+loss and logits to 1e-5, every parameter gradient summed over the SP group to 1e-4, in fp32.
+Qwen3-Next runs in fp64, but its Gated DeltaNet computes in fp32 whatever the model's dtype
+(transformers' torch_chunk_gated_delta_rule casts), so its gradients carry fp32 rounding: each
+is held to 1e-4 or 8 x the one-process difference between an fp32 and an fp64 model, whichever
+is larger (the SP sum adds up P backward passes' rounding).
+Without ``dtf.prepare`` the same models are refused on every rank, naming the way out.
+"""
+import warnings
+
+import pytest
+import torch
+
+from spawn import run_world
+from test_transformers import _from_bytes, _to_bytes, rel_err, sp_train_step
+
+pytest.importorskip("transformers")
+
+WORLD, BATCH, SEQ, VOCAB = 4, 2, 32, 101
+FAMILIES = ("lfm2", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "jamba",
+            "qwen3_next", "minimax")
+MESHES = (("ring4", "zigzag", False), ("ulysses2xring2", "contiguous", True))
+CASES = [(family, mesh, layout, ckpt) for family in FAMILIES for mesh, layout, ckpt in MESHES]
+DTYPES = {"qwen3_next": torch.float64}      # default: float32
+
+
+def case_id(case):
+    family, mesh, layout, ckpt = case
+    return f"{family}-{mesh}-{layout}-{'remat' if ckpt else 'plain'}"
+
+
+def _config(family):
+    """A tiny config of ``family`` (mixer layer first, then attention), or None where the
+    installed transformers lacks it."""
+    import transformers as tf
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=False)
+    mamba2 = dict(mamba_n_heads=4, mamba_d_head=32, mamba_d_state=8, mamba_chunk_size=8,
+                  mamba_n_groups=1)
+    linear_first = ["linear_attention", "full_attention"]
+    builders = {
+        "lfm2": lambda: tf.Lfm2Config(**{**common, "layer_types": ["conv", "full_attention"]},
+                                      conv_L_cache=3),
+        "bamba": lambda: tf.BambaConfig(**common, attn_layer_indices=[1], **mamba2),
+        "granitemoehybrid": lambda: tf.GraniteMoeHybridConfig(
+            **common, layer_types=["mamba", "attention"], num_local_experts=2,
+            num_experts_per_tok=1, **mamba2),
+        "nemotron_h": lambda: tf.NemotronHConfig(
+            **{**common, "num_hidden_layers": 3}, hybrid_override_pattern="M*-",
+            mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, chunk_size=8, n_groups=1),
+        "falcon_h1": lambda: tf.FalconH1Config(**common, mamba_d_ssm=128, **mamba2),
+        "jamba": lambda: tf.JambaConfig(
+            **common, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+            expert_layer_offset=1, num_experts=2, num_experts_per_tok=1, mamba_d_state=8,
+            mamba_d_conv=4, mamba_expand=2),
+        "qwen3_next": lambda: tf.Qwen3NextConfig(
+            **common, layer_types=linear_first, head_dim=16, linear_num_value_heads=4,
+            linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+            linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2,
+            moe_intermediate_size=32, shared_expert_intermediate_size=32),
+        "minimax": lambda: tf.MiniMaxConfig(**common, layer_types=linear_first, head_dim=16,
+                                            num_local_experts=4, num_experts_per_tok=2,
+                                            block_size=8),
+    }
+    try:
+        return builders[family]()
+    except AttributeError:      # the family is newer than the installed transformers
+        return None
+
+
+def build_model(family, dtype=None):
+    import transformers as tf
+    config = _config(family)
+    if config is None:
+        return None
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tf.AutoModelForCausalLM.from_config(config).to(
+            dtype or DTYPES.get(family, torch.float32))
+    if model.dtype == torch.float64 and hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("eager")      # grouped_mm has no float64
+    model.train()
+    return model
+
+
+def make_batch():
+    g = torch.Generator().manual_seed(4321)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    labels = ids.clone()
+    labels[0, 3:6] = -100
+    return ids, labels
+
+
+def _error(fn):
+    try:
+        fn()
+    except Exception as exc:   # the parent asserts on the type and the message
+        return type(exc).__name__, str(exc)
+    return None
+
+
+def run_cases(rank, world):
+    import distattn
+    from distattn.integrations import transformers as dtf
+
+    ids, labels = make_batch()
+    batch = {"input_ids": ids, "labels": labels}
+    meshes = {"ring4": distattn.SPMesh.build(ulysses_degree=1),
+              "ulysses2xring2": distattn.SPMesh.build(ulysses_degree=2)}
+    results = {}
+    for family in FAMILIES:
+        model = build_model(family)
+        if model is None:
+            continue
+        # refused without dtf.prepare: on every rank, before any attention collective
+        results[f"{family}-unprepared"] = _error(lambda: sp_train_step(
+            model, meshes["ring4"], "zigzag", batch, False, "distattn_hybrid_unprepared"))
+    for case in CASES:
+        family, mesh_name, layout, ckpt = case
+        model = build_model(family)
+        if model is None:
+            continue
+        dtf.prepare(model)
+        mesh = meshes[mesh_name]
+        _, out, loss, grads = sp_train_step(model, mesh, layout, batch, ckpt,
+                                            f"distattn_hybrid_{mesh_name}_{layout}")
+        results[case_id(case)] = {
+            "loss": loss.detach().clone(),
+            "logits": distattn.unshard(out.logits.detach(), mesh, dim=1, layout=layout),
+            "grads": grads if rank == 0 else None}
+    return _to_bytes(results)
+
+
+@pytest.fixture(scope="module")
+def world_results():
+    return [_from_bytes(r) for r in run_world(WORLD, run_cases)]
+
+
+def _one_process(family, dtype=None):
+    ids, labels = make_batch()
+    model = build_model(family, dtype)
+    model.set_attn_implementation("eager")
+    out = model(input_ids=ids, labels=labels, use_cache=False)
+    out.loss.backward()
+    return {"loss": out.loss.detach(), "logits": out.logits.detach(),
+            "grads": {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+                      for n, p in model.named_parameters()}}
+
+
+@pytest.fixture(scope="module")
+def references():
+    refs = {}
+    for family in FAMILIES:
+        if _config(family) is None:
+            continue
+        refs[family] = _one_process(family)
+        tol = {n: 1e-4 for n in refs[family]["grads"]}
+        if family in DTYPES:        # the model's own fp32 rounding (see the module docstring)
+            fp32 = _one_process(family, torch.float32)["grads"]
+            for n, g in refs[family]["grads"].items():
+                if g.abs().max() > 0:
+                    tol[n] = max(1e-4, 8 * rel_err(fp32[n].to(g.dtype), g))
+        refs[family]["tol"] = tol
+    return refs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hybrid_refused_without_prepare(world_results, family):
+    if f"{family}-unprepared" not in world_results[0]:
+        pytest.skip(f"{family} is not in this transformers")
+    for rank, r in enumerate(world_results):
+        got = r[f"{family}-unprepared"]
+        assert got is not None, f"rank {rank}: {family} trained without dtf.prepare"
+        assert got[0] == "UnsupportedModelError", (rank, got)
+        assert "dtf.prepare(model)" in got[1], got[1]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+def test_hybrid_models_match_single_process(world_results, references, case):
+    if case[0] not in references:
+        pytest.skip(f"{case[0]} is not in this transformers")
+    ref = references[case[0]]
+    per_rank = [r[case_id(case)] for r in world_results]
+    for rank, r in enumerate(per_rank):
+        assert torch.equal(r["loss"], per_rank[0]["loss"]), f"rank {rank}: another loss"
+        assert rel_err(r["loss"], ref["loss"]) <= 1e-5, (r["loss"].item(), ref["loss"].item())
+        assert rel_err(r["logits"], ref["logits"]) <= 1e-5, f"rank {rank} logits"
+    grads = per_rank[0]["grads"]
+    checked = 0
+    for pname, g in ref["grads"].items():
+        if g.abs().max() == 0:       # e.g. experts no token was routed to
+            continue
+        err = rel_err(grads[pname], g)
+        tol = ref["tol"][pname]
+        assert err <= tol, f"{pname}: relative gradient error {err:.2e} > {tol:.2e}"
+        checked += 1
+    assert checked >= len(ref["grads"]) // 2
