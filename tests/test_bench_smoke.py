@@ -114,3 +114,15 @@ def test_window_smoke(tmp_path):
     assert int(narrow["steps"]) == 2
     assert float(narrow["bytes max/ring"]) == (S // 64 - 1) / (7 * S / 8)
     assert float(narrow["work/causal"]) < 0.04
+
+
+def test_hybrid_smoke(tmp_path):
+    """bench/hybrid.py --smoke: every mixer x form row; the gathered layer's measured bytes
+    equal the formula the table states."""
+    _run(["bench/hybrid.py", "--smoke"], tmp_path, timeout=180)
+    table = _csv(os.path.join(tmp_path, "hybrid.csv"))
+    assert len(table) == 9
+    gathered = [r for r in table if r["form"] == "gather (measured)"]
+    assert len(gathered) == 3
+    for r in gathered:
+        assert int(r["bytes"]) == int(r["formula"]) > 0, r
