@@ -93,12 +93,18 @@ def canonical(value) -> str:
                     f"pass a tensor, number, string, dtype, tuple, dict or dataclass")
 
 
+_PLAIN = frozenset({int, str, bool, type(None)})   # equal values give equal texts
+
+
 def _key(value):
     """A cheap hashable stand-in for ``canonical(value)`` (equal keys give equal texts);
     raises TypeError where there is none (the caller then digests without caching)."""
     if isinstance(value, torch.Tensor):
         return (torch.Tensor, value.shape, value.dtype, value.device.type)
     if isinstance(value, (tuple, list)):
+        kinds = frozenset(map(type, value))
+        if kinds <= _PLAIN:         # e.g. cu_seqlens of 10k documents: hashed in C
+            return (type(value), kinds, tuple(value))
         return (type(value), tuple(_key(v) for v in value))
     if isinstance(value, Mapping):
         return (Mapping, tuple((k, _key(value[k])) for k in sorted(value, key=repr)))
