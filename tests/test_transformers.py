@@ -204,6 +204,26 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
 
 
+def assert_step_matches(per_rank, ref, grad_tol=None):
+    """One SP training step (per rank: loss, unsharded logits; rank 0: gradients summed over
+    the group) equals one process ``ref``: the same loss on every rank, loss and logits to
+    1e-5 relative, every gradient that is not zero (an expert no token was routed to) to
+    ``grad_tol[name]`` (default 1e-4); at least half the parameters compared."""
+    for rank, r in enumerate(per_rank):
+        assert torch.equal(r["loss"], per_rank[0]["loss"]), f"rank {rank}: another loss"
+        assert rel_err(r["loss"], ref["loss"]) <= 1e-5, (r["loss"].item(), ref["loss"].item())
+        assert rel_err(r["logits"], ref["logits"]) <= 1e-5, f"rank {rank} logits"
+    grads = per_rank[0]["grads"]
+    checked = 0
+    for pname, g in ref["grads"].items():
+        if g.abs().max() == 0:
+            continue
+        err, tol = rel_err(grads[pname], g), (grad_tol or {}).get(pname, 1e-4)
+        assert err <= tol, f"{pname}: relative gradient error {err:.2e} > {tol:.2e}"
+        checked += 1
+    assert checked >= len(ref["grads"]) // 2
+
+
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
 def test_one_step_matches_single_process(world_results, references, case):
     ref = references[case[0]]

@@ -16,11 +16,13 @@ import pytest
 import torch
 
 from spawn import run_world
-from test_transformers import _from_bytes, _to_bytes, rel_err, sp_train_step
+from test_transformers import (_from_bytes, _to_bytes, assert_step_matches, rel_err,
+                               sp_train_step)
+from test_transformers_variants import VOCAB, make_batch
 
 pytest.importorskip("transformers")
 
-WORLD, BATCH, SEQ, VOCAB = 4, 2, 32, 101
+WORLD = 4
 FAMILIES = ("lfm2", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "jamba",
             "qwen3_next", "minimax")
 MESHES = (("ring4", "zigzag", False), ("ulysses2xring2", "contiguous", True))
@@ -87,14 +89,6 @@ def build_model(family, dtype=None):
         model.set_experts_implementation("eager")      # grouped_mm has no float64
     model.train()
     return model
-
-
-def make_batch():
-    g = torch.Generator().manual_seed(4321)
-    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
-    labels = ids.clone()
-    labels[0, 3:6] = -100
-    return ids, labels
 
 
 def _error(fn):
@@ -186,18 +180,4 @@ def test_hybrid_models_match_single_process(world_results, references, case):
     if case[0] not in references:
         pytest.skip(f"{case[0]} is not in this transformers")
     ref = references[case[0]]
-    per_rank = [r[case_id(case)] for r in world_results]
-    for rank, r in enumerate(per_rank):
-        assert torch.equal(r["loss"], per_rank[0]["loss"]), f"rank {rank}: another loss"
-        assert rel_err(r["loss"], ref["loss"]) <= 1e-5, (r["loss"].item(), ref["loss"].item())
-        assert rel_err(r["logits"], ref["logits"]) <= 1e-5, f"rank {rank} logits"
-    grads = per_rank[0]["grads"]
-    checked = 0
-    for pname, g in ref["grads"].items():
-        if g.abs().max() == 0:       # e.g. experts no token was routed to
-            continue
-        err = rel_err(grads[pname], g)
-        tol = ref["tol"][pname]
-        assert err <= tol, f"{pname}: relative gradient error {err:.2e} > {tol:.2e}"
-        checked += 1
-    assert checked >= len(ref["grads"]) // 2
+    assert_step_matches([r[case_id(case)] for r in world_results], ref, ref["tol"])
