@@ -203,3 +203,15 @@ def flash_key(key: str) -> bool:
     containing "flash" when the keys exceed the chunk (5.x; 4.57 only for
     "flash_attention_2")."""
     return "flash" in key
+
+
+def loss_is_normalized(trainer) -> None:
+    """Tell a ``transformers.Trainer`` that its ``compute_loss`` already divides by the tokens
+    of every accumulated micro-batch (``num_items_in_batch``), so that it does not divide by
+    the gradient accumulation steps again: 5.x reads ``loss_is_scaled_for_ga``; 4.57 skips the
+    division when ``model_accepts_loss_kwargs`` is true and ``num_items_in_batch`` is given.
+    Its other readers (the default ``compute_loss``, and the Trainer's own token count, which
+    looks for ``labels``) do not run for ``SPTrainer``, which overrides the one and whose
+    batches carry ``shift_labels``."""
+    trainer.loss_is_scaled_for_ga = True
+    trainer.model_accepts_loss_kwargs = True
