@@ -66,7 +66,11 @@ def run_cases(rank, world):
     dtf.register(mesh, layout="zigzag", override="sdpa")
     results["sdpa"] = train_step(build_model("llama"), mesh, batch)
 
+    chunked = build_model("llama")
+    chunked.config.layer_types = ["chunked_attention", "full_attention"]
+    chunked.config.attention_chunk_size = 8
     results["refusals"] = {
+        "flash_chunked": _error(lambda: dtf.set_attn_implementation(chunked, key)),
         "eager": _error(lambda: dtf.register(mesh, override="eager")),
         "flex": _error(lambda: dtf.register(mesh, override="flex_attention")),
         "unknown_key": _error(lambda: dtf.register(mesh, override="my_attention")),
@@ -127,6 +131,7 @@ def test_unregister_restores_transformers_functions(world_results):
 
 @pytest.mark.parametrize("what,words", [
     ("eager", "'eager' is never looked up"),
+    ("flash_chunked", "has chunked attention layers"),
     ("flex", "'flex_attention'"),
     ("unknown_key", "pass name= instead"),
     ("name_and_override", "not both"),
