@@ -231,9 +231,9 @@ def register(mesh, layout: str = "zigzag", name: str = "distattn", schedule: str
         if override not in keys:
             raise ValueError(
                 f"override={override!r} cannot be taken over: distattn overrides "
-                f"{', '.join(map(repr, keys))} in this transformers. ('eager' is never looked "
-                f"up in transformers' AttentionInterface, 'flex_attention' and the paged keys "
-                f"are not supported); to add a new implementation pass name= instead")
+                f"{', '.join(map(repr, keys))} in this transformers ('eager' is never looked "
+                f"up in transformers' AttentionInterface; 'flex_attention' and the paged keys "
+                f"are not supported). To add a new implementation, pass name= instead")
         name = override
     elif name in _BUILTIN_NAMES:
         raise ValueError(f"name={name!r} would replace transformers' own {name!r} attention; "
