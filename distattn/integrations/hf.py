@@ -176,3 +176,54 @@ def plain_checkpointing(model) -> None:
     enable = getattr(model, "activation_checkpointing_enable", None) or \
         model.gradient_checkpointing_enable
     enable()
+
+
+# transformers' own attention keys that ``dtf.register(..., override=KEY)`` may take over: the
+# models of the allowed families look them up in ``AttentionInterface`` on every forward, and
+# ``AttentionMaskInterface`` holds a mask function under each. Not ``eager`` (models call
+# their own ``eager_attention_forward`` without a lookup), not ``flex_attention`` (untested),
+# not the paged keys (KV-cache decoding).
+OVERRIDABLE_KEYS = ("sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+
+
+def overridable_keys() -> tuple:
+    """The keys of ``OVERRIDABLE_KEYS`` that the installed transformers has (4.57 has no
+    ``flash_attention_4``)."""
+    attention_interface, _ = require()
+    return tuple(k for k in OVERRIDABLE_KEYS if registered(attention_interface, k) is not None)
+
+
+def registered(interface, key):
+    """The function class-wide under ``key`` in transformers' ``AttentionInterface`` or
+    ``AttentionMaskInterface`` (what every model sees unless a modelling file shadows it
+    locally), or None. A fresh instance has no local entries, so it reads the class-wide
+    mapping (the same in 4.57 and 5.x)."""
+    return interface().get(key)
+
+
+def unregister(interface, key) -> None:
+    """Remove ``key`` from the class-wide mapping. transformers has no public way to remove an
+    entry; ``register`` writes ``_global_mapping`` (4.57 and 5.x), so this removes it there."""
+    interface._global_mapping.pop(key, None)
+
+
+def flash_key(key: str) -> bool:
+    """Whether transformers treats ``key`` as a flash-attention implementation: it checks
+    that the flash_attn package is installed when a model is created or switched to it
+    (``from_pretrained``/``from_config(attn_implementation=...)``,
+    ``model.set_attn_implementation``), and its chunked-attention mask builder refuses a key
+    containing "flash" when the keys exceed the chunk (5.x; 4.57 only for
+    "flash_attention_2")."""
+    return "flash" in key
+
+
+def loss_is_normalized(trainer) -> None:
+    """Tell a ``transformers.Trainer`` that its ``compute_loss`` already divides by the tokens
+    of every accumulated micro-batch (``num_items_in_batch``), so that it does not divide by
+    the gradient accumulation steps again: 5.x reads ``loss_is_scaled_for_ga``; 4.57 skips the
+    division when ``model_accepts_loss_kwargs`` is true and ``num_items_in_batch`` is given.
+    Its other readers (the default ``compute_loss``, and the Trainer's own token count, which
+    looks for ``labels``) do not run for ``SPTrainer``, which overrides the one and whose
+    batches carry ``shift_labels``."""
+    trainer.loss_is_scaled_for_ga = True
+    trainer.model_accepts_loss_kwargs = True

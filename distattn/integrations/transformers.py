@@ -39,6 +39,7 @@ from .generation import generate, sharded_cache  # noqa: F401  (dtf.generate)
 from .hf import UNSUPPORTED_ATTENTION_KWARGS, attention_variant
 from .hf import require as _transformers
 from . import guard as _guard
+from . import registry as _registry
 from .guard import UnsupportedModelError, prepare  # noqa: F401  (dtf.prepare)
 
 IGNORE_INDEX = -100
@@ -188,7 +189,7 @@ def _make_mask(name, mesh):
 
 
 def register(mesh, layout: str = "zigzag", name: str = "distattn", schedule: str = "auto",
-             backend: str = "auto") -> str:
+             backend: str = "auto", override: str | None = None) -> str:
     """Register ``name`` as a transformers attention implementation running
     ``distattn.dist_flash_attn`` over ``mesh`` for tokens sharded with ``layout``.
 
@@ -200,8 +201,17 @@ def register(mesh, layout: str = "zigzag", name: str = "distattn", schedule: str
     in training, ``output_attentions`` and KV-cache decoding. A mask function is
     registered under the same name so transformers never builds an [S, S] mask.
 
+    ``override=KEY`` takes over one of transformers' own keys instead of adding ``name``:
+    ``"sdpa"`` or ``"flash_attention_2"`` (``_3``, ``_4`` where transformers has them), for
+    code that selects attention by those names. Every model in this process that uses KEY
+    then runs distattn (for ``"sdpa"``: every model created without ``attn_implementation``)
+    until ``unregister(KEY)`` restores transformers' functions. transformers checks that the
+    flash_attn package is installed when a model is created with or switched to a flash key;
+    where it is not (CPU), select the key with ``dtf.set_attn_implementation(model, KEY)``.
+
     The registration is global in transformers (by ``name``): use one name per mesh/layout.
-    The input ids must be sharded with the same ``layout`` (``shard_batch``). Returns ``name``.
+    The input ids must be sharded with the same ``layout`` (``shard_batch``). Returns the
+    registered key (``name``, or ``override``).
     """
     mesh = as_mesh(mesh)
     check_layout(layout)
@@ -211,13 +221,65 @@ def register(mesh, layout: str = "zigzag", name: str = "distattn", schedule: str
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")
-    if name in _BUILTIN_NAMES:
+    _transformers()
+    if override is not None:
+        if name != "distattn":
+            raise ValueError(f"pass name= or override=, not both (got name={name!r}, "
+                             f"override={override!r}): override registers under "
+                             f"transformers' own key {override!r}")
+        keys = hf.overridable_keys()
+        if override not in keys:
+            raise ValueError(
+                f"override={override!r} cannot be taken over: distattn overrides "
+                f"{', '.join(map(repr, keys))} in this transformers ('eager' is never looked "
+                f"up in transformers' AttentionInterface; 'flex_attention' and the paged keys "
+                f"are not supported). To add a new implementation, pass name= instead")
+        name = override
+    elif name in _BUILTIN_NAMES:
         raise ValueError(f"name={name!r} would replace transformers' own {name!r} attention; "
-                         f"pick another name (the default is 'distattn')")
-    attention_interface, mask_interface = _transformers()
-    attention_interface.register(name, _make_attention(name, mesh, layout, schedule, backend))
-    mask_interface.register(name, _make_mask(name, mesh))
+                         f"pick another name (the default is 'distattn'), or pass "
+                         f"override={name!r} to take that key over on purpose")
+    _registry.install(name, _make_attention(name, mesh, layout, schedule, backend),
+                      _make_mask(name, mesh), override=override is not None)
     return name
+
+
+def unregister(name: str) -> None:
+    """Undo ``register``: put transformers' own functions back under an overridden key
+    (``override=``), or remove a name distattn added. Models created since keep the key in
+    their config; they run transformers' function again (or, for a removed name, fail to
+    find it). Raises ValueError for a name distattn did not register."""
+    _registry.uninstall(name)
+
+
+def set_attn_implementation(model, name: str):
+    """Make ``model`` (and every sub-model) use the attention registered as ``name`` by
+    ``register``, like ``model.set_attn_implementation(name)`` but without transformers'
+    checks for the flash_attn package, which is never called: the way to select an
+    overridden flash key (``register(..., override="flash_attention_2")``) on a machine
+    without flash_attn. Runs the model guard first (``dtf.prepare``). Returns ``model``.
+
+    Raises ValueError for a name ``register`` did not register, and for a flash key on a
+    model with chunked attention layers (Llama 4): transformers' own mask builder refuses a
+    flash key once the keys exceed the chunk, before distattn is called (use
+    ``override="sdpa"`` or a new name there)."""
+    if _registry.attention(name) is None:
+        raise ValueError(f"attention {name!r} is not registered by dtf.register in this "
+                         f"process: call dtf.register(mesh, layout=..., name={name!r}) (or "
+                         f"override={name!r} for one of transformers' own keys) first")
+    prepare(model)
+    configs = {id(m.config): m.config for m in model.modules()
+               if hasattr(getattr(m, "config", None), "_attn_implementation")}
+    chunked = any("chunked_attention" in (getattr(c, "layer_types", None) or ())
+                  for c in configs.values())
+    if hf.flash_key(name) and chunked:
+        raise ValueError(
+            f"{type(model).__name__} has chunked attention layers, and transformers' mask "
+            f"builder refuses a key containing 'flash' ({name!r}) once the keys exceed the "
+            f"chunk, before distattn runs: register with override='sdpa' or a new name")
+    for cfg in configs.values():      # the setter passes it on to the config's sub-configs
+        cfg._attn_implementation = name
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
