@@ -256,8 +256,9 @@ void test_may_overlap() {
   auto pick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
   int overlapping = 0, exact_disjoint = 0;
   for (int iter = 0; iter < 4000; ++iter) {
-    // A [d0, d1, d2] parent layout with padding; a and b are slices of it (same layout) or,
-    // every third case, b has its own shape, strides or element size.
+    // A [d0, d1, d2] parent layout with padding; a and b are slices of it (same strides:
+    // the same shape, or every third case another shape, e.g. MLA's [..., :D] and
+    // [..., D:D + Dv]) or, every third case, b has its own shape, strides or element size.
     const int elem = pick(0, 1) ? 4 : 2;
     MemView a;
     a.ndim = 3;
@@ -272,6 +273,8 @@ void test_may_overlap() {
     a.ptr = buf + elem * pick(0, 40);
     b.ptr = buf + pick(0, 40 * elem);
     const bool same_layout = iter % 3 != 0;
+    if (iter % 3 == 2)
+      for (int d = 0; d < 3; ++d) b.sizes[d] = pick(1, 4);
     if (!same_layout) {
       b.elem_bytes = pick(0, 1) ? 4 : 2;
       b.sizes[0] = pick(1, 3);
@@ -283,7 +286,7 @@ void test_may_overlap() {
     const bool got = may_overlap(a, b);
     CHECK(got == may_overlap(b, a)) << "symmetric, case " << iter;
     CHECK(!truth || got) << "missed an overlap, case " << iter;
-    if (same_layout) CHECK(got == truth) << "not exact for one layout, case " << iter;
+    if (same_layout) CHECK(got == truth) << "not exact for one set of strides, case " << iter;
     overlapping += truth;
     exact_disjoint += same_layout && !truth && !got;
   }
@@ -302,6 +305,20 @@ void test_may_overlap() {
   CHECK(may_overlap(k, k));
   v.ptr = buf + 4;
   CHECK(may_overlap(k, v));
+  // MLA: dK = buf[..., :192] and dV = buf[..., 192:320] of one [B, S, H, 320] buffer (the
+  // ring's packed gradients): disjoint; dV one element wider reaches into the next row's dK.
+  MemView dk;
+  dk.ptr = buf;
+  dk.ndim = 4;
+  dk.elem_bytes = 4;
+  const index_t mla_shape[4] = {1, 3, 2, 192}, mla_strides[4] = {3 * 2 * 320, 2 * 320, 320, 1};
+  for (int d = 0; d < 4; ++d) dk.sizes[d] = mla_shape[d], dk.strides[d] = mla_strides[d];
+  MemView dv = dk;
+  dv.ptr = buf + 4 * 192;
+  dv.sizes[3] = 128;
+  CHECK(!may_overlap(dk, dv) && !may_overlap(dv, dk));
+  dv.sizes[3] = 129;
+  CHECK(may_overlap(dk, dv) && may_overlap(dv, dk));
 }
 
 int main() {
