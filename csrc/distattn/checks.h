@@ -55,9 +55,13 @@ inline std::string check_problem(const Problem& p) {
   if (p.heads_q % p.heads_kv != 0)
     return "heads_q (" + std::to_string(p.heads_q) + ") must be a multiple of heads_kv (" +
            std::to_string(p.heads_kv) + ")";
-  if (!head_dim_supported(p.head_dim))
+  if (p.head_dim_v == p.head_dim && !head_dims_supported(p.head_dim, p.head_dim_v))
     return "head_dim " + std::to_string(p.head_dim) +
            " has no compiled kernel (enabled by DISTATTN_HD<D> in csrc/distattn/tiling.h)";
+  if (!head_dims_supported(p.head_dim, p.head_dim_v))
+    return "head_dim " + std::to_string(p.head_dim) + " with head_dim_v " +
+           std::to_string(p.head_dim_v) + " (v's head dim) has no compiled kernel (MLA pairs "
+           "are enabled by DISTATTN_HD<D>_<Dv> in csrc/distattn/tiling.h)";
   if (!(std::isfinite(p.scale) && p.scale > 0.f))
     return "softmax scale must be finite and > 0";
   if (!(std::isfinite(p.softcap) && p.softcap >= 0.f))
