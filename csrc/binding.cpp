@@ -8,7 +8,8 @@
 // Built with DISTATTN_EMULATE (csrc/emulate/binding.cpp), the same file is distattn._emulate:
 // the same kernels compiled for the host CTA emulator, on CPU tensors.
 //
-// Tensor layouts: q/out/dout/dq [B, Sq, Hq, D]; k/v/dk/dv [B, Sk, Hkv, D]; lse [B, Hq, Sq].
+// Tensor layouts: q/dq [B, Sq, Hq, D]; out/dout [B, Sq, Hq, Dv]; k/dk [B, Sk, Hkv, D];
+// v/dv [B, Sk, Hkv, Dv]; lse [B, Hq, Sq]. Dv (v's head dim) == D except for MLA pairs.
 #if defined(DISTATTN_EMULATE)
 #include <ATen/Parallel.h>
 #else
@@ -117,8 +118,9 @@ distattn::Problem problem_of(const at::Tensor& q, const at::Tensor& k, const at:
                    "q must be float16 or bfloat16, got ", q.scalar_type());
   TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
                    "k and v must have q's dtype ", q.scalar_type());
-  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "k and v must have the same shape, got ",
-                    k.sizes(), " and ", v.sizes());
+  TORCH_CHECK_VALUE(k.sizes().slice(0, 3) == v.sizes().slice(0, 3),
+                    "k and v must have the same [B, Sk, Hkv], got ", k.sizes(), " and ",
+                    v.sizes());
   TORCH_CHECK_VALUE(k.size(0) == q.size(0) && k.size(3) == q.size(3),
                     "k must be [B, Sk, Hkv, D] with q's B and D; q ", q.sizes(), ", k ",
                     k.sizes());
@@ -131,14 +133,23 @@ distattn::Problem problem_of(const at::Tensor& q, const at::Tensor& k, const at:
   p.seqlen_q = int(q.size(1));
   p.heads_q = int(q.size(2));
   p.head_dim = int(q.size(3));
+  p.head_dim_v = int(v.size(3));
   p.seqlen_k = int(k.size(1));
   p.heads_kv = int(k.size(2));
   p.scale = float(scale);
   p.softcap = float(softcap);
-  TORCH_CHECK_VALUE(distattn::head_dim_supported(p.head_dim), "head_dim ", p.head_dim,
-                    " has no compiled kernel (head_dims() of the extension lists the "
-                    "compiled ones)");
+  TORCH_CHECK_VALUE(distattn::head_dims_supported(p.head_dim, p.head_dim_v), "head_dim ",
+                    p.head_dim, p.head_dim_v == p.head_dim
+                        ? std::string()
+                        : " with v's head_dim " + std::to_string(p.head_dim_v),
+                    " has no compiled kernel (head_dim_pairs() of the extension lists the "
+                    "compiled (D, Dv) pairs)");
   return p;
+}
+
+// [B, Sq, Hq, Dv]: the shape of out, dout and out_acc (q's rows and heads, v's head dim).
+std::vector<int64_t> out_shape(const at::Tensor& q, const at::Tensor& v) {
+  return {q.size(0), q.size(1), q.size(2), v.size(3)};
 }
 
 using Named = std::pair<const at::Tensor*, const char*>;
@@ -260,7 +271,7 @@ void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tens
   TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type(), "out must have q's dtype ",
                    q.scalar_type(), ", got ", out.scalar_type());
   p.out = out.data_ptr();
-  p.out_stride = seq_strides(out, "out", q.sizes().vec());
+  p.out_stride = seq_strides(out, "out", out_shape(q, v));
   p.lse = lse.data_ptr<float>();
   p.lse_stride = row_strides(lse, "lse", {q.size(0), q.size(2), q.size(1)});
   check_no_alias({{&out, "out"}, {&lse, "lse"}}, {{&q, "q"}, {&k, "k"}, {&v, "v"}});
@@ -291,7 +302,7 @@ void fwd_acc(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   check_float32(out_acc, "out_acc");
   p.accumulate = true;
   p.out_acc = out_acc.data_ptr<float>();
-  p.out_acc_stride = seq_strides(out_acc, "out_acc", q.sizes().vec());
+  p.out_acc_stride = seq_strides(out_acc, "out_acc", out_shape(q, v));
   p.lse_acc = lse_acc.data_ptr<float>();
   p.lse_acc_stride = row_strides(lse_acc, "lse_acc", {q.size(0), q.size(2), q.size(1)});
   check_no_alias({{&out_acc, "out_acc"}, {&lse_acc, "lse_acc"}},
@@ -334,8 +345,8 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
   p.q_stride = seq_strides(q, "q", q.sizes().vec());
   p.k_stride = seq_strides(k, "k", k.sizes().vec());
   p.v_stride = seq_strides(v, "v", v.sizes().vec());
-  p.out_stride = seq_strides(out, "out", q.sizes().vec());
-  p.dout_stride = seq_strides(dout, "dout", q.sizes().vec());
+  p.out_stride = seq_strides(out, "out", out_shape(q, v));
+  p.dout_stride = seq_strides(dout, "dout", out_shape(q, v));
   p.lse = lse.data_ptr<float>();
   p.lse_stride = row_strides(lse, "lse", {q.size(0), q.size(2), q.size(1)});
   p.accumulate = accumulate;
@@ -344,7 +355,7 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
   p.dk_acc = dk.data_ptr<float>();
   p.dk_stride = seq_strides(dk, "dk", k.sizes().vec());
   p.dv_acc = dv.data_ptr<float>();
-  p.dv_stride = seq_strides(dv, "dv", k.sizes().vec());
+  p.dv_stride = seq_strides(dv, "dv", v.sizes().vec());
   check_no_alias({{&dq, "dq"}, {&dk, "dk"}, {&dv, "dv"}},
                  {{&dout, "dout"}, {&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}, {&lse, "lse"}});
   if (!accumulate) {  // what no piece covers is zero
@@ -415,11 +426,20 @@ std::vector<std::string> archs() {
   return out;
 }
 
+// Head dims with compiled kernels for q, k and v alike (D == Dv).
 std::vector<int64_t> head_dims() {
   std::vector<int64_t> dims;
   for (int d : {64, 128, 256})
-    if (distattn::head_dim_supported(d)) dims.push_back(d);
+    if (distattn::head_dims_supported(d, d)) dims.push_back(d);
   return dims;
+}
+
+// Every compiled (D, Dv) pair: q/k head dim, v/out head dim (the D == Dv ones and MLA's).
+std::vector<std::pair<int64_t, int64_t>> head_dim_pairs() {
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  for (auto [d, dv] : {std::pair<int, int>{64, 64}, {128, 128}, {192, 128}, {256, 256}})
+    if (distattn::head_dims_supported(d, dv)) pairs.emplace_back(d, dv);
+  return pairs;
 }
 
 }  // namespace
@@ -447,5 +467,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("merge", &merge, "(out_acc, lse_acc) <- merge(acc, (out_blk, lse_blk))",
         py::arg("out_acc"), py::arg("lse_acc"), py::arg("out_blk"), py::arg("lse_blk"));
   m.def("head_dims", &head_dims, "head dims with compiled kernels");
+  m.def("head_dim_pairs", &head_dim_pairs,
+        "(D, Dv) pairs with compiled kernels: q/k head dim, v/out head dim");
   m.def("archs", &archs, "SM architectures with compiled kernels, e.g. ['90a', '80']");
 }

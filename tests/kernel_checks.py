@@ -95,21 +95,23 @@ def ext_pieces(mask: Mask, sq: int, sk: int) -> list[tuple]:
     return out
 
 
-def check_forward_backward(be, device, dtype, d, shape, mask, softcap=0.0, seed=0):
+def check_forward_backward(be, device, dtype, d, shape, mask, softcap=0.0, seed=0, d_v=None):
     """The extension's fwd and bwd (one call each, so the mask's pieces must have disjoint
-    rows and keys) on poisoned outputs against fp64, FlashAttention's rule."""
+    rows and keys) on poisoned outputs against fp64, FlashAttention's rule. ``d`` is q/k's
+    head dim, ``d_v`` V's (and out's; default ``d``; MLA: (192, 128))."""
     sq, sk, hq, hkv = shape
+    d_v = d if d_v is None else d_v
     b = 2 if sq * sk < 10 ** 6 else 1
     gen = generator(device, seed)
     q = rand((b, sq, hq, d), dtype, gen, device)
     k = rand((b, sk, hkv, d), dtype, gen, device)
-    v = rand((b, sk, hkv, d), dtype, gen, device)
-    dout = rand((b, sq, hq, d), dtype, gen, device)
+    v = rand((b, sk, hkv, d_v), dtype, gen, device)
+    dout = rand((b, sq, hq, d_v), dtype, gen, device)
     scale = d ** -0.5
     ext = be._ext
 
     simple = mask.simplify(sq, sk)
-    out = torch.full_like(q, float("nan"))
+    out = torch.full_like(dout, float("nan"))
     lse = torch.full((b, hq, sq), float("nan"), device=device)
     dq = torch.full(q.shape, float("nan"), device=device)
     dk = torch.full(k.shape, float("nan"), device=device)
@@ -243,7 +245,7 @@ def ring(backend_fwd_into, backend_bwd_into, q, k, v, dout, out_final, lse_final
     """Run every rank's ring steps with the given step functions, all on q's device; returns
     the per-rank (out, lse) accumulators and the global (dq, dk, dv) in sequence order."""
     b, seq, hq, d = q.shape
-    hkv = k.shape[2]
+    hkv, d_v = k.shape[2], v.shape[3]
     acc = dict(device=q.device, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     pos = [positions(layout, r, world, seq).to(q.device) for r in range(world)]
     segs = [segments(layout, r, world, seq) for r in range(world)]
@@ -256,11 +258,11 @@ def ring(backend_fwd_into, backend_bwd_into, q, k, v, dout, out_final, lse_final
 
     dq = torch.zeros(b, seq, hq, d, **acc)
     dk = torch.zeros(b, seq, hkv, d, **acc)
-    dv = torch.zeros(b, seq, hkv, d, **acc)
+    dv = torch.zeros(b, seq, hkv, d_v, **acc)
     outs, lses = [], []
     for r in range(world):
         q_r = q[:, pos[r]]
-        out_acc = torch.zeros(b, len(pos[r]), hq, d, **acc)
+        out_acc = torch.zeros(b, len(pos[r]), hq, d_v, **acc)
         lse_acc = torch.full((b, hq, len(pos[r])), float("-inf"), **acc)
         for s in range(world):
             k_s, v_s = k[:, pos[s]], v[:, pos[s]]
@@ -277,7 +279,7 @@ def ring(backend_fwd_into, backend_bwd_into, q, k, v, dout, out_final, lse_final
         for s in range(world):
             k_s, v_s = k[:, pos[s]], v[:, pos[s]]
             dk_s = torch.zeros(b, len(pos[s]), hkv, d, **acc)
-            dv_s = torch.zeros(b, len(pos[s]), hkv, d, **acc)
+            dv_s = torch.zeros(b, len(pos[s]), hkv, d_v, **acc)
             for qs, ks, mask in blocks(r, s):
                 backend_bwd_into(do_r[:, qs], q_r[:, qs], k_s[:, ks], v_s[:, ks], out_r[:, qs],
                                  lse_r[:, :, qs], dq_r[:, qs], dk_s[:, ks], dv_s[:, ks],
@@ -288,15 +290,18 @@ def ring(backend_fwd_into, backend_bwd_into, q, k, v, dout, out_final, lse_final
     return outs, lses, dq, dk, dv
 
 
-def check_fused_ring(be, device, layout, causal, heads, world, seq, d, dtype=torch.bfloat16):
+def check_fused_ring(be, device, layout, causal, heads, world, seq, d, dtype=torch.bfloat16,
+                     d_v=None):
     """The fused ring step (forward_into / backward_into in the kernels) equals the unfused one
-    (forward + merge, backward + add) and fp64 attention over the whole sequence."""
+    (forward + merge, backward + add) and fp64 attention over the whole sequence. ``d_v``:
+    V's head dim (default ``d``)."""
     hq, hkv = heads
+    d_v = d if d_v is None else d_v
     gen = generator(device, 3)
     q = rand((1, seq, hq, d), dtype, gen, device)
     k = rand((1, seq, hkv, d), dtype, gen, device)
-    v = rand((1, seq, hkv, d), dtype, gen, device)
-    dout = rand((1, seq, hq, d), dtype, gen, device)
+    v = rand((1, seq, hkv, d_v), dtype, gen, device)
+    dout = rand((1, seq, hq, d_v), dtype, gen, device)
     scale = d ** -0.5
     full_mask = Mask.causal(0) if causal else Mask.none()
     out_final, lse_final = be.forward(q, k, v, scale=scale, mask=full_mask)

@@ -94,11 +94,12 @@ SHAPES = [(1, 1, 2, 2), (17, 17, 4, 2), (17, 1000, 4, 1), (1000, 17, 6, 3),
 @pytest.mark.cuda
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d,d_v", [(64, 64), (128, 128), (192, 128)],
+                         ids=["d64", "d128", "d192v128"])  # (192, 128): MLA
 @pytest.mark.parametrize("mask", MASKS, ids=repr)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_forward_backward_against_fp64(dtype, d, mask, shape):
-    kc.check_forward_backward(CudaBackend(), "cuda", dtype, d, shape, mask)
+def test_forward_backward_against_fp64(dtype, d, d_v, mask, shape):
+    kc.check_forward_backward(CudaBackend(), "cuda", dtype, d, shape, mask, d_v=d_v)
 
 
 @pytest.mark.cuda
@@ -163,3 +164,12 @@ def test_ring_simulation_is_exact_with_reference_backend(layout, causal):
 def test_fused_ring_equals_unfused_and_reference(layout, causal, heads):
     # 131-token zigzag chunks: ragged tiles everywhere
     kc.check_fused_ring(CudaBackend(), "cuda", layout, causal, heads, world=4, seq=8 * 131, d=64)
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("layout", ["zigzag", "stripe"])
+def test_fused_ring_mla(layout):
+    """MLA's (192, 128): fused epilogues at V's head dim."""
+    kc.check_fused_ring(CudaBackend(), "cuda", layout, True, (4, 1), world=4, seq=8 * 131,
+                        d=192, d_v=128)

@@ -5,10 +5,10 @@ ldmatrix, cp.async, shuffles and barriers, every CUDA thread a fiber of an emula
 shared memory is checked for races. These tests run the GPU checks of tests/kernel_checks.py
 through it, then ``dist_flash_attn(..., backend="emulate")`` on gloo CPU ranks:
 
-- kernels vs fp64, fp16 and bf16, head_dim 64 and 128, FlashAttention's rule (error at most
-  2x PyTorch math's error in the same dtype, plus a small atol), poisoned outputs; lengths
-  that cross the 64-row/column tiles with ragged tails, causal offsets, rows that see nothing,
-  GQA and MQA;
+- kernels vs fp64, fp16 and bf16, head_dim 64 and 128 and MLA's (D, Dv) = (192, 128),
+  FlashAttention's rule (error at most 2x PyTorch math's error in the same dtype, plus a small
+  atol), poisoned outputs; lengths that cross the 64-row/column tiles with ragged tails, causal
+  offsets, windows, softcap, documents, rows that see nothing, GQA and MQA;
 - the fused ring step (forward_into / backward_into) against forward + merge and fp64;
 - the distributed matrix slice: ring, Ulysses and USP meshes, three layouts, causal, GQA.
 
@@ -61,6 +61,7 @@ def test_absent_extension_raises_clearly(monkeypatch):
 def test_bad_inputs_raise_python_errors(be):
     kc.check_bad_inputs(be, "cpu")
     assert be.head_dims() == (64, 128)
+    assert be.head_dim_pairs() == ((64, 64), (128, 128), (192, 128))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,27 +78,34 @@ MASKS = [Mask.none(), Mask.causal(0), Mask.causal(-1), Mask.causal(-17), Mask.ca
 SHAPES = [(1, 1, 2, 2), (17, 130, 4, 1), (130, 17, 6, 3), (130, 130, 4, 2)]
 
 
-# Every mask at head_dim 64; at 128 (same code, other tile sizes) the ones that make tiles
-# skip, partial and full in different places.
-MASKS_BY_D = [(64, m) for m in MASKS] + [(128, m) for m in MASKS if m.kind == "none"
-                                         or (m.kind == "causal" and m.offset in (0, -17, 70))
-                                         or (m.kind == "band" and m.pieces[0].lo == -70)]
+# Every mask at head_dim 64; at 128 and at MLA's (D, Dv) = (192, 128) (same code, other tile
+# sizes; at (192, 128) V, O, dO and dV have another width than Q, K, dQ and dK) the ones that
+# make tiles skip, partial and full in different places, a window among them.
+# (q/k head dim, v head dim)
+DIMS = {"d64": (64, 64), "d128": (128, 128), "d192v128": (192, 128)}
+SOME_MASKS = [m for m in MASKS if m.kind == "none"
+              or (m.kind == "causal" and m.offset in (0, -17, 70))
+              or (m.kind == "band" and m.pieces[0].lo == -70)]
+MASKS_BY_D = ([("d64", m) for m in MASKS] + [("d128", m) for m in SOME_MASKS]
+              + [("d192v128", m) for m in SOME_MASKS])
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
-@pytest.mark.parametrize("d,mask", MASKS_BY_D, ids=[f"d{d}-{m!r}" for d, m in MASKS_BY_D])
+@pytest.mark.parametrize("dims,mask", MASKS_BY_D, ids=[f"{n}-{m!r}" for n, m in MASKS_BY_D])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_forward_backward_against_fp64(be, dtype, d, mask, shape):
-    kc.check_forward_backward(be, "cpu", dtype, d, shape, mask)
+def test_forward_backward_against_fp64(be, dtype, dims, mask, shape):
+    d, d_v = DIMS[dims]
+    kc.check_forward_backward(be, "cpu", dtype, d, shape, mask, d_v=d_v)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dims", list(DIMS))
 @pytest.mark.parametrize("mask", [Mask.none(), Mask.causal(-17), Mask.band(-20, 10)], ids=repr)
-def test_softcap_against_fp64(be, dtype, d, mask):
+def test_softcap_against_fp64(be, dtype, dims, mask):
     """softcap (Gemma 2: scores c * tanh(s / c)) in the forward and in dS of the backward;
     c = 2 caps the scaled scores of unit-variance inputs hard."""
-    kc.check_forward_backward(be, "cpu", dtype, d, (130, 97, 4, 2), mask, softcap=2.0)
+    d, d_v = DIMS[dims]
+    kc.check_forward_backward(be, "cpu", dtype, d, (130, 97, 4, 2), mask, softcap=2.0, d_v=d_v)
 
 
 def documents(sq, sk, cuts, causal):
@@ -110,19 +118,22 @@ def documents(sq, sk, cuts, causal):
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_documents_in_one_varlen_launch(be, dtype, causal):
+@pytest.mark.parametrize("dims", ["d64", "d192v128"])
+def test_documents_in_one_varlen_launch(be, dtype, causal, dims):
     """Packed documents of a block (pieces with disjoint rows and keys, one of 1 token, one
     crossing two tiles) in one fwd and one bwd call against fp64; through the backend the
     forward and backward are one launch each (bwd: delta, dK/dV and dQ kernels)."""
+    d, d_v = DIMS[dims]
     mask = documents(150, 150, (0, 1, 40, 41, 130, 150), causal)
-    kc.check_forward_backward(be, "cpu", dtype, 64, (150, 150, 4, 2), mask)
+    kc.check_forward_backward(be, "cpu", dtype, d, (150, 150, 4, 2), mask, d_v=d_v)
     gen = torch.Generator().manual_seed(7)
-    q, k, v = (kc.rand((1, 150, 2, 64), dtype, gen, "cpu") for _ in range(3))
+    q, k = (kc.rand((1, 150, 2, d), dtype, gen, "cpu") for _ in range(2))
+    v = kc.rand((1, 150, 2, d_v), dtype, gen, "cpu")
     before = be._ext.launch_count()
-    out, lse = be.forward(q, k, v, scale=0.125, mask=mask)
-    assert be._ext.launch_count() - before == 1
+    out, lse = be.forward(q, k, v, scale=d ** -0.5, mask=mask)
+    assert be._ext.launch_count() - before == 1 and out.shape == (1, 150, 2, d_v)
     before = be._ext.launch_count()
-    be.backward(out, q, k, v, out, lse, scale=0.125, mask=mask)
+    be.backward(out, q, k, v, out, lse, scale=d ** -0.5, mask=mask)
     assert be._ext.launch_count() - before == 3
 
 
@@ -187,6 +198,15 @@ def test_merge_kernel_matches_torch_merge(be, dtype):
 def test_fused_ring_equals_unfused_and_reference(be, layout, causal, heads):
     # 24-token zigzag chunks: ragged tiles in every block
     kc.check_fused_ring(be, "cpu", layout, causal, heads, world=4, seq=8 * 24, d=64)
+
+
+@pytest.mark.parametrize("layout,causal,heads", [("zigzag", True, (2, 2)),
+                                                 ("stripe", False, (4, 1))],
+                         ids=["zigzag-causal-mha", "stripe-full-mqa"])
+def test_fused_ring_mla(be, layout, causal, heads):
+    """MLA's (192, 128): the fused epilogues merge and add at V's head dim (out_acc, dV)."""
+    kc.check_fused_ring(be, "cpu", layout, causal, heads, world=4, seq=8 * 12, d=192,
+                        dtype=torch.float16 if causal else torch.bfloat16, d_v=128)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,8 +283,8 @@ def run_emulate_case(case: Case, mesh) -> dict:
     S = case.seq_len if cu else 2 * case.world * CHUNK[case.world]
     B, D = case.batch, case.head_dim
     q, k, v, dout = (kc.rand(shape, dtype, gen, "cpu") for shape in
-                     ((B, S, case.hq, D), (B, S, case.hkv, D), (B, S, case.hkv, D),
-                      (B, S, case.hq, D)))
+                     ((B, S, case.hq, D), (B, S, case.hkv, D), (B, S, case.hkv, case.dv),
+                      (B, S, case.hq, case.dv)))
     visible = visibility(S, cu, case.causal, case.window)
     ref = _attention_and_grads(*(t.double() for t in (q, k, v, dout)), visible, case.softcap)
     math = _attention_and_grads(q, k, v, dout, visible, case.softcap)

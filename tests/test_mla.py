@@ -1,7 +1,11 @@
 """MLA (DeepSeek V2/V3, Kimi K2): V's head dim differs from q/k's. A shape rule of the block
 contract (out has V's head dim, lse unchanged, default scale 1/sqrt(D_qk)), through ring,
 helper, Ulysses (even and uneven heads), USP, every layout, documents, windows, softcap and
-sinks. fp64 against the dense reference at 1e-10 on gloo worlds 2/4/8 (a subset on 8)."""
+sinks. fp64 against the dense reference at 1e-10 on gloo worlds 2/4/8 (a subset on 8).
+
+The csrc kernels at MLA's (D, Dv) = (192, 128), through backend "emulate" (the same kernel
+text on the CPU CTA emulator): ``dist_flash_attn`` on gloo worlds 2 and 4 in bf16 and fp16,
+against fp64 by FlashAttention's rule (tests/test_emulate.py has the single-block checks)."""
 import pytest
 import torch
 
@@ -72,14 +76,71 @@ def test_block_backends_take_v_head_dim():
             lse, s.logsumexp(-1), atol=1e-12)
 
 
-def test_kernel_backends_refuse_mla():
-    """The csrc kernels have no (D, Dv) pair instantiated: emulate (and cuda) refuse with a
-    clear error in check(), which prepare() runs before any communication."""
+def test_kernel_backends_take_192_128_and_refuse_other_pairs():
+    """The csrc kernels are instantiated for MLA's (D, Dv) = (192, 128): emulate (and cuda,
+    the same check on distattn._C) accept it and refuse other pairs with a clear error in
+    check(), which prepare() runs before any communication. "auto" picks no new backend."""
+    from distattn.kernels import get_backend
+    from distattn.kernels.cuda import head_dim_pairs
     from distattn.kernels.emulate import EmulateBackend
     be = EmulateBackend()
     if be.unavailable():
         pytest.skip(f"emulate extension not built: {be.unavailable()}")
-    q = torch.randn(1, 4, 2, 64, dtype=torch.bfloat16)
-    v = torch.randn(1, 4, 2, 32, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="MLA"):
-        be.check(q, q, v)
+    assert (192, 128) in be.head_dim_pairs()
+    q = torch.randn(1, 4, 2, 192, dtype=torch.bfloat16)
+    v = torch.randn(1, 4, 2, 128, dtype=torch.bfloat16)
+    be.check(q, q, v)
+    assert get_backend("emulate", q, q, v).name == "emulate"
+    assert get_backend("auto", q, q, v).name in ("torch", "reference")
+    for d, dv in ((64, 32), (128, 192), (192, 64)):
+        with pytest.raises(ValueError, match="MLA"):
+            be.check(q[..., :d], q[..., :d], torch.randn(1, 4, 2, dv, dtype=torch.bfloat16))
+
+    class Old:  # an extension built before head_dim_pairs existed
+        @staticmethod
+        def head_dims():
+            return [64, 128]
+    assert head_dim_pairs(Old) == ((64, 64), (128, 128))
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels at (192, 128) through backend "emulate" on gloo worlds 2 and 4
+# ---------------------------------------------------------------------------------------------
+def _emulate_cases(world):
+    """Ring (zigzag causal, plain-ring schedule on contiguous causal), Ulysses with a window,
+    USP with packed documents; GQA and MQA; bf16 and fp16."""
+    if world == 2:
+        return [Case(2, 1, 2, "ulysses_inner", "zigzag", True, 4, 2, 192, 1, "bf16", "emulate",
+                     v_head_dim=128),
+                Case(2, 1, 2, "ulysses_inner", "contiguous", True, 2, 1, 192, 2, "fp16",
+                     "emulate", "ring", v_head_dim=128),
+                Case(2, 2, 1, "ulysses_inner", "stripe", False, 4, 2, 192, 1, "fp16",
+                     "emulate", window=(10, 30), v_head_dim=128)]
+    return [Case(4, 2, 2, "ring_inner", "zigzag", True, 4, 1, 192, 1, "bf16", "emulate",
+                 softcap=2.0, v_head_dim=128),
+            Case(4, 2, 2, "ulysses_inner", "packed", True, 4, 2, 192, 1, "fp16", "emulate",
+                 docs="mixed", window=(20, 0), v_head_dim=128)]
+
+
+EMULATE = [c for w in (2, 4) for c in _emulate_cases(w)]
+_emulate_results = {}
+
+
+@pytest.mark.parametrize("case", EMULATE, ids=[c.id for c in EMULATE])
+def test_mla_emulate_kernels_match_fp64(case):
+    from distattn.kernels.emulate import extension_error
+    if extension_error():
+        pytest.skip(f"emulate extension not built: {extension_error()}")
+    from test_emulate import run_emulate_cases
+    if case.world not in _emulate_results:
+        _emulate_results[case.world] = run_world(case.world, run_emulate_cases,
+                                                 _emulate_cases(case.world))
+    for rank, res in enumerate(_emulate_results[case.world]):
+        r = res[case.id]
+        assert r["dtype_ok"], f"rank {rank}: output, gradient or lse dtype changed"
+        assert r["lse_inf_ok"], f"rank {rank}: rows with lse = -inf differ from the reference"
+        for name in ("out", "lse", "dq", "dk", "dv"):
+            err, err_math, ref_max = r[name]
+            atol = 1e-3 if name in ("out", "lse") else 1e-3 + 1e-3 * ref_max
+            assert err <= 2 * err_math + atol, (
+                f"rank {rank}: {name} err {err:.3g} > 2 x math err {err_math:.3g} + {atol:.2g}")

@@ -1,5 +1,6 @@
 """The ptxas compile gate (tests/cpp/ptxas_gate.py) on reports written here: it passes a
-clean report and fails on a spill, a stack frame, advisory C7510 and a missing kernel."""
+clean report and fails on a spill, a stack frame, advisory C7510 and a missing kernel, at
+D = Dv and at MLA's (D, Dv) = (192, 128)."""
 import importlib.util
 import pathlib
 import sys
@@ -11,11 +12,13 @@ sys.modules["ptxas_gate"] = gate  # dataclasses look their module up
 _spec.loader.exec_module(gate)
 
 MANGLED = {
-    "fwd_kernel": "_ZN8distattn4kern10fwd_kernelI{t}Li{d}EEEvNS_9FwdParamsE",
-    "bwd_kv_kernel": "_ZN8distattn4kern13bwd_kv_kernelI{t}Li{d}EEEvNS_9BwdParamsE",
-    "bwd_q_kernel": "_ZN8distattn4kern12bwd_q_kernelI{t}Li{d}EEEvNS_9BwdParamsE",
+    "fwd_kernel": "_ZN8distattn4kern10fwd_kernelI{t}Li{d}ELi{dv}EEEvNS_9FwdParamsE",
+    "bwd_kv_kernel": "_ZN8distattn4kern13bwd_kv_kernelI{t}Li{d}ELi{dv}EEEvNS_9BwdParamsE",
+    "bwd_q_kernel": "_ZN8distattn4kern12bwd_q_kernelI{t}Li{d}ELi{dv}EEEvNS_9BwdParamsE",
 }
 TYPES = {"fp16": "6__half", "bf16": "13__nv_bfloat16"}
+DIMS = {(64, 64): "hd64", (128, 128): "hd128", (192, 128): "hd192x128"}
+GATED = [64, 128, "192x128"]
 
 
 def report(arch="80", spill=None, stack=None, extra=""):
@@ -24,9 +27,9 @@ def report(arch="80", spill=None, stack=None, extra=""):
     lines = ["ptxas info    : 9 bytes gmem"]
     for kind, pattern in MANGLED.items():
         for dtype, t in TYPES.items():
-            for d in (64, 128):
-                name = pattern.format(t=t, d=d)
-                label = f"{kind}<{dtype} hd{d}>"
+            for (d, dv), hd in DIMS.items():
+                name = pattern.format(t=t, d=d, dv=dv)
+                label = f"{kind}<{dtype} {hd}>"
                 s = 8 if label == spill else 0
                 f = 16 if label == stack else 0
                 lines += [f"ptxas info    : Compiling entry function '{name}' for 'sm_{arch}'",
@@ -44,15 +47,17 @@ def report(arch="80", spill=None, stack=None, extra=""):
 
 def check(text, archs=("80",)):
     entries, c7510 = gate.parse(text)
-    return entries, gate.violations(entries, c7510, list(archs), [64, 128])
+    return entries, gate.violations(entries, c7510, list(archs), GATED)
 
 
 def test_clean_report_passes_and_is_parsed():
     entries, bad = check(report("80") + "\n" + report("90a"), archs=("80", "90a"))
     assert bad == []
-    assert len(entries) == 2 * 13
+    assert len(entries) == 2 * 19
     fwd = [e for e in entries if e.label == "sm_90a fwd_kernel<bf16 hd128>"]
     assert len(fwd) == 1 and fwd[0].registers == 168 and fwd[0].stack == 0
+    mla = [e for e in entries if e.label == "sm_80 bwd_kv_kernel<fp16 hd192x128>"]
+    assert len(mla) == 1 and mla[0].dims == (192, 128)
     assert {e.kind for e in entries} == {"fwd_kernel", "bwd_kv_kernel", "bwd_q_kernel",
                                          "delta_kernel"}
 
@@ -62,16 +67,19 @@ def test_spill_stack_c7510_and_missing_kernels_fail():
     assert len(bad) == 1 and "sm_80 bwd_kv_kernel<bf16 hd128>: 0 bytes stack frame, 8 bytes" in bad[0]
     _, bad = check(report(stack="fwd_kernel<fp16 hd64>"))
     assert len(bad) == 1 and "16 bytes stack frame" in bad[0]
+    _, bad = check(report(spill="bwd_q_kernel<bf16 hd192x128>"))
+    assert len(bad) == 1 and "sm_80 bwd_q_kernel<bf16 hd192x128>: 0 bytes stack" in bad[0]
     _, bad = check(report(extra="\nptxas warning : (C7510) Potential Performance Loss: wgmma"))
     assert len(bad) == 1 and "C7510" in bad[0]
     _, bad = check(report("80"), archs=("80", "90a"))
-    assert len(bad) == 12 and all("sm_90a" in b and "no ptxas report" in b for b in bad)
+    assert len(bad) == 18 and all("sm_90a" in b and "no ptxas report" in b for b in bad)
     _, bad = check("")
-    assert len(bad) == 12
+    assert len(bad) == 18
+    assert any("fwd_kernel<fp16 hd192x128>: no ptxas report" in b for b in bad)
 
 
 def test_head_dims_outside_the_gate_may_spill():
-    hd256 = MANGLED["bwd_kv_kernel"].format(t=TYPES["bf16"], d=256)
+    hd256 = MANGLED["bwd_kv_kernel"].format(t=TYPES["bf16"], d=256, dv=256)
     text = report() + (f"\nptxas info    : Compiling entry function '{hd256}' for 'sm_80'\n"
                        f"ptxas info    : Function properties for {hd256}\n"
                        f"    1312 bytes stack frame, 1312 bytes spill stores, 1400 bytes spill "
@@ -88,3 +96,11 @@ def test_main_reads_logs_under_a_build_dir(tmp_path, capsys):
         "ptxas warning : (C7510) Potential Performance Loss\n")
     assert gate.main([str(tmp_path), "--archs", "80"]) == 1
     assert "C7510" in capsys.readouterr().err
+
+
+def test_old_single_head_dim_names_and_dim_specs_parse():
+    """A kernel named with one int argument (D) is read as (D, D); specs D and DxDv too."""
+    name = "_ZN8distattn4kern10fwd_kernelI6__halfLi64EEEvNS_9FwdParamsE"
+    entries, _ = gate.parse(f"ptxas info    : Compiling entry function '{name}' for 'sm_80'")
+    assert entries[0].dims == (64, 64) and entries[0].label == "sm_80 fwd_kernel<fp16 hd64>"
+    assert gate.parse_dims("192x128") == (192, 128) and gate.parse_dims(64) == (64, 64)

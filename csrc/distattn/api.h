@@ -16,7 +16,8 @@
 namespace distattn {
 
 // Forward of one block (plain or accumulating, see FwdParams). q/k/v dtype: kFloat16 or
-// kBFloat16. Returns cudaErrorInvalidValue for a (dtype, head_dim) without a compiled kernel.
+// kBFloat16. Returns cudaErrorInvalidValue for a (dtype, head_dim, head_dim_v) without a
+// compiled kernel.
 cudaError_t launch_fwd(const FwdParams& params, DType dtype, cudaStream_t stream);
 
 // Backward of one block: delta preprocessing, then the dK/dV kernel and the dQ kernel.
@@ -26,10 +27,11 @@ cudaError_t launch_bwd(const BwdParams& params, DType dtype, cudaStream_t stream
 // Standalone merge; `blk_dtype` is the dtype of out_blk (any of the three).
 cudaError_t launch_merge(const MergeParams& params, DType blk_dtype, cudaStream_t stream);
 
-// Per-(dtype, head_dim) entry points, explicitly instantiated in csrc/kernels/*.cu.
-template <typename T, int D>
+// Per-(dtype, D, Dv) entry points (D: q/k head dim, Dv: v/out head dim), explicitly
+// instantiated in csrc/kernels/*.cu.
+template <typename T, int D, int Dv>
 cudaError_t run_fwd(const FwdParams& params, cudaStream_t stream);
-template <typename T, int D>
+template <typename T, int D, int Dv>
 cudaError_t run_bwd(const BwdParams& params, cudaStream_t stream);
 
 }  // namespace distattn

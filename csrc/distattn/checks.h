@@ -55,9 +55,13 @@ inline std::string check_problem(const Problem& p) {
   if (p.heads_q % p.heads_kv != 0)
     return "heads_q (" + std::to_string(p.heads_q) + ") must be a multiple of heads_kv (" +
            std::to_string(p.heads_kv) + ")";
-  if (!head_dim_supported(p.head_dim))
+  if (p.head_dim_v == p.head_dim && !head_dims_supported(p.head_dim, p.head_dim_v))
     return "head_dim " + std::to_string(p.head_dim) +
            " has no compiled kernel (enabled by DISTATTN_HD<D> in csrc/distattn/tiling.h)";
+  if (!head_dims_supported(p.head_dim, p.head_dim_v))
+    return "head_dim " + std::to_string(p.head_dim) + " with head_dim_v " +
+           std::to_string(p.head_dim_v) + " (v's head dim) has no compiled kernel (MLA pairs "
+           "are enabled by DISTATTN_HD<D>_<Dv> in csrc/distattn/tiling.h)";
   if (!(std::isfinite(p.scale) && p.scale > 0.f))
     return "softmax scale must be finite and > 0";
   if (!(std::isfinite(p.softcap) && p.softcap >= 0.f))
@@ -162,29 +166,30 @@ struct MemView {
 };
 
 namespace detail {
-// Is there an offset i_d in (-sizes[d], sizes[d]) per dimension d >= k with
-// |target - sum_d i_d * strides[d]| < elem? `reach[k]` bounds what dimensions k.. can add.
+// Is there a coefficient c_d in [lo[d], hi[d]] per dimension d >= k with
+// |target - sum_d c_d * strides[d]| < elem? `reach[k]` bounds what dimensions k.. can add.
 // `budget` caps the search; running out answers true (cannot rule the overlap out).
-inline bool offset_reachable(index_t target, int k, int n, const index_t* sizes,
-                             const index_t* strides, const index_t* reach, index_t elem,
-                             long& budget) {
+inline bool offset_reachable(index_t target, int k, int n, const index_t* lo_c,
+                             const index_t* hi_c, const index_t* strides, const index_t* reach,
+                             index_t elem, long& budget) {
   if (k == n) return std::llabs(target) < elem;
   if (--budget < 0) return true;
   const index_t s = strides[k], r = reach[k + 1];  // s > 0, dimensions sorted by stride
-  // i * s within [target - r, target + r], |i| < size.
+  // c * s within [target - r, target + r], lo_c <= c <= hi_c.
   auto floor_div = [](index_t a, index_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); };
-  const index_t lo = std::max(-(sizes[k] - 1), -floor_div(-(target - r), s));
-  const index_t hi = std::min(sizes[k] - 1, floor_div(target + r, s));
-  for (index_t i = lo; i <= hi; ++i)
-    if (offset_reachable(target - i * s, k + 1, n, sizes, strides, reach, elem, budget))
+  const index_t lo = std::max(lo_c[k], -floor_div(-(target - r), s));
+  const index_t hi = std::min(hi_c[k], floor_div(target + r, s));
+  for (index_t c = lo; c <= hi; ++c)
+    if (offset_reachable(target - c * s, k + 1, n, lo_c, hi_c, strides, reach, elem, budget))
       return true;
   return false;
 }
 }  // namespace detail
 
-// Whether two views may share a byte. Exact for views with the same element size, shape and
-// strides (e.g. dK and dV as two slices of one packed buffer: false); otherwise true whenever
-// their address ranges intersect (conservative).
+// Whether two views may share a byte. Exact for views with the same element size and strides,
+// whatever their sizes (e.g. dK and dV as two slices of one packed buffer, also MLA's
+// [..., :D] and [..., D:D + Dv] of one buffer: false); otherwise true whenever their address
+// ranges intersect (conservative).
 inline bool may_overlap(const MemView& a, const MemView& b) {
   auto numel = [](const MemView& v) {
     index_t n = 1;
@@ -204,33 +209,44 @@ inline bool may_overlap(const MemView& a, const MemView& b) {
   span(a, alo, ahi);
   span(b, blo, bhi);
   if (ahi <= blo || bhi <= alo) return false;
-  bool same_layout = a.elem_bytes == b.elem_bytes && a.ndim == b.ndim;
-  for (int d = 0; same_layout && d < a.ndim; ++d)
-    same_layout = a.sizes[d] == b.sizes[d] && (a.sizes[d] == 1 || a.strides[d] == b.strides[d]);
-  if (!same_layout) return true;
-  // Same layout: b's element x sits at a's element x shifted by delta bytes; they overlap iff
-  // delta is (within an element) a difference of two in-range offsets.
-  index_t sizes[kMaxViewDims], strides[kMaxViewDims], reach[kMaxViewDims + 1];
+  // Same strides wherever both views step (a dimension of size 1 is never stepped over).
+  bool same_strides = a.elem_bytes == b.elem_bytes && a.ndim == b.ndim;
+  for (int d = 0; same_strides && d < a.ndim; ++d)
+    same_strides = a.sizes[d] == 1 || b.sizes[d] == 1 || a.strides[d] == b.strides[d];
+  if (!same_strides) return true;
+  // a's element i sits at a.ptr + sum_d i_d * stride_d, b's element j at b.ptr + sum_d j_d *
+  // stride_d: they overlap iff delta = b.ptr - a.ptr is (within an element) some
+  // sum_d (i_d - j_d) * stride_d, with 0 <= i_d < a.sizes[d] and 0 <= j_d < b.sizes[d]. In
+  // units of |stride_d| the coefficient runs over [-(b.sizes[d] - 1), a.sizes[d] - 1], mirrored
+  // for a negative stride.
+  index_t lo_c[kMaxViewDims], hi_c[kMaxViewDims], strides[kMaxViewDims];
+  index_t reach[kMaxViewDims + 1];
   int n = 0;
   for (int d = 0; d < a.ndim; ++d) {
-    if (a.sizes[d] == 1) continue;
-    if (a.strides[d] == 0) return true;  // an expanded view overlaps everything it touches
-    sizes[n] = a.sizes[d];
-    strides[n] = std::llabs(a.strides[d]) * a.elem_bytes;
+    if (a.sizes[d] == 1 && b.sizes[d] == 1) continue;
+    const index_t stride = a.sizes[d] > 1 ? a.strides[d] : b.strides[d];
+    if (stride == 0) return true;  // an expanded view overlaps everything it touches
+    const bool pos = stride > 0;
+    lo_c[n] = -((pos ? b.sizes[d] : a.sizes[d]) - 1);
+    hi_c[n] = (pos ? a.sizes[d] : b.sizes[d]) - 1;
+    strides[n] = std::llabs(stride) * a.elem_bytes;
     ++n;
   }
   for (int i = 0; i < n; ++i)  // by stride, largest first
     for (int j = i + 1; j < n; ++j)
       if (strides[j] > strides[i]) {
         std::swap(strides[i], strides[j]);
-        std::swap(sizes[i], sizes[j]);
+        std::swap(lo_c[i], lo_c[j]);
+        std::swap(hi_c[i], hi_c[j]);
       }
   reach[n] = a.elem_bytes - 1;
-  for (int d = n - 1; d >= 0; --d) reach[d] = reach[d + 1] + (sizes[d] - 1) * strides[d];
+  for (int d = n - 1; d >= 0; --d)
+    reach[d] = reach[d + 1] + std::max(-lo_c[d], hi_c[d]) * strides[d];
   const index_t delta = index_t(reinterpret_cast<std::uintptr_t>(b.ptr)) -
                         index_t(reinterpret_cast<std::uintptr_t>(a.ptr));
   long budget = 100000;
-  return detail::offset_reachable(delta, 0, n, sizes, strides, reach, a.elem_bytes, budget);
+  return detail::offset_reachable(delta, 0, n, lo_c, hi_c, strides, reach, a.elem_bytes,
+                                  budget);
 }
 
 inline std::string check_merge(const MergeParams& p) {

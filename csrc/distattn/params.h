@@ -5,9 +5,13 @@
 // and no CUDA header, so host-only code (tests/cpp) can build and check them with g++.
 //
 // Layouts (flash-attn's, docs/DESIGN.md, "Backends"):
-//   q, out, dout, out_acc, dq_acc   [B, Sq, Hq, D]
-//   k, v, dk_acc, dv_acc            [B, Sk, Hkv, D]        Hq % Hkv == 0, head h reads h / (Hq/Hkv)
+//   q, dq_acc                       [B, Sq, Hq, D]
+//   out, dout, out_acc              [B, Sq, Hq, Dv]
+//   k, dk_acc                       [B, Sk, Hkv, D]        Hq % Hkv == 0, head h reads h / (Hq/Hkv)
+//   v, dv_acc                       [B, Sk, Hkv, Dv]
 //   lse, lse_acc, delta             [B, Hq, Sq]            float32, natural log
+// D is q/k's head dim (Problem::head_dim), Dv v's and out's (Problem::head_dim_v): equal except
+// for MLA (DeepSeek V2/V3, Kimi K2: D = 192, Dv = 128).
 // Every stride is in elements of its own tensor. The last (head_dim) dimension is contiguous.
 #pragma once
 
@@ -69,7 +73,8 @@ struct Problem {
   int seqlen_k = 0;  // rows of k / v
   int heads_q = 0;
   int heads_kv = 0;
-  int head_dim = 0;
+  int head_dim = 0;    // D: q, k, dq, dk
+  int head_dim_v = 0;  // Dv: v, out, dout, dv (== head_dim except for MLA)
   // Softmax scale applied to q.k (must be finite and > 0).
   float scale = 0.f;
   // softcap c > 0: scores s = scale * q.k become c * tanh(s / c) before the softmax; 0: off.

@@ -25,9 +25,10 @@
 #define DA_HD inline
 #endif
 
-// Head dims with compiled kernels. Enabling another (e.g. 256) is this one line: the
-// kernels' tile sizes are functions of D below, and the translation units for 256 already
-// exist (they compile to nothing while the flag is 0).
+// Head dims with compiled kernels. (D, D) for q/k and v alike: enabling another (e.g. 256) is
+// this one line: the kernels' tile sizes are functions of the head dims below, and the
+// translation units for 256 already exist (they compile to nothing while the flag is 0).
+// DISTATTN_HD192_128 is MLA's pair (DeepSeek V2/V3, Kimi K2): q/k head dim 192, v/out 128.
 // (Each can also be overridden from the compiler command line, e.g. -DDISTATTN_HD256=1.)
 #ifndef DISTATTN_HD64
 #define DISTATTN_HD64 1
@@ -38,6 +39,9 @@
 #ifndef DISTATTN_HD256
 #define DISTATTN_HD256 0
 #endif
+#ifndef DISTATTN_HD192_128
+#define DISTATTN_HD192_128 1
+#endif
 
 namespace distattn {
 
@@ -47,23 +51,39 @@ namespace distattn {
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 
+// Tile sizes are functions of D (q/k: the score GEMMs, dQ, dK) and Dv (v/out: the output
+// GEMMs, dO, dV). What bounds them is registers: per thread, a warp's 16 x N float32
+// accumulator takes N / 2 registers and a 16 x N 16-bit A fragment N / 4, and each kernel keeps
+//   forward  Q fragments D / 4 + O Dv / 2    + S  BN / 2   (per key tile)
+//   dK/dV    dK D / 2 + dV Dv / 2            + S^T, dP^T BM (per query tile)
+//   dQ       dQ D / 2                        + S, dP BN     (per key tile)
+// live across its loop. The loop's tile is 64 while the fixed part is at most one that ptxas
+// (nvcc 13.0, sm_80 and sm_90a) has compiled without spills at a 64 tile, else 32. The
+// thresholds are such measured footprints (docs/KERNELS.md has the registers): forward 112
+// (MLA's (192, 128), 218 registers on sm_80), dK/dV 64 (D = Dv = 64, 185), dQ 96 ((192, 128),
+// 244); larger ones have not been tried at 64. So D = Dv = 64 / 128 keep the tiles they were
+// tuned with, and (192, 128) gets forward 64 x 64, dK/dV 64 keys x 32 queries, dQ 64 x 64.
 // Forward: CTA = (query tile, q head, batch); it loops over key tiles.
-DA_HD constexpr int fwd_block_m(int /*d*/) { return 16 * kWarps; }
-DA_HD constexpr int fwd_block_n(int d) { return d <= 128 ? 64 : 32; }
+DA_HD constexpr int fwd_block_m(int /*d*/, int /*dv*/) { return 16 * kWarps; }
+DA_HD constexpr int fwd_block_n(int d, int dv) { return d / 4 + dv / 2 <= 112 ? 64 : 32; }
 // Backward dK/dV kernel: CTA = (key tile, kv head, batch); it loops over the group's q heads
 // and their query tiles.
-DA_HD constexpr int bwd_kv_block_n(int /*d*/) { return 16 * kWarps; }
-DA_HD constexpr int bwd_kv_block_m(int d) { return d <= 64 ? 64 : 32; }
+DA_HD constexpr int bwd_kv_block_n(int /*d*/, int /*dv*/) { return 16 * kWarps; }
+DA_HD constexpr int bwd_kv_block_m(int d, int dv) { return d / 2 + dv / 2 <= 64 ? 64 : 32; }
 // Backward dQ kernel: CTA = (query tile, q head, batch); it loops over key tiles.
-DA_HD constexpr int bwd_q_block_m(int /*d*/) { return 16 * kWarps; }
-DA_HD constexpr int bwd_q_block_n(int d) { return d <= 128 ? 64 : 32; }
-// Shared-memory row pitch in elements: 16 bytes of padding per row make the 8 rows read by
-// one ldmatrix phase start on 8 different 4-bank groups (conflict-free), no swizzle needed.
-DA_HD constexpr int smem_pitch(int d) { return d + 8; }
+DA_HD constexpr int bwd_q_block_m(int /*d*/, int /*dv*/) { return 16 * kWarps; }
+DA_HD constexpr int bwd_q_block_n(int d, int /*dv*/) { return d / 2 <= 96 ? 64 : 32; }
+// Shared-memory row pitch in elements of a tile with `cols` columns (D or Dv): 16 bytes of
+// padding per row make the 8 rows read by one ldmatrix phase start on 8 different 4-bank
+// groups (conflict-free), no swizzle needed.
+DA_HD constexpr int smem_pitch(int cols) { return cols + 8; }
 
-inline bool head_dim_supported(int d) {
-  return (DISTATTN_HD64 && d == 64) || (DISTATTN_HD128 && d == 128) ||
-         (DISTATTN_HD256 && d == 256);
+// Whether (D, Dv) has compiled kernels.
+inline bool head_dims_supported(int d, int dv) {
+  if (d == dv)
+    return (DISTATTN_HD64 && d == 64) || (DISTATTN_HD128 && d == 128) ||
+           (DISTATTN_HD256 && d == 256);
+  return DISTATTN_HD192_128 && d == 192 && dv == 128;
 }
 
 DA_HD constexpr index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
@@ -156,23 +176,41 @@ struct LaunchConfig {
   int smem_bytes = 0;
 };
 
+// Shared memory of each kernel (bytes, 16-bit elements of `elem_bytes`): row-major tiles of
+// D or Dv columns at their smem_pitch, plus the dK/dV kernel's lse and delta rows (float32).
+DA_HD constexpr int fwd_smem_bytes(int d, int dv, int elem_bytes) {
+  return ((fwd_block_m(d, dv) + fwd_block_n(d, dv)) * smem_pitch(d) +  // Q, K
+          fwd_block_n(d, dv) * smem_pitch(dv)) * elem_bytes;            // V
+}
+DA_HD constexpr int bwd_kv_smem_bytes(int d, int dv, int elem_bytes) {
+  return ((bwd_kv_block_n(d, dv) + bwd_kv_block_m(d, dv)) * smem_pitch(d) +    // K, Q
+          (bwd_kv_block_n(d, dv) + bwd_kv_block_m(d, dv)) * smem_pitch(dv)) *  // V, dO
+             elem_bytes +
+         2 * bwd_kv_block_m(d, dv) * 4;  // lse, delta
+}
+DA_HD constexpr int bwd_q_smem_bytes(int d, int dv, int elem_bytes) {
+  return ((bwd_q_block_m(d, dv) + bwd_q_block_n(d, dv)) * smem_pitch(d) +    // Q, K
+          (bwd_q_block_m(d, dv) + bwd_q_block_n(d, dv)) * smem_pitch(dv)) *  // dO, V
+         elem_bytes;
+}
+
 // grid_x: the query (or key) tiles of all pieces; see assign_tiles.
 inline LaunchConfig fwd_launch_config(const Problem& p, int elem_bytes) {
-  const int d = p.head_dim, bm = fwd_block_m(d), bn = fwd_block_n(d);
-  return {total_tiles(p, bm, false), p.heads_q, p.batch, kThreads,
-          (bm + 2 * bn) * smem_pitch(d) * elem_bytes};
+  const int d = p.head_dim, dv = p.head_dim_v;
+  return {total_tiles(p, fwd_block_m(d, dv), false), p.heads_q, p.batch, kThreads,
+          fwd_smem_bytes(d, dv, elem_bytes)};
 }
 
 inline LaunchConfig bwd_kv_launch_config(const Problem& p, int elem_bytes) {
-  const int d = p.head_dim, bn = bwd_kv_block_n(d), bm = bwd_kv_block_m(d);
-  return {total_tiles(p, bn, true), p.heads_kv, p.batch, kThreads,
-          (2 * bn + 2 * bm) * smem_pitch(d) * elem_bytes + 2 * bm * 4};
+  const int d = p.head_dim, dv = p.head_dim_v;
+  return {total_tiles(p, bwd_kv_block_n(d, dv), true), p.heads_kv, p.batch, kThreads,
+          bwd_kv_smem_bytes(d, dv, elem_bytes)};
 }
 
 inline LaunchConfig bwd_q_launch_config(const Problem& p, int elem_bytes) {
-  const int d = p.head_dim, bm = bwd_q_block_m(d), bn = bwd_q_block_n(d);
-  return {total_tiles(p, bm, false), p.heads_q, p.batch, kThreads,
-          (2 * bm + 2 * bn) * smem_pitch(d) * elem_bytes};
+  const int d = p.head_dim, dv = p.head_dim_v;
+  return {total_tiles(p, bwd_q_block_m(d, dv), false), p.heads_q, p.batch, kThreads,
+          bwd_q_smem_bytes(d, dv, elem_bytes)};
 }
 
 // One warp per (b, h, row) for the row-wise kernels (delta preprocessing, merge).
@@ -182,10 +220,12 @@ inline LaunchConfig row_launch_config(index_t rows) {
   return {ceil_div(rows, per_block), 1, 1, kRowKernelThreads, 0};
 }
 
-// Grid limits of CUDA (x: 2^31-1, y and z: 65535) and the opt-in shared memory of sm_80
-// (163 KiB; sm_90 allows 227 KiB).
+// Grid limits of CUDA (x: 2^31-1, y and z: 65535) and the opt-in shared memory per CTA of
+// sm_80 (163 KiB; sm_90 allows 227 KiB). The sm_80 build also runs on sm_86 / sm_89, which
+// allow 99 KiB: every compiled instantiation stays within that (test_checks.cpp).
 constexpr index_t kMaxGridX = 2147483647;
 constexpr index_t kMaxGridYZ = 65535;
 constexpr int kMaxSmemBytesSm80 = 163 * 1024;
+constexpr int kMaxSmemBytesSm86 = 99 * 1024;
 
 }  // namespace distattn

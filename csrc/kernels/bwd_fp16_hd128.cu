@@ -1,5 +1,5 @@
 // bwd kernels for __half, head_dim 128 (one translation unit per dtype x head_dim x direction).
 #include "instantiate.cuh"
 #if DISTATTN_HD128
-DISTATTN_INSTANTIATE_BWD(__half, 128)
+DISTATTN_INSTANTIATE_BWD(__half, 128, 128)
 #endif

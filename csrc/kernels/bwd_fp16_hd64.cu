@@ -1,5 +1,5 @@
 // bwd kernels for __half, head_dim 64 (one translation unit per dtype x head_dim x direction).
 #include "instantiate.cuh"
 #if DISTATTN_HD64
-DISTATTN_INSTANTIATE_BWD(__half, 64)
+DISTATTN_INSTANTIATE_BWD(__half, 64, 64)
 #endif

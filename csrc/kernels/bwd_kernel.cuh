@@ -18,6 +18,8 @@
 // loads and stores, so results are bitwise reproducible. The price is recomputing S and dP
 // in kernel 3 (7 instead of 5 GEMMs); an atomic-dQ variant is future work (docs/KERNELS.md).
 //
+// D is q/k's head dim (S, dQ, dK), Dv v's, out's and dO's (dP = dO V^T, dV); they differ for
+// MLA.
 // `lse` is the final lse of the queries. Rows with lse = -inf (they see nothing anywhere)
 // and out-of-bounds query rows get probability exactly 0: their lse is replaced by +inf.
 #pragma once
@@ -43,7 +45,7 @@ __global__ void __launch_bounds__(kRowKernelThreads) delta_kernel(const BwdParam
   const TO* out = static_cast<const TO*>(p.out) + b * p.out_stride.batch +
                   i * p.out_stride.seq + h * p.out_stride.head;
   float acc = 0.f;
-  for (int d = lane; d < pr.head_dim; d += 32) acc += load_as_float(dout + d) * load_as_float(out + d);
+  for (int d = lane; d < pr.head_dim_v; d += 32) acc += load_as_float(dout + d) * load_as_float(out + d);
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
   if (lane == 0) p.delta[idx] = acc;  // [B, Hq, Sq] contiguous: idx = (b*Hq + h)*Sq + i
@@ -63,19 +65,22 @@ __device__ __forceinline__ void store_grad(float* dst, float x, float y, bool ac
 }
 
 // ---- 2. dK, dV -------------------------------------------------------------------------------
-template <typename T, int D>
+template <typename T, int D, int Dv>
 __global__ void __launch_bounds__(kThreads) bwd_kv_kernel(const BwdParams p) {
-  constexpr int BN = bwd_kv_block_n(D), BM = bwd_kv_block_m(D), PITCH = smem_pitch(D);
-  static_assert(D % 16 == 0 && BM % 16 == 0 && BN == 16 * kWarps, "tile shape");
+  constexpr int BN = bwd_kv_block_n(D, Dv), BM = bwd_kv_block_m(D, Dv);
+  constexpr int PITCH = smem_pitch(D), PITCH_V = smem_pitch(Dv);
+  static_assert(D % 16 == 0 && Dv % 16 == 0 && BM % 16 == 0 && BN == 16 * kWarps,
+                "tile shape");
   constexpr int MT = BM / 8;  // 8-column (query) tiles of S^T
-  constexpr int DT = D / 8;
+  constexpr int DT = D / 8;   // 8-column tiles of dK
+  constexpr int DVT = Dv / 8; // 8-column tiles of dV
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* sK = reinterpret_cast<T*>(smem_raw);
-  T* sV = sK + BN * PITCH;
-  T* sQ = sV + BN * PITCH;
-  T* sdO = sQ + BM * PITCH;
-  float* sLse = reinterpret_cast<float*>(sdO + BM * PITCH);  // log2 units, +inf = "P is 0"
+  T* sK = reinterpret_cast<T*>(smem_raw);  // [BN][PITCH]
+  T* sV = sK + BN * PITCH;                 // [BN][PITCH_V]
+  T* sQ = sV + BN * PITCH_V;               // [BM][PITCH]
+  T* sdO = sQ + BM * PITCH;                // [BM][PITCH_V]
+  float* sLse = reinterpret_cast<float*>(sdO + BM * PITCH_V);  // log2 units, +inf = "P is 0"
   float* sDelta = sLse + BM;
 
   const Problem& pr = p.prob;
@@ -89,7 +94,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kv_kernel(const BwdParams p) {
   const ScoreScale score(pr.scale, pr.softcap);
   const TileRange range = query_tiles_for_key_tile(n0, BN, BM, sq, sk, pc.band);
 
-  float dk[DT][4], dv[DT][4];
+  float dk[DT][4], dv[DVT][4];
   zero(dk);
   zero(dv);
 
@@ -99,7 +104,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kv_kernel(const BwdParams p) {
     const T* v = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head +
                  pc.k0 * p.v_stride.seq;
     load_tile_async<T, D, BN>(sK, k, p.k_stride.seq, n0, sk);
-    load_tile_async<T, D, BN>(sV, v, p.v_stride.seq, n0, sk);
+    load_tile_async<T, Dv, BN>(sV, v, p.v_stride.seq, n0, sk);
     cp_async_commit();
 
     for (int gi = 0; gi < group; ++gi) {
@@ -115,7 +120,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kv_kernel(const BwdParams p) {
       for (index_t mt = range.first; mt < range.last; ++mt) {
         const index_t m0 = mt * BM;
         load_tile_async<T, D, BM>(sQ, q, p.q_stride.seq, m0, sq);
-        load_tile_async<T, D, BM>(sdO, dout, p.dout_stride.seq, m0, sq);
+        load_tile_async<T, Dv, BM>(sdO, dout, p.dout_stride.seq, m0, sq);
         cp_async_commit();
         if (threadIdx.x < BM) {
           const index_t row = m0 + threadIdx.x;
@@ -131,7 +136,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kv_kernel(const BwdParams p) {
         zero(st);
         zero(dpt);
         gemm_smem_a_nmajor_b<T, PITCH, D, MT>(st, sK, 16 * warp, sQ);
-        gemm_smem_a_nmajor_b<T, PITCH, D, MT>(dpt, sV, 16 * warp, sdO);
+        gemm_smem_a_nmajor_b<T, PITCH_V, Dv, MT>(dpt, sV, 16 * warp, sdO);
 
         const bool partial = classify_tile(m0, BM, n0, BN, sq, sk, pc.band) != kFull;
 #pragma unroll
@@ -153,7 +158,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kv_kernel(const BwdParams p) {
         uint32_t pf[MT / 2][4], dsf[MT / 2][4];
         acc_to_a<T, MT>(pf, st);
         acc_to_a<T, MT>(dsf, dpt);
-        gemm_rega_kmajor_b<T, PITCH, MT / 2, DT>(dv, pf, sdO);  // dV += P^T dO
+        gemm_rega_kmajor_b<T, PITCH_V, MT / 2, DVT>(dv, pf, sdO);  // dV += P^T dO
         gemm_rega_kmajor_b<T, PITCH, MT / 2, DT>(dk, dsf, sQ);  // dK += dS^T Q
         __syncthreads();  // every warp is done with Q, dO before the next tile overwrites them
       }
@@ -170,27 +175,30 @@ __global__ void __launch_bounds__(kThreads) bwd_kv_kernel(const BwdParams p) {
     float* dk_row = p.dk_acc + b * p.dk_stride.batch + key * p.dk_stride.seq + hk * p.dk_stride.head;
     float* dv_row = p.dv_acc + b * p.dv_stride.batch + key * p.dv_stride.seq + hk * p.dv_stride.head;
 #pragma unroll
-    for (int d = 0; d < DT; ++d) {
+    for (int d = 0; d < DT; ++d)
       store_grad(dk_row + 8 * d + 2 * t, dk[d][2 * r] * pr.scale, dk[d][2 * r + 1] * pr.scale,
                  p.accumulate);
+#pragma unroll
+    for (int d = 0; d < DVT; ++d)
       store_grad(dv_row + 8 * d + 2 * t, dv[d][2 * r], dv[d][2 * r + 1], p.accumulate);
-    }
   }
 }
 
 // ---- 3. dQ -----------------------------------------------------------------------------------
-template <typename T, int D>
+template <typename T, int D, int Dv>
 __global__ void __launch_bounds__(kThreads) bwd_q_kernel(const BwdParams p) {
-  constexpr int BM = bwd_q_block_m(D), BN = bwd_q_block_n(D), PITCH = smem_pitch(D);
-  static_assert(D % 16 == 0 && BN % 16 == 0 && BM == 16 * kWarps, "tile shape");
+  constexpr int BM = bwd_q_block_m(D, Dv), BN = bwd_q_block_n(D, Dv);
+  constexpr int PITCH = smem_pitch(D), PITCH_V = smem_pitch(Dv);
+  static_assert(D % 16 == 0 && Dv % 16 == 0 && BN % 16 == 0 && BM == 16 * kWarps,
+                "tile shape");
   constexpr int NT = BN / 8;
-  constexpr int DT = D / 8;
+  constexpr int DT = D / 8;  // 8-column tiles of dQ
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sdO = sQ + BM * PITCH;
-  T* sK = sdO + BM * PITCH;
-  T* sV = sK + BN * PITCH;
+  T* sQ = reinterpret_cast<T*>(smem_raw);  // [BM][PITCH]
+  T* sdO = sQ + BM * PITCH;                // [BM][PITCH_V]
+  T* sK = sdO + BM * PITCH_V;              // [BN][PITCH]
+  T* sV = sK + BN * PITCH;                 // [BN][PITCH_V]
 
   const Problem& pr = p.prob;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -227,13 +235,13 @@ __global__ void __launch_bounds__(kThreads) bwd_q_kernel(const BwdParams p) {
     const T* dout = static_cast<const T*>(p.dout) + b * p.dout_stride.batch +
                     h * p.dout_stride.head + pc.q0 * p.dout_stride.seq;
     load_tile_async<T, D, BM>(sQ, q, p.q_stride.seq, m0, sq);
-    load_tile_async<T, D, BM>(sdO, dout, p.dout_stride.seq, m0, sq);
+    load_tile_async<T, Dv, BM>(sdO, dout, p.dout_stride.seq, m0, sq);
   }
 
   for (index_t it = keys.first; it < keys.last; ++it) {
     const index_t n0 = it * BN;
     load_tile_async<T, D, BN>(sK, k, p.k_stride.seq, n0, sk);
-    load_tile_async<T, D, BN>(sV, v, p.v_stride.seq, n0, sk);
+    load_tile_async<T, Dv, BN>(sV, v, p.v_stride.seq, n0, sk);
     cp_async_commit();
     cp_async_wait_all();
     __syncthreads();  // Q, dO (first time) and K_it, V_it are in shared memory
@@ -242,7 +250,7 @@ __global__ void __launch_bounds__(kThreads) bwd_q_kernel(const BwdParams p) {
     zero(s);
     zero(dp);
     gemm_smem_a_nmajor_b<T, PITCH, D, NT>(s, sQ, 16 * warp, sK);   // S = Q K^T
-    gemm_smem_a_nmajor_b<T, PITCH, D, NT>(dp, sdO, 16 * warp, sV);  // dP = dO V^T
+    gemm_smem_a_nmajor_b<T, PITCH_V, Dv, NT>(dp, sdO, 16 * warp, sV);  // dP = dO V^T
 
     const bool partial = classify_tile(m0, BM, n0, BN, sq, sk, pc.band) != kFull;
 #pragma unroll
@@ -290,7 +298,7 @@ cudaError_t launch_tiled(const LaunchConfig& cfg, const BwdParams& p, cudaStream
   return cudaGetLastError();
 }
 
-template <typename T, int D>
+template <typename T, int D, int Dv>
 cudaError_t launch_bwd_kernels(const BwdParams& p, cudaStream_t stream) {
   const Problem& pr = p.prob;
   const LaunchConfig rows =
@@ -301,12 +309,12 @@ cudaError_t launch_bwd_kernels(const BwdParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   // The dQ kernel's grid runs over query tiles, the dK/dV kernel's over key tiles.
   BwdParams lp = p;
-  assign_tiles(lp.prob, bwd_q_block_m(D), bwd_kv_block_n(D));
-  err = launch_tiled<bwd_kv_kernel<T, D>>(bwd_kv_launch_config(lp.prob, int(sizeof(T))), lp,
-                                          stream);
+  assign_tiles(lp.prob, bwd_q_block_m(D, Dv), bwd_kv_block_n(D, Dv));
+  err = launch_tiled<bwd_kv_kernel<T, D, Dv>>(bwd_kv_launch_config(lp.prob, int(sizeof(T))),
+                                              lp, stream);
   if (err != cudaSuccess) return err;
-  return launch_tiled<bwd_q_kernel<T, D>>(bwd_q_launch_config(lp.prob, int(sizeof(T))), lp,
-                                          stream);
+  return launch_tiled<bwd_q_kernel<T, D, Dv>>(bwd_q_launch_config(lp.prob, int(sizeof(T))),
+                                              lp, stream);
 }
 
 }  // namespace kern

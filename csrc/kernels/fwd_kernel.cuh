@@ -8,6 +8,7 @@
 //   S = Q K^T (fp32) -> softcap -> mask (partial tiles only) -> running row max m (log2 units)
 //   P = exp2(S * scale * log2(e) - m); rescale O and the row sums l; O += P V (P in T)
 //
+// D is q/k's head dim (S = Q K^T), Dv v's and out's (O = P V); they differ for MLA.
 // Pipeline (cp.async, single buffer per operand): V_j is loaded while S_j is computed, and
 // K_{j+1} while P_j V_j is computed. Empty rows (no visible key) end with l = 0 and get
 // out = 0, lse = -inf. In accumulate mode the epilogue merges (out, lse) of this block into
@@ -19,17 +20,19 @@
 namespace distattn {
 namespace kern {
 
-template <typename T, int D>
+template <typename T, int D, int Dv>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
-  constexpr int BM = fwd_block_m(D), BN = fwd_block_n(D), PITCH = smem_pitch(D);
-  static_assert(D % 16 == 0 && BN % 16 == 0 && BM == 16 * kWarps, "tile shape");
-  constexpr int NT = BN / 8;  // 8-column tiles of S
-  constexpr int DT = D / 8;   // 8-column tiles of O
+  constexpr int BM = fwd_block_m(D, Dv), BN = fwd_block_n(D, Dv);
+  constexpr int PITCH = smem_pitch(D), PITCH_V = smem_pitch(Dv);
+  static_assert(D % 16 == 0 && Dv % 16 == 0 && BN % 16 == 0 && BM == 16 * kWarps,
+                "tile shape");
+  constexpr int NT = BN / 8;   // 8-column tiles of S
+  constexpr int DVT = Dv / 8;  // 8-column tiles of O
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sK = sQ + BM * PITCH;
-  T* sV = sK + BN * PITCH;
+  T* sQ = reinterpret_cast<T*>(smem_raw);  // [BM][PITCH]
+  T* sK = sQ + BM * PITCH;                 // [BN][PITCH]
+  T* sV = sK + BN * PITCH;                 // [BN][PITCH_V]
 
   const Problem& pr = p.prob;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -52,7 +55,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
   const TileRange keys = key_tiles_for_query_tile(m0, BM, BN, sq, sk, pc.band);
   const ScoreScale score(pr.scale, pr.softcap);
 
-  float o[DT][4];
+  float o[DVT][4];
   zero(o);
   float row_max[2] = {-INFINITY, -INFINITY};  // log2 units, already scaled
   float row_sum[2] = {0.f, 0.f};              // this thread's partial sums (quad-reduced at end)
@@ -72,7 +75,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) ldsm_a<T, PITCH>(qf[kk], sQ, 16 * warp, 16 * kk);
     }
-    load_tile_async<T, D, BN>(sV, v, p.v_stride.seq, n0, sk);
+    load_tile_async<T, Dv, BN>(sV, v, p.v_stride.seq, n0, sk);
     cp_async_commit();
 
     // S = Q K^T for this warp's 16 rows.
@@ -130,7 +133,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
         }
       row_sum[r] = row_sum[r] * alpha + sum;
 #pragma unroll
-      for (int d = 0; d < DT; ++d) {
+      for (int d = 0; d < DVT; ++d) {
         o[d][2 * r] *= alpha;
         o[d][2 * r + 1] *= alpha;
       }
@@ -146,7 +149,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
     // O += P V.
     uint32_t pf[NT / 2][4];
     acc_to_a<T, NT>(pf, s);
-    gemm_rega_kmajor_b<T, PITCH, NT / 2, DT>(o, pf, sV);
+    gemm_rega_kmajor_b<T, PITCH_V, NT / 2, DVT>(o, pf, sV);
   }
 
   // ---- epilogue ----------------------------------------------------------------------------
@@ -163,7 +166,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
         T* out = static_cast<T*>(p.out) + b * p.out_stride.batch + row * p.out_stride.seq +
                  h * p.out_stride.head;
 #pragma unroll
-        for (int d = 0; d < DT; ++d)
+        for (int d = 0; d < DVT; ++d)
           *reinterpret_cast<uint32_t*>(out + 8 * d + 2 * t) =
               Elem<T>::pack(o[d][2 * r] * inv, o[d][2 * r + 1] * inv);
         if (t == 0)
@@ -187,7 +190,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
                      h * p.out_acc_stride.head;
         w_new *= inv;  // o holds the unnormalised sum P V
 #pragma unroll
-        for (int d = 0; d < DT; ++d) {
+        for (int d = 0; d < DVT; ++d) {
           float2* a2 = reinterpret_cast<float2*>(acc + 8 * d + 2 * t);
           float2 cur = make_float2(0.f, 0.f);
           if (w_old != 0.f) cur = *a2;  // never read a dead accumulator (0 * NaN = NaN)
@@ -201,13 +204,13 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, int Dv>
 cudaError_t launch_fwd_kernel(const FwdParams& p, cudaStream_t stream) {
   FwdParams lp = p;
-  assign_tiles(lp.prob, fwd_block_m(D), fwd_block_n(D));
+  assign_tiles(lp.prob, fwd_block_m(D, Dv), fwd_block_n(D, Dv));
   const LaunchConfig cfg = fwd_launch_config(lp.prob, int(sizeof(T)));
-  auto kernel = fwd_kernel<T, D>;
-  const cudaError_t err = allow_dynamic_smem<fwd_kernel<T, D>>(cfg.smem_bytes);
+  auto kernel = fwd_kernel<T, D, Dv>;
+  const cudaError_t err = allow_dynamic_smem<fwd_kernel<T, D, Dv>>(cfg.smem_bytes);
   if (err != cudaSuccess) return err;
   const dim3 grid(unsigned(cfg.grid_x), unsigned(cfg.grid_y), unsigned(cfg.grid_z));
   DISTATTN_LAUNCH(kernel, grid, cfg.threads, cfg.smem_bytes, stream, lp);

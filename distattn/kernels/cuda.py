@@ -2,10 +2,11 @@
 
 Contract (base.py / docs/DESIGN.md, "Backends"), with these specifics:
 
-- Inputs: CUDA tensors, float16 or bfloat16, head_dim with a compiled kernel (64, 128;
-  ``distattn._C.head_dims()``), ``Hq % Hkv == 0`` (GQA/MQA by index mapping). q/k/v may be
-  strided views; a view whose rows are not 16-byte aligned is copied to a contiguous tensor
-  first (correct, but a copy).
+- Inputs: CUDA tensors, float16 or bfloat16, head dims (D of q/k, Dv of v) with a compiled
+  kernel: D = Dv = 64 or 128, and MLA's (D, Dv) = (192, 128) (``head_dim_pairs()``;
+  ``head_dims()`` lists the D = Dv ones), ``Hq % Hkv == 0`` (GQA/MQA by index mapping).
+  ``out``/``dout`` have V's head dim. q/k/v may be strided views; a view whose rows are not
+  16-byte aligned is copied to a contiguous tensor first (correct, but a copy).
 - Masks: every mask of the algebra (kernels/mask.py). Its pieces run on their smallest
   rectangles, a band (lo, hi) each; pieces with disjoint query rows (and keys, backward) share
   one "varlen" launch, others take further launches merged by the fused epilogue. softcap in
@@ -60,8 +61,20 @@ def extension_error() -> str | None:
 
 
 def head_dims() -> tuple[int, ...]:
-    """Head dims with compiled kernels (empty when the extension is absent)."""
+    """Head dims D with compiled kernels for q, k and v alike (empty when the extension is
+    absent)."""
     return tuple(_C.head_dims()) if _C is not None else ()
+
+
+def head_dim_pairs(ext=None) -> tuple[tuple[int, int], ...]:
+    """Every (D, Dv) with compiled kernels (q/k head dim, v/out head dim): the D = Dv ones and
+    MLA's pairs; empty when the extension is absent. ``ext``: the extension (default _C)."""
+    ext = _C if ext is None else ext
+    if ext is None:
+        return ()
+    if not hasattr(ext, "head_dim_pairs"):  # an extension built before MLA
+        return tuple((d, d) for d in ext.head_dims())
+    return tuple((int(d), int(dv)) for d, dv in ext.head_dim_pairs())
 
 
 def arch_error(archs, capability) -> str | None:
@@ -146,6 +159,9 @@ class CudaBackend(BlockAttention):
     def head_dims(self) -> tuple[int, ...]:
         return head_dims()
 
+    def head_dim_pairs(self) -> tuple[tuple[int, int], ...]:
+        return head_dim_pairs(self._ext)
+
     # -- applicability ----------------------------------------------------------------------
     def check(self, q, k, v):
         me = f"backend={self.name!r}"
@@ -170,23 +186,26 @@ class CudaBackend(BlockAttention):
                             f"q/k/v, or use backend='torch' or 'reference'")
         if k.dtype != q.dtype or v.dtype != q.dtype:
             raise TypeError(f"k and v must have q's dtype {q.dtype}, got {k.dtype}, {v.dtype}")
-        if k.shape[:-1] == v.shape[:-1] and k.shape[-1] != v.shape[-1]:
-            raise ValueError(f"{me} has no kernels for V's head dim ({v.shape[-1]}) differing "
-                             f"from q/k's ({k.shape[-1]}) (MLA) yet; use backend='torch' or "
-                             f"'reference' (docs/KERNELS.md)")
-        if k.shape != v.shape:
-            raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
-                             f"{tuple(v.shape)}")
+        if k.shape[:-1] != v.shape[:-1]:
+            raise ValueError(f"k and v must have the same [B, Sk, Hkv], got {tuple(k.shape)} "
+                             f"and {tuple(v.shape)}")
         b, _, hq, d = q.shape
+        dv = v.shape[-1]
         if k.shape[0] != b or k.shape[3] != d:
-            raise ValueError(f"k/v must be [B, Sk, Hkv, D] with q's B={b} and D={d}, got "
+            raise ValueError(f"k must be [B, Sk, Hkv, D] with q's B={b} and D={d}, got "
                              f"{tuple(k.shape)}")
         hkv = k.shape[2]
         if hkv == 0 or hq % hkv != 0:
             raise ValueError(f"q's heads ({hq}) must be a multiple of k/v's heads ({hkv})")
-        if d not in self.head_dims():
-            raise ValueError(f"{me} has kernels for head_dim in {self.head_dims()}, got "
-                             f"{d}; use backend='torch'")
+        pairs = self.head_dim_pairs()
+        if dv != d and (d, dv) not in pairs:
+            mla = [p for p in pairs if p[0] != p[1]]
+            raise ValueError(f"{me} has no kernels for q/k head_dim {d} with V's head dim {dv} "
+                             f"(MLA); compiled (D, Dv) pairs with Dv != D: {mla}; use "
+                             f"backend='torch' or 'reference' (docs/KERNELS.md)")
+        if (d, dv) not in pairs:
+            raise ValueError(f"{me} has kernels for head_dim in {self.head_dims()} (and the "
+                             f"MLA pairs of head_dim_pairs()), got {d}; use backend='torch'")
         if hq > _MAX_GRID_YZ or b > _MAX_GRID_YZ:
             raise ValueError(f"{me} needs heads and batch <= {_MAX_GRID_YZ}, got "
                              f"Hq={hq}, B={b}")
@@ -214,14 +233,14 @@ class CudaBackend(BlockAttention):
     def forward(self, q, k, v, *, scale, mask, softcap=0.0):
         groups = _launch_groups(mask, q.shape[1], k.shape[1], False)
         if not groups:
-            return empty_result(q, torch.float32)
+            return empty_result(q, torch.float32, v.shape[-1])
         if len(groups) > 1:  # rows met by several pieces: merge them in the fused epilogue
-            out, lse = new_accumulators(q, torch.float32)
+            out, lse = new_accumulators(q, torch.float32, v.shape[-1])
             self._forward_groups_into(groups, q, k, v, out, lse, scale, softcap)
             return out.to(q.dtype), lse
         q, k, v = _kernel_input(q), _kernel_input(k), _kernel_input(v)
         b, sq, hq, _ = q.shape
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        out = torch.empty(b, sq, hq, v.shape[-1], dtype=q.dtype, device=q.device)
         lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
         # rows outside every piece: out = 0, lse = -inf (the binding fills them)
         self._ext.fwd(q, k, v, out, lse, float(scale), list(groups[0]), float(softcap))

@@ -5,15 +5,16 @@ The CMake kernel build keeps each translation unit's report next to its object f
 (tests/cpp/ptxas_log.sh writes <object>.ptxas.log). This script reads every such log under a
 build directory and fails (exit 1) when
 
-  * a kernel at a gated head_dim (default 64 and 128; kernels without a head_dim always) has
-    a stack frame or spill stores/loads (local memory in the inner loop costs more than the
-    registers it saves),
+  * a kernel at gated head dims (default D = Dv = 64 and 128 and MLA's (D, Dv) = (192, 128);
+    kernels without a head dim always) has a stack frame or spill stores/loads (local memory
+    in the inner loop costs more than the registers it saves),
   * ptxas printed advisory C7510 (tensor-core instructions serialised, e.g. by a device
     assert; the build uses -DNDEBUG),
-  * an expected kernel (fwd, dK/dV, dQ x fp16/bf16 x gated head_dim x architecture) has no
+  * an expected kernel (fwd, dK/dV, dQ x fp16/bf16 x gated head dims x architecture) has no
     report at all, so that the gate cannot pass by finding nothing.
 
-Usage: ptxas_gate.py BUILD_DIR [--archs "90a;80"] [--head-dims 64,128]
+Usage: ptxas_gate.py BUILD_DIR [--archs "90a;80"] [--head-dims 64,128,192x128]
+(a head dim D means the pair (D, D); DxDv names a pair with V's head dim Dv).
 """
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
 PROPS = re.compile(r"Function properties for (\S+)")
 USAGE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 REGS = re.compile(r"Used (\d+) registers")
-# distattn::kern::<kind><T[, ...]>, with the head dim as the last int template argument.
-KERNEL = re.compile(r"kern\d+(\w+?_kernel)I(6__half|13__nv_bfloat16|f)\w*?(?:Li(\d+)E)?E")
+# distattn::kern::<kind><T, D, Dv> (the attention kernels) or <T, ...> (the others); a single
+# int argument D is read as (D, D).
+KERNEL = re.compile(r"kern\d+(\w+?_kernel)I(6__half|13__nv_bfloat16|f)(?:Li(\d+)E(?:Li(\d+)E)?)?")
 DTYPES = {"6__half": "fp16", "13__nv_bfloat16": "bf16", "f": "fp32"}
 GATED_KINDS = ("fwd_kernel", "bwd_kv_kernel", "bwd_q_kernel")
 
@@ -40,15 +42,35 @@ class Entry:
     kind: str        # "fwd_kernel", ... or "?" when not one of ours
     dtype: str
     head_dim: int | None
+    head_dim_v: int | None
     stack: int = -1
     spill_stores: int = -1
     spill_loads: int = -1
     registers: int = -1
 
     @property
+    def dims(self) -> tuple[int, int] | None:
+        return (self.head_dim, self.head_dim_v) if self.head_dim else None
+
+    @property
     def label(self) -> str:
-        hd = f" hd{self.head_dim}" if self.head_dim else ""
-        return f"{self.arch} {self.kind}<{self.dtype}{hd}>"
+        return f"{self.arch} {self.kind}<{self.dtype}{dims_label(self.dims)}>"
+
+
+def dims_label(dims) -> str:
+    """The label's head dims: ' hd128' for (128, 128), ' hd192x128' for MLA's pair."""
+    if dims is None:
+        return ""
+    d, dv = dims
+    return f" hd{d}" if d == dv else f" hd{d}x{dv}"
+
+
+def parse_dims(spec) -> tuple[int, int]:
+    """64 or "64" -> (64, 64); "192x128" or (192, 128) -> (192, 128)."""
+    if isinstance(spec, tuple):
+        return spec
+    d, _, dv = str(spec).partition("x")
+    return int(d), int(dv or d)
 
 
 def parse(text: str) -> tuple[list[Entry], list[str]]:
@@ -62,9 +84,10 @@ def parse(text: str) -> tuple[list[Entry], list[str]]:
         if m:
             mangled, arch = m.groups()
             k = KERNEL.search(mangled)
+            d = int(k.group(3)) if k and k.group(3) else None
+            dv = int(k.group(4)) if k and k.group(4) else d
             current = Entry(arch, mangled, k.group(1) if k else "?",
-                            DTYPES.get(k.group(2), "?") if k else "?",
-                            int(k.group(3)) if k and k.group(3) else None)
+                            DTYPES.get(k.group(2), "?") if k else "?", d, dv)
             entries.append(current)
             props_for = None
             continue
@@ -83,25 +106,27 @@ def parse(text: str) -> tuple[list[Entry], list[str]]:
 
 
 def violations(entries: list[Entry], c7510: list[str], archs: list[str],
-               head_dims: list[int]) -> list[str]:
-    """Everything that fails the gate, one sentence each (empty: the gate passes)."""
+               head_dims: list) -> list[str]:
+    """Everything that fails the gate, one sentence each (empty: the gate passes).
+    ``head_dims``: the gated pairs, each D (for (D, D)), "DxDv" or a tuple (D, Dv)."""
+    gated = [parse_dims(h) for h in head_dims]
     bad = [f"ptxas advisory C7510: {line}" for line in c7510]
     for e in entries:
-        if e.head_dim is not None and e.head_dim not in head_dims:
+        if e.dims is not None and e.dims not in gated:
             continue
         if e.stack < 0:
             bad.append(f"{e.label}: no resource usage line in the report")
         elif e.stack or e.spill_stores or e.spill_loads:
             bad.append(f"{e.label}: {e.stack} bytes stack frame, {e.spill_stores} bytes spill "
                        f"stores, {e.spill_loads} bytes spill loads (must all be 0)")
-    seen = {(e.arch, e.kind, e.dtype, e.head_dim) for e in entries}
+    seen = {(e.arch, e.kind, e.dtype, e.dims) for e in entries}
     for arch in archs:
         for kind in GATED_KINDS:
             for dtype in ("fp16", "bf16"):
-                for hd in head_dims:
-                    if (f"sm_{arch}", kind, dtype, hd) not in seen:
-                        bad.append(f"sm_{arch} {kind}<{dtype} hd{hd}>: no ptxas report found "
-                                   f"(was the kernel compiled with -Xptxas -v?)")
+                for dims in gated:
+                    if (f"sm_{arch}", kind, dtype, dims) not in seen:
+                        bad.append(f"sm_{arch} {kind}<{dtype}{dims_label(dims)}>: no ptxas "
+                                   f"report found (was the kernel compiled with -Xptxas -v?)")
     return bad
 
 
@@ -109,13 +134,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("build_dir", type=pathlib.Path)
     ap.add_argument("--archs", default="90a;80", help='e.g. "90a;80" (DISTATTN_CUDA_ARCHS)')
-    ap.add_argument("--head-dims", default="64,128")
+    ap.add_argument("--head-dims", default="64,128,192x128",
+                    help="gated head dims: D for (D, D), DxDv for a pair")
     args = ap.parse_args(argv)
     logs = sorted(args.build_dir.rglob("*.ptxas.log"))
     text = "\n".join(p.read_text(errors="replace") for p in logs)
     entries, c7510 = parse(text)
     archs = [a for a in args.archs.replace(",", ";").split(";") if a]
-    head_dims = [int(d) for d in args.head_dims.split(",") if d]
+    head_dims = [parse_dims(d) for d in args.head_dims.split(",") if d]
     for e in sorted(entries, key=lambda e: e.label):
         print(f"  {e.label:40s} {e.registers:4d} regs  stack {e.stack}  spills "
               f"{e.spill_stores}/{e.spill_loads}")

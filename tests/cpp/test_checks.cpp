@@ -2,8 +2,11 @@
 //   * valid forward / accumulate / backward / merge parameters pass;
 //   * each kind of bad parameter is refused with a message naming the argument;
 //   * grids cover every query / key row, CTAs have 128 threads, shared memory fits sm_80's
-//     opt-in limit for every head dim (64, 128 and the prepared 256), tile shapes are what
-//     the MMA code assumes (multiples of 16, 16 rows per warp);
+//     opt-in limit for every head dim pair (64, 128, the prepared 256 and MLA's (192, 128)),
+//     and the 99 KiB of sm_86 / sm_89 for the compiled ones; tile shapes are what the MMA
+//     code assumes (multiples of 16, 16 rows per warp); the tiles of D = Dv = 64 / 128 are the
+//     ones their kernels were tuned and gated with;
+//   * MLA: (D, Dv) = (192, 128) parameters pass, other pairs are refused naming head_dim_v;
 //   * may_overlap (the binding's refusal of aliased outputs) against brute force on random
 //     views of one buffer: never misses an overlap, and exact for views of the same layout.
 #include <random>
@@ -34,23 +37,23 @@ Problem good_problem() {
   p.heads_q = 8;
   p.heads_kv = 2;
   p.head_dim = 128;
+  p.head_dim_v = 128;
   p.scale = 0.088f;
   set_single_piece(p, Band{-kUnbounded, -3});  // causal(-3)
   return p;
 }
 
-SeqStrides contiguous(const Problem& p, int s, int h) {
-  return {index_t(s) * h * p.head_dim, index_t(h) * p.head_dim, p.head_dim};
-}
+SeqStrides contiguous(int d, int s, int h) { return {index_t(s) * h * d, index_t(h) * d, d}; }
 
 FwdParams good_fwd() {
   FwdParams f;
   f.prob = good_problem();
   f.q = f.k = f.v = addr();
-  f.q_stride = contiguous(f.prob, f.prob.seqlen_q, f.prob.heads_q);
-  f.k_stride = f.v_stride = contiguous(f.prob, f.prob.seqlen_k, f.prob.heads_kv);
+  f.q_stride = contiguous(f.prob.head_dim, f.prob.seqlen_q, f.prob.heads_q);
+  f.k_stride = contiguous(f.prob.head_dim, f.prob.seqlen_k, f.prob.heads_kv);
+  f.v_stride = contiguous(f.prob.head_dim_v, f.prob.seqlen_k, f.prob.heads_kv);
   f.out = addr();
-  f.out_stride = f.q_stride;
+  f.out_stride = contiguous(f.prob.head_dim_v, f.prob.seqlen_q, f.prob.heads_q);
   f.lse = reinterpret_cast<float*>(addr());
   return f;
 }
@@ -60,8 +63,10 @@ BwdParams good_bwd() {
   const FwdParams f = good_fwd();
   b.prob = f.prob;
   b.q = b.k = b.v = b.out = b.dout = addr();
-  b.q_stride = b.out_stride = b.dout_stride = b.dq_stride = f.q_stride;
-  b.k_stride = b.v_stride = b.dk_stride = b.dv_stride = f.k_stride;
+  b.q_stride = b.dq_stride = f.q_stride;
+  b.out_stride = b.dout_stride = f.out_stride;
+  b.k_stride = b.dk_stride = f.k_stride;
+  b.v_stride = b.dv_stride = f.v_stride;
   b.lse = reinterpret_cast<const float*>(addr());
   b.delta = b.dq_acc = b.dk_acc = b.dv_acc = reinterpret_cast<float*>(addr());
   return b;
@@ -93,7 +98,12 @@ void test_checks() {
   const Bad bad[] = {
       {"fp32 inputs", [](FwdParams&) {}, "float16"},
       {"head_dim 96", [](FwdParams& f) { f.prob.head_dim = 96; }, "head_dim"},
-      {"head_dim 256 (off)", [](FwdParams& f) { f.prob.head_dim = 256; }, "head_dim"},
+      {"head_dim 256 (off)",
+       [](FwdParams& f) { f.prob.head_dim = f.prob.head_dim_v = 256; }, "head_dim 256 has no"},
+      {"head_dim_v 64 with 128", [](FwdParams& f) { f.prob.head_dim_v = 64; }, "head_dim_v 64"},
+      {"MLA pair swapped (128, 192)", [](FwdParams& f) { f.prob.head_dim_v = 192; },
+       "head_dim_v 192"},
+      {"head_dim_v 0", [](FwdParams& f) { f.prob.head_dim_v = 0; }, "head_dim_v 0"},
       {"GQA ratio", [](FwdParams& f) { f.prob.heads_kv = 3; }, "heads_kv"},
       {"zero batch", [](FwdParams& f) { f.prob.batch = 0; }, "positive"},
       {"negative scale", [](FwdParams& f) { f.prob.scale = -1.f; }, "scale"},
@@ -126,6 +136,26 @@ void test_checks() {
     const DType dt = std::string(b.what) == "fp32 inputs" ? DType::kFloat32 : DType::kFloat16;
     const std::string msg = check_fwd(f, dt);
     CHECK(mentions(msg, b.expect)) << b.what << ": got '" << msg << "'";
+  }
+
+  {  // MLA: q/k at D = 192, v/out/dout/dv at Dv = 128
+    FwdParams f = good_fwd();
+    f.prob.head_dim = 192;
+    f.prob.head_dim_v = 128;
+    f.q_stride = contiguous(192, f.prob.seqlen_q, f.prob.heads_q);
+    f.k_stride = contiguous(192, f.prob.seqlen_k, f.prob.heads_kv);
+    for (DType dt : {DType::kFloat16, DType::kBFloat16})
+      CHECK(check_fwd(f, dt).empty()) << check_fwd(f, dt);
+    BwdParams b = good_bwd();
+    b.prob = f.prob;
+    b.q_stride = b.dq_stride = f.q_stride;
+    b.k_stride = b.dk_stride = f.k_stride;
+    CHECK(check_bwd(b, DType::kBFloat16).empty()) << check_bwd(b, DType::kBFloat16);
+    f.prob.head_dim_v = 192;  // not a compiled pair
+    CHECK(mentions(check_fwd(f, DType::kFloat16), "head_dim 192 has no"))
+        << check_fwd(f, DType::kFloat16);
+    b.v_stride.head = 132;  // v's rows must stay 16-byte aligned at any head dim
+    CHECK(mentions(check_bwd(b, DType::kFloat16), "v must be 16-byte"));
   }
 
   {  // pieces with disjoint rows may share keys in the forward, not in the backward
@@ -171,39 +201,62 @@ void test_checks() {
 }
 
 void test_launch_config() {
-  for (int d : {64, 128, 256}) {
-    CHECK(fwd_block_m(d) % 16 == 0 && fwd_block_n(d) % 16 == 0 && d % 16 == 0);
-    CHECK(fwd_block_m(d) == 16 * kWarps && bwd_q_block_m(d) == 16 * kWarps &&
-          bwd_kv_block_n(d) == 16 * kWarps) << "one 16-row MMA block per warp";
-    CHECK(bwd_kv_block_m(d) % 16 == 0 && bwd_q_block_n(d) % 16 == 0);
+  // Every (D, Dv) the kernels are written for; compiled ones must also fit sm_86 / sm_89.
+  const int pairs[][2] = {{64, 64}, {128, 128}, {256, 256}, {192, 128}};
+  for (const auto& pair : pairs) {
+    const int d = pair[0], dv = pair[1];
+    CHECK(fwd_block_m(d, dv) % 16 == 0 && fwd_block_n(d, dv) % 16 == 0 && d % 16 == 0 &&
+          dv % 16 == 0);
+    CHECK(fwd_block_m(d, dv) == 16 * kWarps && bwd_q_block_m(d, dv) == 16 * kWarps &&
+          bwd_kv_block_n(d, dv) == 16 * kWarps) << "one 16-row MMA block per warp";
+    CHECK(bwd_kv_block_m(d, dv) % 16 == 0 && bwd_q_block_n(d, dv) % 16 == 0);
     // ldmatrix needs 16-byte aligned rows; the padding must keep that.
-    CHECK((smem_pitch(d) * 2) % 16 == 0 && smem_pitch(d) > d);
+    for (int cols : {d, dv}) CHECK((smem_pitch(cols) * 2) % 16 == 0 && smem_pitch(cols) > cols);
+    const bool compiled = head_dims_supported(d, dv);
     for (int sq : {1, 17, 64, 65, 1000, 4097})
       for (int sk : {1, 63, 4097}) {
         Problem p = good_problem();
         p.head_dim = d;
+        p.head_dim_v = dv;
         p.seqlen_q = sq;
         p.seqlen_k = sk;
         set_single_piece(p, Band());
         for (int eb : {2}) {
+          const int limit = compiled ? kMaxSmemBytesSm86 : kMaxSmemBytesSm80;
           const LaunchConfig f = fwd_launch_config(p, eb);
-          CHECK(f.grid_x * fwd_block_m(d) >= sq && (f.grid_x - 1) * fwd_block_m(d) < sq)
+          CHECK(f.grid_x * fwd_block_m(d, dv) >= sq && (f.grid_x - 1) * fwd_block_m(d, dv) < sq)
               << "fwd grid covers Sq exactly once, sq " << sq << " d " << d;
           CHECK(f.grid_y == p.heads_q && f.grid_z == p.batch && f.threads == kThreads);
-          CHECK(f.smem_bytes == (fwd_block_m(d) + 2 * fwd_block_n(d)) * smem_pitch(d) * eb);
-          CHECK(f.smem_bytes <= kMaxSmemBytesSm80) << "fwd smem " << f.smem_bytes << " d " << d;
+          CHECK(f.smem_bytes == ((fwd_block_m(d, dv) + fwd_block_n(d, dv)) * smem_pitch(d) +
+                                 fwd_block_n(d, dv) * smem_pitch(dv)) * eb);
+          CHECK(f.smem_bytes <= limit) << "fwd smem " << f.smem_bytes << " d " << d;
 
           const LaunchConfig kv = bwd_kv_launch_config(p, eb);
-          CHECK(kv.grid_x * bwd_kv_block_n(d) >= sk && (kv.grid_x - 1) * bwd_kv_block_n(d) < sk);
+          CHECK(kv.grid_x * bwd_kv_block_n(d, dv) >= sk &&
+                (kv.grid_x - 1) * bwd_kv_block_n(d, dv) < sk);
           CHECK(kv.grid_y == p.heads_kv && kv.grid_z == p.batch && kv.threads == kThreads);
-          CHECK(kv.smem_bytes <= kMaxSmemBytesSm80) << "bwd kv smem " << kv.smem_bytes;
+          CHECK(kv.smem_bytes <= limit) << "bwd kv smem " << kv.smem_bytes << " d " << d;
 
           const LaunchConfig qc = bwd_q_launch_config(p, eb);
-          CHECK(qc.grid_x * bwd_q_block_m(d) >= sq && (qc.grid_x - 1) * bwd_q_block_m(d) < sq);
-          CHECK(qc.grid_y == p.heads_q && qc.smem_bytes <= kMaxSmemBytesSm80);
+          CHECK(qc.grid_x * bwd_q_block_m(d, dv) >= sq &&
+                (qc.grid_x - 1) * bwd_q_block_m(d, dv) < sq);
+          CHECK(qc.grid_y == p.heads_q && qc.smem_bytes <= limit)
+              << "bwd q smem " << qc.smem_bytes << " d " << d;
         }
       }
   }
+  // The tiles (and so shared memory) of D = Dv: those the kernels were tuned and gated with.
+  CHECK(fwd_block_n(64, 64) == 64 && fwd_block_n(128, 128) == 64 && fwd_block_n(256, 256) == 32);
+  CHECK(bwd_kv_block_m(64, 64) == 64 && bwd_kv_block_m(128, 128) == 32 &&
+        bwd_kv_block_m(256, 256) == 32);
+  CHECK(bwd_q_block_n(64, 64) == 64 && bwd_q_block_n(128, 128) == 64 &&
+        bwd_q_block_n(256, 256) == 32);
+  // MLA's (192, 128), docs/KERNELS.md: 64-key forward tiles, 32-query dK/dV tiles, 64-key dQ
+  // tiles; 68608 / 64768 / 86016 bytes of shared memory at 16-bit elements.
+  CHECK(fwd_block_n(192, 128) == 64 && bwd_kv_block_m(192, 128) == 32 &&
+        bwd_q_block_n(192, 128) == 64);
+  CHECK(fwd_smem_bytes(192, 128, 2) == 68608 && bwd_kv_smem_bytes(192, 128, 2) == 64768 &&
+        bwd_q_smem_bytes(192, 128, 2) == 86016);
   {  // varlen: the grid runs the pieces' tiles back to back
     Problem p = good_problem();
     const int lens[][2] = {{1, 3}, {64, 64}, {65, 200}, {130, 1}};
@@ -223,7 +276,7 @@ void test_launch_config() {
           p.pieces[2].q_tile_begin == 2 && p.pieces[3].q_tile_begin == 4);
     CHECK(p.pieces[0].k_tile_begin == 0 && p.pieces[1].k_tile_begin == 1 &&
           p.pieces[2].k_tile_begin == 3 && p.pieces[3].k_tile_begin == 10);
-    p.head_dim = 64;
+    p.head_dim = p.head_dim_v = 64;
     CHECK(fwd_launch_config(p, 2).grid_x == 1 + 1 + 2 + 3);
     CHECK(bwd_kv_launch_config(p, 2).grid_x == 1 + 1 + 4 + 1);
   }
@@ -256,8 +309,9 @@ void test_may_overlap() {
   auto pick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
   int overlapping = 0, exact_disjoint = 0;
   for (int iter = 0; iter < 4000; ++iter) {
-    // A [d0, d1, d2] parent layout with padding; a and b are slices of it (same layout) or,
-    // every third case, b has its own shape, strides or element size.
+    // A [d0, d1, d2] parent layout with padding; a and b are slices of it (same strides:
+    // the same shape, or every third case another shape, e.g. MLA's [..., :D] and
+    // [..., D:D + Dv]) or, every third case, b has its own shape, strides or element size.
     const int elem = pick(0, 1) ? 4 : 2;
     MemView a;
     a.ndim = 3;
@@ -272,6 +326,8 @@ void test_may_overlap() {
     a.ptr = buf + elem * pick(0, 40);
     b.ptr = buf + pick(0, 40 * elem);
     const bool same_layout = iter % 3 != 0;
+    if (iter % 3 == 2)
+      for (int d = 0; d < 3; ++d) b.sizes[d] = pick(1, 4);
     if (!same_layout) {
       b.elem_bytes = pick(0, 1) ? 4 : 2;
       b.sizes[0] = pick(1, 3);
@@ -283,7 +339,7 @@ void test_may_overlap() {
     const bool got = may_overlap(a, b);
     CHECK(got == may_overlap(b, a)) << "symmetric, case " << iter;
     CHECK(!truth || got) << "missed an overlap, case " << iter;
-    if (same_layout) CHECK(got == truth) << "not exact for one layout, case " << iter;
+    if (same_layout) CHECK(got == truth) << "not exact for one set of strides, case " << iter;
     overlapping += truth;
     exact_disjoint += same_layout && !truth && !got;
   }
@@ -302,6 +358,20 @@ void test_may_overlap() {
   CHECK(may_overlap(k, k));
   v.ptr = buf + 4;
   CHECK(may_overlap(k, v));
+  // MLA: dK = buf[..., :192] and dV = buf[..., 192:320] of one [B, S, H, 320] buffer (the
+  // ring's packed gradients): disjoint; dV one element wider reaches into the next row's dK.
+  MemView dk;
+  dk.ptr = buf;
+  dk.ndim = 4;
+  dk.elem_bytes = 4;
+  const index_t mla_shape[4] = {1, 3, 2, 192}, mla_strides[4] = {3 * 2 * 320, 2 * 320, 320, 1};
+  for (int d = 0; d < 4; ++d) dk.sizes[d] = mla_shape[d], dk.strides[d] = mla_strides[d];
+  MemView dv = dk;
+  dv.ptr = buf + 4 * 192;
+  dv.sizes[3] = 128;
+  CHECK(!may_overlap(dk, dv) && !may_overlap(dv, dk));
+  dv.sizes[3] = 129;
+  CHECK(may_overlap(dk, dv) && may_overlap(dv, dk));
 }
 
 int main() {

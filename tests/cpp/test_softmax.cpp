@@ -167,7 +167,7 @@ int main() {
           const Block b = random_block(rng, sq, sk, causal != 0, off);
           std::vector<float> out, lse;
           std::vector<double> ref_out, ref_lse;
-          emulate_fwd(b, scale, fwd_block_m(128), fwd_block_n(128), out, lse);
+          emulate_fwd(b, scale, fwd_block_m(128, 128), fwd_block_n(128, 128), out, lse);
           reference({b}, scale, ref_out, ref_lse);
           compare(out, lse, ref_out, ref_lse, "fwd");
         }

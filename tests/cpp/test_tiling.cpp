@@ -120,8 +120,10 @@ int main() {
                                 {0, 0}, {-1, 1}, {-200, -130}, {65, 200}};
   // The kernels' tile shapes (fwd 64x64 / 64x32, dK/dV 64x64 / 32x64 in (query, key) order)
   // and a few others.
-  const int tiles[][2] = {{fwd_block_m(64), fwd_block_n(64)},   {fwd_block_m(256), fwd_block_n(256)},
-                          {bwd_kv_block_m(128), bwd_kv_block_n(128)}, {16, 16}, {48, 80}};
+  const int tiles[][2] = {{fwd_block_m(64, 64), fwd_block_n(64, 64)},
+                          {fwd_block_m(256, 256), fwd_block_n(256, 256)},
+                          {bwd_kv_block_m(128, 128), bwd_kv_block_n(128, 128)},
+                          {16, 16}, {48, 80}};
   int cases = 0;
   for (index_t sq : sizes)
     for (index_t sk : sizes)
