@@ -109,7 +109,7 @@ def helper_forward(q, k, v, cfg: RingConfig):
     dims = (k.shape[-1], v.shape[-1])
     q_bad, q = bad_rows(q), sanitized(q)   # the kernels see finite values (nonfinite.py)
     kv_mine = pack(k, v)                   # raw: a rank that computes on it takes its flags
-    keys_mine = KeyFlags(k, v)
+    keys_mine = KeyFlags(k, v)             # from the raw values
     k, v = unpack(sanitized(kv_mine), dims)
     pool, inputs, returned = _Pool(), {}, {}
     gr = lambda rank: _global(cfg, rank)

@@ -25,12 +25,13 @@ Backward, from the final (out, lse) and dout of each row: a row is *dead* when i
 or +inf, or its q or dout has a non-finite element; *bad* when dead or its out has one. Dead
 rows are zeroed before the kernel (lse 0 too: every contribution is then exactly 0). Then dq_i
 is NaN for bad rows; dK_j for keys some bad row sees; dV_j for keys some dead row sees -- the
-gradients that are non-finite in one process.
+gradients that are non-finite in one process (a non-finite element of dout counts for its
+whole row, where one process would spoil only that element's column of dV).
 
-Everything here is tensor ops (no host synchronisation); the raw values travel unchanged, so
-every rank that computes on a tensor derives the same flags from it. Window arithmetic uses
-prefix counts over the block's keys (forward) or rows (backward), so the cost per block is
-linear in its rows and keys.
+Everything here is tensor ops (no host synchronisation). K/V travel raw, so every rank that
+computes on them derives the same flags; query rows a helper computes on travel sanitized,
+with their flags (``RowFlags.codes``). Window sums use prefix sums over the block's keys
+(forward) or rows (backward), so the cost per block is linear in its rows and keys.
 """
 from __future__ import annotations
 
@@ -39,9 +40,6 @@ import functools
 import torch
 
 from .kernels.mask import Mask
-
-_FIELD = 21                      # bits per count in a packed code (counts < 2**21)
-_MASK = (1 << _FIELD) - 1
 
 
 def sanitized(t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -62,9 +60,9 @@ class Scratch:
 
 
 def bad_rows(t: torch.Tensor) -> torch.Tensor:
-    """[..., X] -> [...] bool: True where some element of the last dim is not finite."""
-    return ~torch.isfinite(t).all(-1)
-
+    """[..., X] -> [...] bool: True where some element of the last dim is not finite (x * 0
+    is 0 for finite x and NaN otherwise; cheaper than a boolean reduction)."""
+    return torch.isnan((t * 0).sum(-1))
 
 
 def _prefix(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -78,42 +76,80 @@ def _window(prefix: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> tor
     return prefix.index_select(1, end) - prefix.index_select(1, start)
 
 
-def _check_len(n: int) -> None:
-    if n > _MASK:
-        raise ValueError(f"distattn.nonfinite counts up to {_MASK} tokens per block, got {n}")
+def _bound(first: int, n: int, lo: int, hi: int, default: int):
+    """Per-row window bound ``clamp(first + a, lo, hi)`` for a in range(n) (``first`` None:
+    ``default`` everywhere) as ("const", x), ("range", x) (x + a, no clamp needed) or
+    ("index", x) -- so most windows read a slice, not a gather."""
+    if first is None:
+        return "const", default
+    if lo <= first and first + n - 1 <= hi:
+        return "range", first
+    return "index", torch.arange(first, first + n).clamp(lo, hi)
 
 
 @functools.lru_cache(maxsize=4096)
 def _pieces(mask: Mask, sq: int, sk: int, device: torch.device) -> tuple:
-    """Per piece of ``mask`` (block coordinates): (q0, q1, k0, k1, key_start, key_end,
-    row_start, row_end): row q0 + a sees keys [key_start[a], key_end[a]); key k0 + b is seen by
-    rows [row_start[b], row_end[b]). Index tensors on ``device``; empty windows have start ==
-    end."""
+    """Per piece of ``mask`` (block coordinates): (q0, q1, k0, k1, key_start, key_end, sees,
+    row_start, row_end): row q0 + a sees keys [key_start, key_end) (``_bound`` forms), ``sees``
+    [q1 - q0] bool: it sees one at all; key k0 + b is seen by rows [row_start[b], row_end[b])
+    (index tensors). Tensors on ``device``."""
     out = []
     for p in mask.simplify(sq, sk).pieces:
         q0, q1, k0, k1 = p.span(sq, sk)
-        i = torch.arange(q0, q1, device=device)
-        j = torch.arange(k0, k1, device=device)
-        ks = (i + p.lo).clamp(k0, k1) if p.lo is not None else torch.full_like(i, k0)
-        ke = (i + p.hi + 1).clamp(k0, k1) if p.hi is not None else torch.full_like(i, k1)
+        n = q1 - q0
+        ks = _bound(None if p.lo is None else q0 + p.lo, n, k0, k1, k0)
+        ke = _bound(None if p.hi is None else q0 + p.hi + 1, n, k0, k1, k1)
+        i = torch.arange(q0, q1)
+        lo_ = (i + p.lo).clamp(k0, k1) if p.lo is not None else torch.full_like(i, k0)
+        hi_ = (i + p.hi + 1).clamp(k0, k1) if p.hi is not None else torch.full_like(i, k1)
+        j = torch.arange(k0, k1)
         rs = (j - p.hi).clamp(q0, q1) if p.hi is not None else torch.full_like(j, q0)
         re = (j - p.lo + 1).clamp(q0, q1) if p.lo is not None else torch.full_like(j, q1)
-        out.append((q0, q1, k0, k1, ks, torch.maximum(ke, ks), rs, torch.maximum(re, rs)))
+        move = lambda b: (b[0], b[1].to(device)) if b[0] == "index" else b
+        out.append((q0, q1, k0, k1, move(ks), move(ke), (hi_ > lo_).to(device),
+                    rs.to(device), torch.maximum(re, rs).to(device)))
     return tuple(out)
 
 
 class KeyFlags:
     """Flags of a block's raw keys, for ``poison_forward_``: k [B, Sk, Hkv, D], v [B, Sk, Hkv,
-    Dv] (views are fine; nothing is kept but prefix counts)."""
+    Dv] and optionally ``v_clean`` (``sanitized(v)``, when the caller has it). Per key and K/V head
+    whether k has a non-finite element; per element of v a code, 0 when finite, 1 for +inf,
+    F for -inf and F + 1 for NaN (NaN counts as both signs), F above any count of a window,
+    in a float dtype whose sums over the keys are exact."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor):
-        _check_len(k.shape[1])
-        self.sk = k.shape[1]
-        self.k_bad = _prefix(bad_rows(k).to(torch.int32))               # [B, Sk+1, Hkv]
-        code = (torch.isnan(v).to(torch.int64)
-                + (torch.isposinf(v).to(torch.int64) << _FIELD)
-                + (torch.isneginf(v).to(torch.int64) << (2 * _FIELD)))
-        self.v_code = _prefix(code)                                      # [B, Sk+1, Hkv, Dv]
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, v_clean: torch.Tensor | None = None):
+        self.sk = sk = k.shape[1]
+        self.k_bad = _prefix(bad_rows(k).to(torch.float64))             # [B, Sk+1, Hkv]
+        if sk <= 4094 and v.dtype != torch.float64:
+            dtype, self.f = torch.float32, 4096       # sums below 2**24: exact in float32
+        else:
+            dtype, self.f = torch.float64, 1 << 26
+        f = float(self.f)
+        v_clean = sanitized(v) if v_clean is None else v_clean
+        self.v_code = (torch.nan_to_num(v.to(dtype), nan=f + 1, posinf=1.0, neginf=f)
+                       - v_clean.to(dtype))                              # [B, Sk, Hkv, Dv]
+        self._prefix = None
+
+    def _take(self, prefix, bound, n):
+        kind, x = bound
+        if kind == "const":
+            return prefix[:, x:x + 1]
+        if kind == "range":
+            return prefix[:, x:x + n]
+        return prefix.index_select(1, x)
+
+    def v_sums(self, ks, ke, n) -> torch.Tensor:
+        """Sum of the codes over each row's window: [B, n or 1, Hkv, Dv]."""
+        if ks[0] == ke[0] == "const":          # every row sees the same keys
+            return self.v_code[:, ks[1]:ke[1]].sum(1, keepdim=True)
+        if self._prefix is None:
+            self._prefix = _prefix(self.v_code)
+        return self._take(self._prefix, ke, n) - self._take(self._prefix, ks, n)
+
+    def k_dead(self, ks, ke, n) -> torch.Tensor:
+        """[B, n or 1, Hkv] bool: the row sees a key whose k is not finite."""
+        return (self._take(self.k_bad, ke, n) - self._take(self.k_bad, ks, n)) > 0
 
 
 def poison_forward_(out: torch.Tensor, lse: torch.Tensor, mask: Mask, keys: KeyFlags,
@@ -125,22 +161,22 @@ def poison_forward_(out: torch.Tensor, lse: torch.Tensor, mask: Mask, keys: KeyF
     b, sq, hq, dv = out.shape
     hkv = keys.k_bad.shape[2]
     g = hq // hkv
-    nan = torch.tensor(float("nan"), dtype=out.dtype, device=out.device)
-    for q0, q1, k0, k1, ks, ke, _, _ in _pieces(mask, sq, keys.sk, out.device):
-        dead = _window(keys.k_bad, ks, ke) > 0                           # [B, n, Hkv]
-        dead = dead.unsqueeze(-1).expand(-1, -1, -1, g)                  # [B, n, Hkv, G]
+    inf, f = float("inf"), keys.f
+    for q0, q1, k0, k1, ks, ke, sees, _, _ in _pieces(mask, sq, keys.sk, out.device):
+        n = q1 - q0
+        dead = keys.k_dead(ks, ke, n).unsqueeze(-1)                     # [B, n|1, Hkv, 1]
         if q_bad is not None:
-            sees = (ke > ks).view(1, -1, 1, 1)
-            dead = dead | (q_bad[:, q0:q1].unflatten(2, (hkv, g)) & sees)
-        c = _window(keys.v_code, ks, ke)                                 # [B, n, Hkv, Dv]
-        n_nan, n_pos, n_neg = c & _MASK, (c >> _FIELD) & _MASK, c >> (2 * _FIELD)
-        val = torch.where(n_pos > 0, float("inf"), 0.0)
-        val = torch.where(n_neg > 0, val - float("inf"), val)            # inf - inf = NaN
-        val = torch.where(n_nan > 0, float("nan"), val).to(out.dtype)
-        add = torch.where(dead.unsqueeze(-1), nan, val.unsqueeze(3))     # [B, n, Hkv, G, Dv]
-        out[:, q0:q1].unflatten(2, (hkv, g)).add_(add)
-        lse_rows = lse[:, :, q0:q1].unflatten(1, (hkv, g))               # [B, Hkv, G, n]
-        lse_rows.add_(torch.where(dead.permute(0, 2, 3, 1), nan.to(lse.dtype), 0.0))
+            dead = dead | (q_bad[:, q0:q1].unflatten(2, (hkv, g)) & sees.view(1, -1, 1, 1))
+        dead = dead.expand(b, n, hkv, g)
+        c = keys.v_sums(ks, ke, n)                                       # [B, n|1, Hkv, Dv]
+        # the sum of the window's non-finite values: +inf, -inf, both (NaN) or none (0)
+        val = torch.where(torch.remainder(c, f) > 0, inf, 0.0).to(out.dtype)
+        val = torch.where(c >= f, val - inf, val)
+        rows = out[:, q0:q1].unflatten(2, (hkv, g))                      # [B, n, Hkv, G, Dv]
+        rows.add_(val.unsqueeze(3))
+        rows.masked_fill_(dead.unsqueeze(-1), float("nan"))
+        lse[:, :, q0:q1].unflatten(1, (hkv, g)).masked_fill_(dead.permute(0, 2, 3, 1),
+                                                              float("nan"))
 
 
 class RowFlags:
@@ -150,7 +186,6 @@ class RowFlags:
     uint8 tensor (bit 0 dead, bit 1 bad) to a rank that computes on those rows."""
 
     def __init__(self, dead: torch.Tensor, bad: torch.Tensor):
-        _check_len(dead.shape[1])
         self.dead, self.bad, self.sq = dead, bad, dead.shape[1]
         code = dead.to(torch.int64) + (bad.to(torch.int64) << 32)
         self.code = _prefix(code)                                        # [B, Sq+1, Hq]
@@ -186,11 +221,9 @@ def poison_backward_(dq, dk, dv, mask: Mask, rows: RowFlags) -> None:
     sk, hq, hkv = dk.shape[1], dq.shape[2], dk.shape[2]
     g = hq // hkv
     nan = float("nan")
-    for q0, q1, k0, k1, ks, ke, rs, re in _pieces(mask, rows.sq, sk, dq.device):
-        sees = (ke > ks).view(1, -1, 1, 1)
-        dq[:, q0:q1].add_(torch.where(rows.bad[:, q0:q1].unsqueeze(-1) & sees, nan, 0.0)
-                          .to(dq.dtype))
+    for q0, q1, k0, k1, _, _, sees, rs, re in _pieces(mask, rows.sq, sk, dq.device):
+        dq[:, q0:q1].masked_fill_(rows.bad[:, q0:q1].unsqueeze(-1) & sees.view(1, -1, 1, 1),
+                                  nan)
         c = _window(rows.code, rs, re).unflatten(2, (hkv, g)).sum(3)    # [B, nk, Hkv]
-        dk[:, k0:k1].add_(torch.where(((c >> 32) > 0).unsqueeze(-1), nan, 0.0).to(dk.dtype))
-        dv[:, k0:k1].add_(torch.where(((c & 0xFFFFFFFF) > 0).unsqueeze(-1), nan, 0.0)
-                          .to(dv.dtype))
+        dk[:, k0:k1].masked_fill_(((c >> 32) > 0).unsqueeze(-1), nan)
+        dv[:, k0:k1].masked_fill_(((c & 0xFFFFFFFF) > 0).unsqueeze(-1), nan)

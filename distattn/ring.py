@@ -28,8 +28,8 @@ from .kernels.mask import accumulation_dtype
 from .merge import new_accumulators
 from .packing import pack, unpack
 from .mesh import SPMesh
-from .nonfinite import KeyFlags, RowFlags, Scratch, poison_backward_, poison_forward_
-from .nonfinite import bad_rows, sanitized
+from .nonfinite import (KeyFlags, RowFlags, Scratch, bad_rows, poison_backward_,
+                        poison_forward_, sanitized)
 from .plan import RingPlan
 from .profile import span
 from .sinks import fold_sinks_
@@ -104,9 +104,12 @@ def ring_forward(q, k, v, cfg: RingConfig):
             nxt = travel.view((t + 1) % 2, plan.kv_source(r, t + 1))
             handle = ring.start(_own_payload(kv, plan, r) if t == 0 else cur, nxt)
         with span(prof, "compute", t, q.device):
-            cfg.backend.forward_into(q, *unpack(scratch.clean(cur), dims), out_acc, lse_acc,
-                                     scale=cfg.scale, mask=masks[t], softcap=cfg.softcap)
-            poison_forward_(out_acc, lse_acc, masks[t], KeyFlags(*unpack(cur, dims)), q_bad)
+            if masks[t].simplify(q.shape[1], cur.shape[2]).pieces:   # else nothing to do
+                clean = unpack(scratch.clean(cur), dims)
+                cfg.backend.forward_into(q, *clean, out_acc, lse_acc, scale=cfg.scale,
+                                         mask=masks[t], softcap=cfg.softcap)
+                poison_forward_(out_acc, lse_acc, masks[t],
+                                KeyFlags(*unpack(cur, dims), clean[1]), q_bad)
         if t + 1 < T:
             with span(prof, "wait", t, q.device):
                 ring.wait(handle, f"ring step {t} forward")
@@ -149,10 +152,11 @@ def ring_backward(dout, q, k, v, out, lse, cfg: RingConfig):
         owner = plan.kv_source(r, t)
         mine = dkv_local if t == 0 else grads.view(t % 2, owner).zero_()
         with span(prof, "compute", t, q.device):
-            cfg.backend.backward_into(dout, q, *unpack(scratch.clean(cur), dims), out, lse,
-                                      dq_acc, *unpack(mine, dims), scale=cfg.scale,
-                                      mask=masks[t], softcap=cfg.softcap)
-            poison_backward_(dq_acc, *unpack(mine, dims), masks[t], rows)
+            if masks[t].simplify(q.shape[1], cur.shape[2]).pieces:
+                cfg.backend.backward_into(dout, q, *unpack(scratch.clean(cur), dims), out,
+                                          lse, dq_acc, *unpack(mine, dims), scale=cfg.scale,
+                                          mask=masks[t], softcap=cfg.softcap)
+                poison_backward_(dq_acc, *unpack(mine, dims), masks[t], rows)
         with span(prof, "wait", t, q.device):
             if grad_handle is not None:   # partial sum for the K/V held now, from prev rank
                 ring.wait(grad_handle, f"ring step {t} backward (dK/dV)")
