@@ -28,6 +28,8 @@ import torch.distributed as dist
 from .comm import wait_all
 from .kernels.mask import accumulation_dtype
 from .merge import merge_, new_accumulators
+from .nonfinite import (KeyFlags, RowFlags, bad_rows, poison_backward_, poison_forward_,
+                        sanitized)
 from .packing import pack, unpack
 from .profile import span
 from .ring import RingConfig, _start_profile, finish_forward
@@ -105,7 +107,10 @@ def helper_forward(q, k, v, cfg: RingConfig):
     acc = accumulation_dtype(q.dtype)
     out_acc, lse_acc = new_accumulators(q, acc, v.shape[-1])
     dims = (k.shape[-1], v.shape[-1])
-    kv_mine = pack(k, v)
+    q_bad, q = bad_rows(q), sanitized(q)   # the kernels see finite values (nonfinite.py)
+    kv_mine = pack(k, v)                   # raw: a rank that computes on it takes its flags
+    keys_mine = KeyFlags(k, v)             # from the raw values
+    k, v = unpack(sanitized(kv_mine), dims)
     pool, inputs, returned = _Pool(), {}, {}
     gr = lambda rank: _global(cfg, rank)
 
@@ -124,14 +129,20 @@ def helper_forward(q, k, v, cfg: RingConfig):
         task = plan.tasks[r][t]
         if task.kind == "diag":
             be.forward_into(q, k, v, out_acc, lse_acc, scale=scale, mask=task.mask, softcap=cap)
+            poison_forward_(out_acc, lse_acc, task.mask, keys_mine, q_bad)
             return None
         sl = plan.slots(task.rows)
         buf = inputs.pop(t)
-        if task.kind == "own":
-            be.forward_into(q[:, sl], *unpack(buf, dims), out_acc[:, sl], lse_acc[:, :, sl],
-                            scale=scale, mask=task.mask, softcap=cap)
+        if task.kind == "own":     # the peer's raw K/V: flags first, then clean in place
+            keys = KeyFlags(*unpack(buf, dims))
+            be.forward_into(q[:, sl], *unpack(sanitized(buf, out=buf), dims), out_acc[:, sl],
+                            lse_acc[:, :, sl], scale=scale, mask=task.mask, softcap=cap)
+            poison_forward_(out_acc[:, sl], lse_acc[:, :, sl], task.mask, keys, q_bad[:, sl])
             return None
-        return be.forward(buf, k, v, scale=scale, mask=task.mask, softcap=cap)  # help: (out, lse)
+        # help: (out, lse) of the peer's (sanitized) rows, which it poisons for its own q
+        out, lse = be.forward(buf, k, v, scale=scale, mask=task.mask, softcap=cap)
+        poison_forward_(out, lse, task.mask, keys_mine)
+        return out, lse
 
     def post_returns(ex, s, result):
         task = plan.tasks[r][s]
@@ -168,6 +179,11 @@ def helper_backward(dout, q, k, v, out, lse, cfg: RingConfig):
     dkv_acc = torch.zeros(kv_mine.shape, dtype=acc, device=q.device)
     dk_acc, dv_acc = unpack(dkv_acc, dims)
     qod_dims = (q.shape[-1], out.shape[-1], dout.shape[-1])
+    # The kernels see finite values; the rows' flags travel with them (nonfinite.py).
+    rows_mine = RowFlags.of(q, out, lse, dout)
+    q, out, lse, dout = rows_mine.sanitize(q, out, lse, dout)
+    codes = rows_mine.codes()                     # [B, n, Hq] uint8
+    k, v = unpack(sanitized(kv_mine), dims)
     qod = pack(q, out.to(q.dtype), dout)          # what a helper needs of our query rows
     lse = lse.contiguous()
     pool, inputs, returned = _Pool(), {}, {}
@@ -181,6 +197,7 @@ def helper_backward(dout, q, k, v, out, lse, cfg: RingConfig):
                 sl = plan.slots(rows)
                 ex.send(qod[:, :, sl], gr(dst))
                 ex.send(lse[:, :, sl], gr(dst))
+                ex.send(codes[:, sl], gr(dst))
         for kind, src, rows in plan.inbound(r, t):
             sl = plan.slots(rows)
             if kind == "kv":
@@ -188,12 +205,15 @@ def helper_backward(dout, q, k, v, out, lse, cfg: RingConfig):
                 ex.recv(buf, gr(src))
             else:
                 shape, lshape = qod[:, :, sl].shape, lse[:, :, sl].shape
+                cshape = codes[:, sl].shape
                 buf = (pool.get(("qod", shape), t, lambda: torch.empty(
                            shape, dtype=q.dtype, device=q.device)),
                        pool.get(("lse", lshape), t, lambda: torch.empty(
-                           lshape, dtype=lse.dtype, device=q.device)))
-                ex.recv(buf[0], gr(src))
-                ex.recv(buf[1], gr(src))
+                           lshape, dtype=lse.dtype, device=q.device)),
+                       pool.get(("codes", cshape), t, lambda: torch.empty(
+                           cshape, dtype=codes.dtype, device=q.device)))
+                for part in buf:
+                    ex.recv(part, gr(src))
             inputs[t] = buf
 
     def compute(t):
@@ -201,20 +221,24 @@ def helper_backward(dout, q, k, v, out, lse, cfg: RingConfig):
         if task.kind == "diag":
             be.backward_into(dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc,
                              scale=scale, mask=task.mask, softcap=cap)
+            poison_backward_(dq_acc, dk_acc, dv_acc, task.mask, rows_mine)
             return None
         sl = plan.slots(task.rows)
         buf = inputs.pop(t)
         if task.kind == "own":      # dK/dV of the peer's K/V go back to it
             dkv = pool.get("dkv_out", t, lambda: torch.empty_like(dkv_acc)).zero_()
-            be.backward_into(dout[:, sl], q[:, sl], *unpack(buf, dims), out[:, sl],
-                             lse[:, :, sl], dq_acc[:, sl], *unpack(dkv, dims),
+            be.backward_into(dout[:, sl], q[:, sl], *unpack(sanitized(buf, out=buf), dims),
+                             out[:, sl], lse[:, :, sl], dq_acc[:, sl], *unpack(dkv, dims),
                              scale=scale, mask=task.mask, softcap=cap)
+            poison_backward_(dq_acc[:, sl], *unpack(dkv, dims), task.mask, rows_mine.rows(sl))
             return dkv
-        (hq, ho, hdo), hlse = unpack(buf[0], qod_dims), buf[1]   # help: dq rows go back, dK/dV stay here
+        # help: dq rows go back, dK/dV stay here
+        (hq, ho, hdo), hlse = unpack(buf[0], qod_dims), buf[1]
         dq = pool.get(("dq_out", hq.shape), t, lambda: torch.empty(
             hq.shape, dtype=acc, device=q.device)).zero_()
         be.backward_into(hdo, hq, k, v, ho, hlse, dq, dk_acc, dv_acc,
                          scale=scale, mask=task.mask, softcap=cap)
+        poison_backward_(dq, dk_acc, dv_acc, task.mask, RowFlags.from_codes(buf[2]))
         return dq
 
     def post_returns(ex, s, result):

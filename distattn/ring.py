@@ -28,6 +28,8 @@ from .kernels.mask import accumulation_dtype
 from .merge import new_accumulators
 from .packing import pack, unpack
 from .mesh import SPMesh
+from .nonfinite import (KeyFlags, RowFlags, Scratch, bad_rows, poison_backward_,
+                        poison_forward_, sanitized)
 from .plan import RingPlan
 from .profile import span
 from .sinks import fold_sinks_
@@ -81,16 +83,20 @@ def _own_payload(kv: torch.Tensor, plan: RingPlan, rank: int) -> torch.Tensor:
 
 
 def ring_forward(q, k, v, cfg: RingConfig):
-    """out [B, n, Hq, D] (q's dtype), lse [B, Hq, n] (accumulation dtype)."""
+    """out [B, n, Hq, D] (q's dtype), lse [B, Hq, n] (accumulation dtype). The backend sees
+    sanitized q and K/V; non-finite values act through ``nonfinite.poison_forward_``."""
     plan, r, T = cfg.plan, cfg.mesh.ring_rank, cfg.plan.steps
     acc = accumulation_dtype(q.dtype)
     out_acc, lse_acc = new_accumulators(q, acc, v.shape[-1])
     masks = plan.masks(r)
     dims = (k.shape[-1], v.shape[-1])
-    kv = pack(k, v)
+    q_bad, q = bad_rows(q), sanitized(q)
+    kv = pack(k, v)                       # raw: every holder derives the flags from it
     if T > 1:
         travel = _Payloads(plan, kv.shape, kv.dtype, q.device, 2)
         ring = RingExchange(cfg.mesh)
+    scratch = Scratch(max(kv.numel(), travel.bufs[0].numel() if T > 1 else 0), kv.dtype,
+                      q.device)
     prof = _start_profile(cfg, "forward")
     cur = kv
     for t in range(T):
@@ -98,8 +104,12 @@ def ring_forward(q, k, v, cfg: RingConfig):
             nxt = travel.view((t + 1) % 2, plan.kv_source(r, t + 1))
             handle = ring.start(_own_payload(kv, plan, r) if t == 0 else cur, nxt)
         with span(prof, "compute", t, q.device):
-            cfg.backend.forward_into(q, *unpack(cur, dims), out_acc, lse_acc, scale=cfg.scale,
-                                     mask=masks[t], softcap=cfg.softcap)
+            if masks[t].simplify(q.shape[1], cur.shape[2]).pieces:   # else nothing to do
+                clean = unpack(scratch.clean(cur), dims)
+                cfg.backend.forward_into(q, *clean, out_acc, lse_acc, scale=cfg.scale,
+                                         mask=masks[t], softcap=cfg.softcap)
+                poison_forward_(out_acc, lse_acc, masks[t],
+                                KeyFlags(*unpack(cur, dims), clean[1]), q_bad)
         if t + 1 < T:
             with span(prof, "wait", t, q.device):
                 ring.wait(handle, f"ring step {t} forward")
@@ -115,18 +125,23 @@ def finish_forward(out_acc, lse_acc, dtype, cfg: RingConfig):
 
 
 def ring_backward(dout, q, k, v, out, lse, cfg: RingConfig):
-    """(dq, dk, dv) in the dtypes of q, k, v."""
+    """(dq, dk, dv) in the dtypes of q, k, v. The backend sees sanitized inputs; non-finite
+    values act through ``nonfinite.poison_backward_``."""
     plan, r, T, R = cfg.plan, cfg.mesh.ring_rank, cfg.plan.steps, cfg.plan.world
     acc = accumulation_dtype(q.dtype)
     dq_acc = torch.zeros(q.shape, dtype=acc, device=q.device)
     masks = plan.masks(r)
     dims = (k.shape[-1], v.shape[-1])
+    rows = RowFlags.of(q, out, lse, dout)
+    q, out, lse, dout = rows.sanitize(q, out, lse, dout)
     kv = pack(k, v)
     dkv_local = torch.zeros(kv.shape, dtype=acc, device=q.device)
     if T > 1:
         travel = _Payloads(plan, kv.shape, kv.dtype, q.device, 2)
         grads = _Payloads(plan, kv.shape, acc, q.device, 3)   # two partial sums + one inbox
         ring = RingExchange(cfg.mesh)
+    scratch = Scratch(max(kv.numel(), travel.bufs[0].numel() if T > 1 else 0), kv.dtype,
+                      q.device)
     grad_handle = None
     prof = _start_profile(cfg, "backward")
     cur = kv
@@ -137,9 +152,11 @@ def ring_backward(dout, q, k, v, out, lse, cfg: RingConfig):
         owner = plan.kv_source(r, t)
         mine = dkv_local if t == 0 else grads.view(t % 2, owner).zero_()
         with span(prof, "compute", t, q.device):
-            cfg.backend.backward_into(dout, q, *unpack(cur, dims), out, lse, dq_acc,
-                                      *unpack(mine, dims), scale=cfg.scale, mask=masks[t],
-                                      softcap=cfg.softcap)
+            if masks[t].simplify(q.shape[1], cur.shape[2]).pieces:
+                cfg.backend.backward_into(dout, q, *unpack(scratch.clean(cur), dims), out,
+                                          lse, dq_acc, *unpack(mine, dims), scale=cfg.scale,
+                                          mask=masks[t], softcap=cfg.softcap)
+                poison_backward_(dq_acc, *unpack(mine, dims), masks[t], rows)
         with span(prof, "wait", t, q.device):
             if grad_handle is not None:   # partial sum for the K/V held now, from prev rank
                 ring.wait(grad_handle, f"ring step {t} backward (dK/dV)")
