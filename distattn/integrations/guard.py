@@ -11,8 +11,9 @@ therefore accepts only what is known to be exact:
   USP (loss 1e-5, gradients 1e-4 against one process, fp32): the families the held-out trial
   of issue 17 reported exact, and those this repository's model tests train (Llama, Qwen2,
   Mistral, Gemma 2/3, gpt-oss, Llama 4, DeepSeek V3). A family added to transformers later is
-  not in it, so it is refused until a test shows it exact (a zoo test over every family is
-  still to come).
+  not in it, so it is refused until a test shows it exact: tests/test_zoo.py runs every
+  causal-LM family of the installed transformers and requires this set to be exactly the
+  families it trains exactly (the rest refused).
 - ``EXACT_LAYER_TYPES``: the ``config.layer_types`` values distattn runs exactly (full,
   sliding and chunked attention: ``hf.attention_variant`` maps windows and chunks). Any other
   value is refused by name (``linear_attention``, ``mamba``, ``conv``, ``hybrid`` with the
