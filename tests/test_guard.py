@@ -104,8 +104,12 @@ def test_attention_kwargs_are_run_or_refused_by_name():
 
 def test_every_layer_must_reach_distattn():
     """``guard.attention_layers``: the layers whose attention sp_loss requires to have run
-    through distattn -- every decoder layer (of the text config for a composite one)."""
+    through distattn -- every decoder layer (of the text config for a composite one), or,
+    with ``layer_types``, every attention layer (a hybrid's mixer and MLP layers do not)."""
     assert guard.attention_layers(cfg("llama")) == [0, 1]
-    composite = cfg("llama")
-    composite.text_config = cfg("qwen2", num_hidden_layers=3)
+    composite = cfg("qwen2")
+    composite.text_config = cfg("llama", num_hidden_layers=3)
     assert guard.attention_layers(composite) == [0, 1, 2]
+    hybrid = cfg("llama", layer_types=["linear_attention", "full_attention", "mlp", "hybrid",
+                                       "sliding_attention"])
+    assert guard.attention_layers(hybrid) == [1, 3, 4]

@@ -47,6 +47,9 @@ SHRINK = {
     "output_router_logits": False,      # no auxiliary router loss in the reference loss
 }
 
+_MAMBA2 = dict(mamba_n_heads=4, mamba_d_head=32, mamba_d_state=8, mamba_chunk_size=8,
+               mamba_n_groups=1)
+
 # Family-specific settings, over TINY and SHRINK.
 OVERRIDES = {
     "qwen2": dict(use_sliding_window=True, sliding_window=6, max_window_layers=1),
@@ -60,8 +63,21 @@ OVERRIDES = {
     "smollm3": dict(no_rope_layer_interval=2),      # layer 1 without RoPE (NoPE)
     "deepseek_v3": dict(q_lora_rank=None),
     "xmod": dict(default_language="en_XX"),
-    "lfm2": dict(layer_types=["conv", "full_attention"]),
     "lfm3": dict(layer_types=["conv", "full_attention"]),
+    # hybrids: a mixer layer, then an attention layer (so that their gathered mixers,
+    # dtf.prepare, and distattn's attention both run)
+    "lfm2": dict(layer_types=["conv", "full_attention"], conv_L_cache=3),
+    "bamba": dict(attn_layer_indices=[1], **_MAMBA2),
+    "granitemoehybrid": dict(layer_types=["mamba", "attention"], num_local_experts=2,
+                             num_experts_per_tok=1, **_MAMBA2),
+    "nemotron_h": dict(num_hidden_layers=3, hybrid_override_pattern="M*-", mamba_num_heads=4,
+                       mamba_head_dim=16, ssm_state_size=8, chunk_size=8, n_groups=1),
+    "falcon_h1": dict(mamba_d_ssm=128, **_MAMBA2),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                  expert_layer_offset=1, num_experts=2, num_experts_per_tok=1,
+                  mamba_d_state=8, mamba_d_conv=4, mamba_expand=2),
+    "qwen3_next": dict(layer_types=["linear_attention", "full_attention"]),
+    "minimax": dict(layer_types=["linear_attention", "full_attention"], block_size=8),
     "llama4_text": dict(
         num_hidden_layers=4, intermediate_size=64, intermediate_size_mlp=96,
         num_experts_per_tok=1, moe_layers=[1], no_rope_layers=[1, 0, 1, 0],
@@ -91,6 +107,13 @@ REQUIRED = (
     "olmo2", "olmo3", "phi3", "granite", "cohere2", "smollm3", "exaone4", "glm4_moe",
     "ernie4_5", "llama4_text", "deepseek_v3",
     "qwen3_next", "minimax", "nemotron_h", "falcon_h1", "bamba", "jamba", "lfm2")
+
+# The hybrid families the zoo requires to train exactly after ``dtf.prepare(model)`` (their
+# sequence mixers then run gathered over the SP group), and to be refused without it: must be
+# ``distattn.integrations.mixers.GATHERED_FAMILIES``.
+EXPECTED_GATHERED = frozenset({
+    "lfm2", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "jamba", "qwen3_next",
+    "minimax"})
 
 # The families the zoo requires to train exactly: the guard's allow-list must be this set
 # (tests/test_zoo.py checks both ways), so no family is allowed without this proof.
