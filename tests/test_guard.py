@@ -74,3 +74,42 @@ def test_static_rope_types_pass():
     else:
         c.rope_scaling = spec
     assert guard.check_config(c).max_len is None
+
+
+def test_attention_kwargs_are_run_or_refused_by_name():
+    """Every keyword argument an attention function receives is read by distattn, known not to
+    change attention, or refused -- naming the argument and the way out; an argument distattn
+    does not know is refused too, so one a later transformers adds is never silently dropped."""
+    import torch
+
+    from distattn.integrations import hf
+    kinds = (hf.HANDLED_ATTENTION_KWARGS, hf.INERT_ATTENTION_KWARGS,
+             set(hf.UNSUPPORTED_ATTENTION_KWARGS))
+    assert all(not (a & b) for i, a in enumerate(kinds) for b in kinds[i + 1:])
+    check = lambda **kw: hf.check_attention_kwargs("who", kw)
+    check(**{k: torch.ones(2) for k in hf.HANDLED_ATTENTION_KWARGS | hf.INERT_ATTENTION_KWARGS})
+    check(**{k: None for k in hf.UNSUPPORTED_ATTENTION_KWARGS}, some_new_flag=False)
+    for arg, (what, fix) in hf.UNSUPPORTED_ATTENTION_KWARGS.items():
+        with pytest.raises(NotImplementedError) as info:
+            check(**{arg: torch.zeros(2, 3)})
+        assert str(info.value) == f"who does not run {what} (got {arg}=Tensor of shape (2, 3)): " \
+                                  f"{fix}"
+    with pytest.raises(NotImplementedError, match=r"who got the attention argument "
+                                                  r"brand_new_arg=7, which distattn does not "
+                                                  r"know.*without sequence parallelism"):
+        check(brand_new_arg=7)
+    hf.check_attention_kwargs("who", {"output_router_logits": True},
+                              allow=("output_router_logits",))
+
+
+def test_every_layer_must_reach_distattn():
+    """``guard.attention_layers``: the layers whose attention sp_loss requires to have run
+    through distattn -- every decoder layer (of the text config for a composite one), or,
+    with ``layer_types``, every attention layer (a hybrid's mixer and MLP layers do not)."""
+    assert guard.attention_layers(cfg("llama")) == [0, 1]
+    composite = cfg("qwen2")
+    composite.text_config = cfg("llama", num_hidden_layers=3)
+    assert guard.attention_layers(composite) == [0, 1, 2]
+    hybrid = cfg("llama", layer_types=["linear_attention", "full_attention", "mlp", "hybrid",
+                                       "sliding_attention"])
+    assert guard.attention_layers(hybrid) == [1, 3, 4]

@@ -153,9 +153,7 @@ class ShardedCacheMixin:
         if dropout:
             raise NotImplementedError(f"{name}: attention dropout ({dropout}) is not "
                                       f"supported; call model.eval()")
-        for arg, what in hf.UNSUPPORTED_ATTENTION_KWARGS.items():
-            if kwargs.get(arg) is not None:
-                raise NotImplementedError(f"{name} does not support {what} ({arg}=...)")
+        hf.check_attention_kwargs(name, kwargs, allow=("output_router_logits",))  # no loss
         if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
             raise NotImplementedError(f"{name} runs causal attention only")
         if kwargs.get("output_attentions"):

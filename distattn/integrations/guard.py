@@ -11,8 +11,9 @@ therefore accepts only what is known to be exact:
   USP (loss 1e-5, gradients 1e-4 against one process, fp32): the families the held-out trial
   of issue 17 reported exact, and those this repository's model tests train (Llama, Qwen2,
   Mistral, Gemma 2/3, gpt-oss, Llama 4, DeepSeek V3). A family added to transformers later is
-  not in it, so it is refused until a test shows it exact (a zoo test over every family is
-  still to come).
+  not in it, so it is refused until a test shows it exact: tests/test_zoo.py runs every
+  causal-LM family of the installed transformers and requires this set to be exactly the
+  families it trains exactly (the rest refused).
 - ``EXACT_LAYER_TYPES``: the ``config.layer_types`` values distattn runs exactly (full,
   sliding and chunked attention: ``hf.attention_variant`` maps windows and chunks). Any other
   value is refused by name (``linear_attention``, ``mamba``, ``conv``, ``hybrid`` with the
@@ -30,8 +31,12 @@ Where it runs (whichever comes first): ``dtf.prepare(model)`` (config and module
 by ``dtf.checkpoint_layers`` and ``dtf.generate``); the registered mask function (which
 transformers calls with the config before the first layer, i.e. before distattn's first
 collective); the registered attention function (with ``module.config``). A model whose forward
-never reaches distattn (no attention layer, or attention that does not use transformers'
-``AttentionInterface``) is caught by ``dtf.sp_loss``: see ``transformers.py``.
+never reaches distattn, or reaches it on some layers only (no attention layer, attention that
+does not use transformers' ``AttentionInterface``, a model left on another
+``attn_implementation``), is refused by ``dtf.sp_loss`` before its all-reduce: it checks that
+the latest forward ran distattn's attention on every layer (``attention_layers``;
+``transformers._Reached``). ``sp_loss`` does not see the model, so its message cannot name the
+family: ``dtf.prepare(model)`` does.
 """
 from __future__ import annotations
 
@@ -234,6 +239,28 @@ def check_length(verdict: Verdict, global_len: int, where: str = "") -> None:
             f"different frequencies. Train with sequences of at most {verdict.max_len} "
             f"tokens, or switch the config to a static RoPE type (e.g. 'linear' or 'yarn' "
             f"with a fixed factor)")
+
+
+# Layer types whose decoder layer holds softmax attention (Falcon-H1's "hybrid" layers hold
+# it beside a Mamba mixer).
+ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention",
+                                   "attention", "hybrid"})
+
+
+def attention_layers(config) -> list:
+    """The decoder layers of ``config``'s model whose attention must run through distattn
+    (``dtf.sp_loss`` checks that the forward ran it on that many layers): with
+    ``layer_types``, those of ``ATTENTION_LAYER_TYPES``; without, every one of
+    ``num_hidden_layers`` -- except for a hybrid of ``GATHERED_FAMILIES``, whose config then
+    does not say which layers attend: none is required by index (``sp_loss`` still requires
+    one at least)."""
+    config = _text_config(config)
+    types = getattr(config, "layer_types", None)
+    if types:
+        return [i for i, kind in enumerate(types) if kind in ATTENTION_LAYER_TYPES]
+    if getattr(config, "model_type", None) in GATHERED_FAMILIES:
+        return []
+    return list(range(int(getattr(config, "num_hidden_layers", 0) or 0)))
 
 
 def module_error(model, gathered=()) -> Optional[str]:

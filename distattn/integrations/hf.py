@@ -16,11 +16,44 @@ import functools
 OLDEST = "4.57"
 SUPPORTED = f">={OLDEST}"
 
-# Attention kwargs some models pass that change the attention computation itself and that
-# distattn does not run: name -> what it is.
+# The keyword arguments transformers passes to an attention function fall in three kinds
+# (``check_attention_kwargs``); one outside all three is refused, so an argument a later
+# transformers adds is never silently dropped.
+#
+# Read by distattn's attention functions themselves (run, or refused by value there).
+HANDLED_ATTENTION_KWARGS = frozenset({
+    "sliding_window", "softcap", "s_aux", "sinks",      # attention_variant
+    "is_causal", "position_ids", "output_attentions",
+    "distattn_cu_seqlens",                             # dtf.shard_batch's document boundaries
+})
+# Model-level flags that flow through the layers' **kwargs and do not change attention.
+INERT_ATTENTION_KWARGS = frozenset({
+    "use_cache", "output_hidden_states", "return_dict",
+    "num_items_in_batch", "cache_position",
+})
+_BOUNDARIES = ("document boundaries for flash-attention varlen, given to the model directly",
+               "give them to dtf.shard_batch with the batch (it turns them into "
+               "'distattn_cu_seqlens', the global boundaries) instead of to the model")
+_NO_SP = "train this model without sequence parallelism"
+# Arguments that change the attention computation and that distattn does not run, refused
+# when set (not None / False): name -> (what it is, the way out).
 UNSUPPORTED_ATTENTION_KWARGS = {
-    "position_bias": "additive position bias",
-    "cache": "paged KV caches",
+    "position_bias": ("an additive position bias on the attention scores", _NO_SP),
+    "cache": ("paged KV caches", "train with use_cache=False; generate with dtf.generate"),
+    "indices": ("sparse attention over selected key indices (DeepSeek-V3.2-style indexer)",
+                _NO_SP),
+    "block_indices": ("block-sparse attention over selected key blocks", _NO_SP),
+    "encoder_hidden_states": ("cross-attention to encoder states",
+                              "distattn runs self-attention over the sharded sequence only; "
+                              + _NO_SP),
+    "output_router_logits": (
+        "MoE router logits for a load-balancing loss: the model computes that loss from "
+        "this rank's tokens only, which is not the single-device loss",
+        "set output_router_logits=False (in the model call and config)"),
+    "head_mask": ("head masks", "drop the head mask"),
+    "layer_head_mask": ("head masks", "drop the head mask"),
+    **{k: _BOUNDARIES for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                                "max_length_k", "seq_idx")},
 }
 
 
@@ -34,6 +67,32 @@ def attention_function(name: str):
         return ALL_ATTENTION_FUNCTIONS[name]
     except KeyError:
         return None
+
+
+def _short(value) -> str:
+    """A value for an error message (a tensor by its shape, not its elements)."""
+    shape = getattr(value, "shape", None)
+    return f"{type(value).__name__} of shape {tuple(shape)}" if shape is not None \
+        else repr(value)[:60]
+
+
+def check_attention_kwargs(who: str, kwargs: dict, allow=()) -> None:
+    """Raise ``NotImplementedError`` for an attention keyword argument that is set (not None
+    or False) and that distattn does not run: one of ``UNSUPPORTED_ATTENTION_KWARGS`` (with
+    its way out) not in ``allow``, or one distattn does not know at all. ``who`` starts the
+    message."""
+    for arg, value in kwargs.items():
+        if arg in HANDLED_ATTENTION_KWARGS or arg in INERT_ATTENTION_KWARGS or arg in allow \
+                or value is None or value is False:
+            continue
+        if arg in UNSUPPORTED_ATTENTION_KWARGS:
+            what, fix = UNSUPPORTED_ATTENTION_KWARGS[arg]
+            raise NotImplementedError(f"{who} does not run {what} (got {arg}={_short(value)}): "
+                                      f"{fix}")
+        raise NotImplementedError(
+            f"{who} got the attention argument {arg}={_short(value)}, which distattn does not "
+            f"know: it may change the attention computation, which distattn would then not "
+            f"run. If your model call passes it, drop it; if the model passes it, {_NO_SP}")
 
 
 def require():

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ..mesh import as_mesh
 from . import hf
 from . import registry as _registry
-from .transformers import IGNORE_INDEX, shard_batch
+from .transformers import _REACHED, IGNORE_INDEX, shard_batch
 
 hf.require()
 from transformers import Trainer  # noqa: E402  (after the version check)
@@ -189,6 +189,7 @@ class SPTrainer(Trainer):
             num_items_in_batch = (shift_labels != IGNORE_INDEX).sum()
             dist.all_reduce(num_items_in_batch)
         outputs = model(**inputs, use_cache=False)
+        _REACHED.check(outputs.logits)      # its attention ran through distattn (as sp_loss)
         # DDP averages over the processes: scale so that it sums the shares.
         loss = token_share_loss(outputs.logits, shift_labels, num_items_in_batch) * \
             self.accelerator.num_processes

@@ -22,6 +22,8 @@ any communication, so a bad call fails the same way on every rank.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -36,7 +38,7 @@ from ..mesh import as_mesh
 from . import checkpoint as _ckpt
 from . import hf
 from .generation import generate, sharded_cache  # noqa: F401  (dtf.generate)
-from .hf import UNSUPPORTED_ATTENTION_KWARGS, attention_variant
+from .hf import attention_variant
 from .hf import require as _transformers
 from . import guard as _guard
 from . import registry as _registry
@@ -61,11 +63,7 @@ def _refuse_unsupported(name, module, query, key, attention_mask, dropout, kwarg
         raise NotImplementedError(
             f"attn_implementation={name!r} (distattn) does not support attention dropout "
             f"(dropout={dropout}); set config.attention_dropout=0.0")
-    for arg, what in UNSUPPORTED_ATTENTION_KWARGS.items():
-        if kwargs.get(arg) is not None:
-            raise NotImplementedError(
-                f"attn_implementation={name!r} (distattn) does not support {what} yet "
-                f"({arg}={kwargs[arg]!r})")
+    hf.check_attention_kwargs(f"attn_implementation={name!r} (distattn)", kwargs)
     config = getattr(module, "config", None)
     if kwargs.get("output_attentions") or getattr(config, "output_attentions", False):
         raise NotImplementedError(
@@ -80,6 +78,69 @@ def _refuse_unsupported(name, module, query, key, attention_mask, dropout, kwarg
             f"call the model with use_cache=False")
 
 
+class _Reached:
+    """Which attention layers ran through a distattn attention function: the layers of the
+    latest forward that reached one, for ``sp_loss`` to check (``check``).
+
+    A model whose attention never reaches distattn -- its family computes attention in its
+    own modules instead of through transformers' ``AttentionInterface`` (transformers then
+    ignores ``attn_implementation`` with a warning only), or some of its layers do -- would
+    attend over each rank's own tokens and train silently wrong, without any distattn call
+    that could refuse it. Calls during a backward pass (checkpointed recomputation) are not
+    a forward and are not recorded."""
+
+    def __init__(self):
+        self.config, self.layers, self.checked = None, set(), None
+
+    def record(self, module) -> None:
+        if _in_backward():          # a checkpointed layer's recomputation, not a forward
+            return
+        config = getattr(module, "config", None)
+        idx = getattr(module, "layer_idx", None)
+        key = idx if isinstance(idx, int) else ("module", id(module))
+        if config is not self.config or key in self.layers:     # another model, or a new
+            self.config, self.layers = config, set()            # forward of this one
+        self.layers.add(key)
+
+    def check(self, logits) -> None:
+        """Raise ``UnsupportedModelError`` unless a forward since the last check ran
+        distattn's attention on every attention layer of its model (``guard.attention_layers``).
+        The same logits tensor checked twice passes (two losses of one forward)."""
+        if self.checked is not None and self.checked() is logits:
+            return
+        config, layers = self.config, self.layers
+        self.config, self.layers = None, set()
+        if not layers:
+            raise UnsupportedModelError(
+                "dtf.sp_loss: the model's forward never ran distattn's attention function, so "
+                "every rank attended over its own tokens only and this loss would be silently "
+                "wrong. Either the model is not set to the name dtf.register returned (pass "
+                "attn_implementation=name to from_config, or call "
+                "model.set_attn_implementation(name), and check "
+                "model.config._attn_implementation), or its family computes attention in its "
+                "own modules instead of through transformers' AttentionInterface (transformers "
+                "then keeps its own attention and only warns); such a family cannot run "
+                "distattn, and dtf.prepare(model) names it. " + _guard.WAY_OUT)
+        expected = _guard.attention_layers(config) if config is not None else []
+        if len(layers) < len(expected):
+            missing = [i for i in expected if i not in layers]
+            raise UnsupportedModelError(
+                f"dtf.sp_loss: layers {missing} of model family {_guard._family(config)} "
+                f"never ran distattn's attention function in the forward (layers "
+                f"{sorted(i for i in layers if isinstance(i, int))} did): they compute "
+                f"attention in their own modules, over each rank's own tokens only, and "
+                f"this loss would be silently wrong. " + _guard.WAY_OUT)
+        self.checked = weakref.ref(logits)
+
+
+_REACHED = _Reached()
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass on this thread (torch's graph task id is
+    -1 outside one; a torch without it: never)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() >= 0
 POSITIONS_CHECKED = "_distattn_positions_checked"
 
 
@@ -138,7 +199,6 @@ def _make_attention(name, mesh, layout, schedule, backend):
         S_local, D] (this rank's tokens, sharded with the registered layout) ->
         ([B, S_local, Hq, D], None). ``distattn_cu_seqlens`` (from ``shard_batch``) gives the
         global document boundaries of a packed batch."""
-        _refuse_unsupported(name, module, query, key, attention_mask, dropout, kwargs)
         cu_seqlens = kwargs.get(CU_SEQLENS_KEY)
         config = getattr(module, "config", None)
         if config is not None:      # the model guard (guard.py): cached, no communication
@@ -146,6 +206,8 @@ def _make_attention(name, mesh, layout, schedule, backend):
             global_len = (max(b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]))
                           if cu_seqlens is not None else query.shape[2] * mesh.size)
             _guard.check_length(verdict, global_len, f" (attn_implementation={name!r})")
+        _refuse_unsupported(name, module, query, key, attention_mask, dropout, kwargs)
+        _REACHED.record(module)
         if cu_seqlens is None:
             _check_positions(name, kwargs.get("position_ids"), mesh, layout, query.shape[2])
         query = _row_temperature(module, query, mesh, layout, cu_seqlens)
@@ -478,6 +540,12 @@ def sp_loss(logits: torch.Tensor, shift_labels: torch.Tensor, mesh) -> torch.Ten
     rank, SP ranks of one replica see the same sequences), the wrapper *averages* gradients
     over all ``dp * sp`` ranks; backpropagate ``loss * mesh.size`` to turn that average into
     the mean over data-parallel replicas of the summed SP gradients.
+
+    Before any communication it raises ``UnsupportedModelError`` unless the model's latest
+    forward ran distattn's attention function on every decoder layer: a model whose attention
+    never reaches distattn (its family computes attention in its own modules, or the model is
+    not set to the registered ``attn_implementation``) would otherwise train silently on each
+    rank's tokens alone. Call it once per forward (the same logits twice is fine).
     """
     mesh = as_mesh(mesh)
     if logits.dim() != 3:
@@ -485,6 +553,7 @@ def sp_loss(logits: torch.Tensor, shift_labels: torch.Tensor, mesh) -> torch.Ten
     if shift_labels.shape != logits.shape[:2]:
         raise ValueError(f"shift_labels {tuple(shift_labels.shape)} must match logits' "
                          f"[batch, seq_local] {tuple(logits.shape[:2])}")
+    _REACHED.check(logits)      # the model's attention ran through distattn (no communication)
     local_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                 shift_labels.reshape(-1).to(logits.device),
                                 ignore_index=IGNORE_INDEX, reduction="sum")
