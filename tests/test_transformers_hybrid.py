@@ -59,7 +59,8 @@ def _config(family):
         "jamba": lambda: tf.JambaConfig(
             **common, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
             expert_layer_offset=1, num_experts=2, num_experts_per_tok=1, mamba_d_state=8,
-            mamba_d_conv=4, mamba_expand=2),
+            mamba_d_conv=4, mamba_expand=2,
+            use_mamba_kernels=False),     # 4.57 raises on CPU without it (5.x ignores it)
         "qwen3_next": lambda: tf.Qwen3NextConfig(
             **common, layer_types=linear_first, head_dim=16, linear_num_value_heads=4,
             linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
@@ -120,7 +121,10 @@ def run_cases(rank, world):
         model = build_model(family)
         if model is None:
             continue
-        dtf.prepare(model)
+        refused = _error(lambda: dtf.prepare(model))
+        if refused is not None:          # transformers 4.x for some families (see below)
+            results[case_id(case)] = {"refused": refused}
+            continue
         mesh = meshes[mesh_name]
         _, out, loss, grads = sp_train_step(model, mesh, layout, batch, ckpt,
                                             f"distattn_hybrid_{mesh_name}_{layout}")
@@ -149,9 +153,10 @@ def _one_process(family, dtype=None):
 
 @pytest.fixture(scope="module")
 def references():
+    from distattn.integrations.mixers import version_error
     refs = {}
     for family in FAMILIES:
-        if _config(family) is None:
+        if _config(family) is None or version_error(family) is not None:
             continue
         refs[family] = _one_process(family)
         tol = {n: 1e-4 for n in refs[family]["grads"]}
@@ -177,6 +182,12 @@ def test_hybrid_refused_without_prepare(world_results, family):
 
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
 def test_hybrid_models_match_single_process(world_results, references, case):
+    from distattn.integrations.mixers import version_error
+    if version_error(case[0]) is not None and case_id(case) in world_results[0]:
+        for r in world_results:      # refused by dtf.prepare on every rank, naming why
+            assert r[case_id(case)]["refused"] == ("UnsupportedModelError",
+                                                   version_error(case[0])), r[case_id(case)]
+        pytest.skip(version_error(case[0]))
     if case[0] not in references:
         pytest.skip(f"{case[0]} is not in this transformers")
     ref = references[case[0]]

@@ -339,6 +339,13 @@ def test_hybrid_is_exact_after_prepare(zoo, family, mesh):
     ranks = zoo[family]["ranks"]
     if "unbuildable" in ranks[0]:
         pytest.skip(ranks[0]["unbuildable"])
+    from distattn.integrations.mixers import version_error
+    if version_error(family) is not None:
+        # this family's transformers 4.x code builds its own 4-D causal mask: dtf.prepare
+        # refuses it on every rank, naming the version, before any communication
+        for r in ranks:
+            assert r["prepare"] == version_error(family), r["prepare"]
+        pytest.xfail(f"{family}: {version_error(family)[:120]}")
     assert ranks[0]["prepare"] is None, ranks[0]["prepare"]
     verdict = _verdict(zoo, family, GATHERED + mesh)
     import transformers
@@ -375,7 +382,10 @@ def test_prepare_names_what_it_refuses(zoo, family):
         pytest.skip("DISTATTN_ZOO_PROBE: the allow-list is lifted")
     messages = [r["prepare"] for r in ranks]
     assert all(m == messages[0] for m in messages)
-    if _expected_exact(zoo, family) or ranks[0]["model_type"] in zc.EXPECTED_GATHERED:
+    from distattn.integrations.mixers import version_error
+    if version_error(ranks[0]["model_type"]) is not None:     # a hybrid at transformers 4.x
+        assert messages[0] == version_error(ranks[0]["model_type"]), messages[0]
+    elif _expected_exact(zoo, family) or ranks[0]["model_type"] in zc.EXPECTED_GATHERED:
         assert messages[0] is None, messages[0]
     else:
         assert messages[0] is not None, f"dtf.prepare accepts {family}"

@@ -43,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from .mixers import GATHERED_FAMILIES, gather_mixers
+from .mixers import GATHERED_FAMILIES, gather_mixers, version_error
 
 VERDICT_ATTR = "_distattn_verdict"
 
@@ -297,7 +297,10 @@ def prepare(model):
                 f"dtf.prepare: {type(model).__name__} has no transformers config; distattn's "
                 f"guard checks transformers models only")
         gathered = ()
-        if getattr(_text_config(config), "model_type", None) in GATHERED_FAMILIES:
+        model_type = getattr(_text_config(config), "model_type", None)
+        if version_error(model_type) is not None:
+            verdict = Verdict(version_error(model_type))
+        elif model_type in GATHERED_FAMILIES:
             gathered = gather_mixers(model)
             verdict = Verdict(*_config_error(_text_config(config), gathered_mixers=True))
             object.__setattr__(_text_config(config), VERDICT_ATTR, verdict)

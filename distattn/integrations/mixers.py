@@ -46,6 +46,21 @@ GATHERED_FAMILIES = {
 }
 
 
+# Gathered families whose transformers 4.x code builds its own 4-D causal mask for the
+# attention layers (not through the mask interface), which distattn refuses: they need 5.x.
+NEEDS_TRANSFORMERS_5 = frozenset({"bamba", "falcon_h1", "granitemoehybrid", "jamba"})
+
+
+def version_error(model_type) -> Optional[str]:
+    """Why the installed transformers cannot train ``model_type``'s gathered mixers, or None."""
+    if model_type in NEEDS_TRANSFORMERS_5 and hf.version() < (5, 0):
+        return (f"distattn trains {model_type!r} under sequence parallelism with transformers "
+                f"5 or newer only: transformers {'.'.join(map(str, hf.version()))} builds its "
+                f"own 4-D causal mask for this family's attention layers, which distattn does "
+                f"not take. Upgrade transformers, or train without sequence parallelism")
+    return None
+
+
 def mixer_modules(model) -> list:
     """(name, module) of every sequence mixer of ``model``, by its family's entry in
     ``GATHERED_FAMILIES`` (empty for another family)."""
