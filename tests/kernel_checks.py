@@ -84,6 +84,19 @@ def grad_atol(ref):
     return 1e-3 + 1e-3 * ref.abs().max().item()
 
 
+def assert_dist_rule(rank: int, r: dict) -> None:
+    """A distributed emulate result ``r`` (per name: error vs fp64, the same-dtype math
+    error, the reference's max) meets FlashAttention's rule on ``rank``: dtypes kept, the
+    same -inf lse rows, every error within 2 x the math error + a small atol."""
+    assert r["dtype_ok"], f"rank {rank}: output, gradient or lse dtype changed"
+    assert r["lse_inf_ok"], f"rank {rank}: rows with lse = -inf differ from the reference"
+    for name in ("out", "lse", "dq", "dk", "dv"):
+        err, err_math, ref_max = r[name]
+        atol = 1e-3 if name in ("out", "lse") else 1e-3 + 1e-3 * ref_max
+        assert err <= 2 * err_math + atol, (
+            f"rank {rank}: {name} err {err:.3g} > 2 x math err {err_math:.3g} + {atol:.2g}")
+
+
 def ext_pieces(mask: Mask, sq: int, sk: int) -> list[tuple]:
     """The extension's pieces (q0, q1, k0, k1, lo, hi) of a mask: each piece's full span (rows
     that see nothing included, so the kernel handles them), band in piece coordinates."""
