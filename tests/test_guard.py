@@ -113,3 +113,20 @@ def test_every_layer_must_reach_distattn():
     hybrid = cfg("llama", layer_types=["linear_attention", "full_attention", "mlp", "hybrid",
                                        "sliding_attention"])
     assert guard.attention_layers(hybrid) == [1, 3, 4]
+
+
+def test_a_hybrid_whose_mixers_are_not_found_is_refused(monkeypatch):
+    """If a transformers version renames a hybrid's mixer, dtf.prepare must refuse the model
+    rather than let the mixer run on this rank's tokens only."""
+    transformers = pytest.importorskip("transformers")
+    from distattn.integrations import mixers
+
+    config = transformers.Lfm2Config(vocab_size=101, hidden_size=32, intermediate_size=48,
+                                     num_hidden_layers=2, num_attention_heads=2,
+                                     num_key_value_heads=1,
+                                     layer_types=["conv", "full_attention"])
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    monkeypatch.setitem(mixers.GATHERED_FAMILIES, "lfm2",
+                        ("short causal convolutions", "renamed_conv", "ShortConv"))
+    with pytest.raises(guard.UnsupportedModelError, match="found no sequence mixer of 'lfm2'"):
+        guard.prepare(model)

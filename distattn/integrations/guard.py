@@ -303,6 +303,12 @@ def prepare(model):
         elif model_type in GATHERED_FAMILIES:
             gathered = gather_mixers(model)
             verdict = Verdict(*_config_error(_text_config(config), gathered_mixers=True))
+            if not gathered:      # its mixers under another name: they would run locally
+                verdict = Verdict(
+                    f"dtf.prepare found no sequence mixer of {model_type!r} where distattn "
+                    f"expects one (mixers.GATHERED_FAMILIES); this transformers version may "
+                    f"name it differently, so its layers would see only this rank's tokens. "
+                    + WAY_OUT)
             object.__setattr__(_text_config(config), VERDICT_ATTR, verdict)
         else:
             verdict = config_verdict(config)
