@@ -25,7 +25,10 @@ pytest.importorskip("transformers")
 WORLD = 4
 FAMILIES = ("lfm2", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "jamba",
             "qwen3_next", "minimax")
-MESHES = (("ring4", "zigzag", False), ("ulysses2xring2", "contiguous", True))
+# zigzag: the mixers run gathered; contiguous: state passing (PASSING_FAMILIES, transformers
+# >= PASSING_SINCE; gathered otherwise), plain and with rematerialization
+MESHES = (("ring4", "zigzag", False), ("ring4", "contiguous", False),
+          ("ulysses2xring2", "contiguous", True))
 CASES = [(family, mesh, layout, ckpt) for family in FAMILIES for mesh, layout, ckpt in MESHES]
 DTYPES = {"qwen3_next": torch.float64}      # default: float32
 
@@ -103,6 +106,7 @@ def _error(fn):
 def run_cases(rank, world):
     import distattn
     from distattn.integrations import transformers as dtf
+    from distattn.integrations.mixers import mixer_forms
 
     ids, labels = make_batch()
     batch = {"input_ids": ids, "labels": labels}
@@ -131,7 +135,8 @@ def run_cases(rank, world):
         results[case_id(case)] = {
             "loss": loss.detach().clone(),
             "logits": distattn.unshard(out.logits.detach(), mesh, dim=1, layout=layout),
-            "grads": grads if rank == 0 else None}
+            "grads": grads if rank == 0 else None,
+            "forms": mixer_forms(model)}
     return _to_bytes(results)
 
 
@@ -191,4 +196,23 @@ def test_hybrid_models_match_single_process(world_results, references, case):
     if case[0] not in references:
         pytest.skip(f"{case[0]} is not in this transformers")
     ref = references[case[0]]
-    assert_step_matches([r[case_id(case)] for r in world_results], ref, ref["tol"])
+    got = [r[case_id(case)] for r in world_results]
+    assert_step_matches([{k: v for k, v in g.items() if k != "forms"} for g in got], ref,
+                        ref["tol"])
+    assert_forms(case, got)
+
+
+def expected_form(case):
+    """The form the case's mixers must have run in (see mixers.passing_mode)."""
+    from distattn.integrations import hf
+    from distattn.integrations.mixers import PASSING_FAMILIES, PASSING_SINCE
+    family, _, layout, _ = case
+    if layout == "contiguous" and family in PASSING_FAMILIES and hf.version() >= PASSING_SINCE:
+        return f"passing ({PASSING_FAMILIES[family]})"
+    return "gathered"
+
+
+def assert_forms(case, got):
+    want = expected_form(case)
+    for rank, g in enumerate(got):
+        assert g["forms"] and set(g["forms"].values()) == {want}, (rank, want, g["forms"])

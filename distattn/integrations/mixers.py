@@ -1,23 +1,32 @@
-"""Hybrid transformers models under SP: their non-attention sequence mixers, run gathered.
+"""Hybrid transformers models under SP: their non-attention sequence mixers, run exactly.
 
 Mamba / Mamba2 mixers, Gated DeltaNet, lightning attention and short convolutions see the
 sequence outside distattn's attention. ``gather_mixers(model)`` (called by ``dtf.prepare``)
 hooks every such module of a family in ``GATHERED_FAMILIES`` so that, while the model's
-attention is a distattn one (``dtf.register``), the module runs *unchanged* -- the model's own
-code -- on the whole sequence gathered over the mesh (``distattn.mixers.gather``), and each
-rank keeps its tokens of the result. Exact, forward and backward, on every layout; the cost:
-each rank runs these layers over the full sequence (their compute and activation memory do
-not shrink with the SP size), plus one all-gather of the layer's input (forward) and one
-all-reduce of its gradient (backward). While the model runs another attention (one process,
-``sdpa``), the hooks do nothing.
+attention is a distattn one (``dtf.register``), the module runs its own code -- the model's
+math and kernels -- in one of two exact forms, chosen per forward (the same choice on every
+rank: it depends only on what every rank holds):
+
+- **state passing** (``distattn.mixers.passing``; families in ``PASSING_FAMILIES``, with
+  transformers >= ``PASSING_SINCE``, the ``contiguous`` layout, no padding slots): the module
+  runs on this rank's tokens only, with a cache object (``PassingCache``) standing in for
+  the model's generation cache. The model asks it for the conv halo and the initial
+  recurrent state, and hands it the final state, the way it does when it continues a cached
+  prompt; the cache fetches them from the previous rank and sends the next rank this rank's.
+  Compute and activation memory shrink with P; the traffic is k - 1 tokens of conv input and
+  one state per layer. A recurrent layer is a chain: rank i starts when rank i - 1 has
+  finished it (P - 1 hops forward, and backward in reverse order).
+- **gathered** (``distattn.mixers.gather``; every family, every layout): the module runs on
+  the whole sequence gathered over the mesh and each rank keeps its tokens of the result:
+  each rank pays the layer's full compute and activation memory, plus one all-gather of its
+  input forward and one all-reduce of its gradient backward.
 
 The mesh and layout come from the model's attention function at each forward (the one
-``dtf.register`` made), so they can never disagree with the attention's. Refused, on every
-rank alike (each decision depends only on what every rank holds): a KV/state cache
-(generation), and a packed row of several documents (the models' own torch paths do not
-reset their state at document boundaries).
-
-The hooks keep the module tree and the state dict unchanged (no wrapper modules).
+``dtf.register`` made), so they can never disagree with the attention's. While the model
+runs another attention (one process, ``sdpa``), the hooks do nothing. Refused, on every rank
+alike: a KV/state cache (generation), and a packed row of several documents (the models'
+own torch paths do not reset their state at document boundaries). The hooks keep the
+module tree and the state dict unchanged (no wrapper modules).
 """
 from __future__ import annotations
 
@@ -26,6 +35,8 @@ from typing import Optional
 import torch
 
 from ..mixers import gather_sequence, local_part
+from ..mixers.gather import sequence_length
+from ..mixers.passing import exchange_halo, receive_from_previous, send_to_next
 from . import hf
 
 MIXERS_ATTR = "_distattn_gathered_mixers"   # on the model: the hooked module names
@@ -44,6 +55,26 @@ GATHERED_FAMILIES = {
     "qwen3_next": ("Gated DeltaNet linear attention", "linear_attn", "GatedDeltaNet"),
     "minimax": ("lightning (linear) attention", "self_attn", "LightningAttention"),
 }
+
+
+# model_type -> how its mixers take part in state passing, for families tested exact that way
+# (tests/test_transformers_hybrid.py, contiguous layout): "conv" (a short convolution only:
+# the halo is exchanged by every rank at once) or "recurrent" (a conv halo and/or a recurrent
+# state: a chain down the sequence). Jamba is absent: its scan ignores an initial state, so
+# it runs gathered.
+PASSING_FAMILIES = {
+    "lfm2": "conv",
+    "bamba": "recurrent",
+    "granitemoehybrid": "recurrent",
+    "nemotron_h": "recurrent",
+    "falcon_h1": "recurrent",
+    "qwen3_next": "recurrent",
+    "minimax": "recurrent",
+}
+# The transformers version whose mixers were tested taking their halo and initial state from
+# the cache interface (get_conv_state / update_conv_state / get_recurrent_state /
+# update_recurrent_state, MiniMax's get/set_linear_cache); older ones run gathered.
+PASSING_SINCE = (5, 24)
 
 
 # Gathered families whose transformers 4.x code builds its own 4-D causal mask for the
@@ -74,10 +105,21 @@ def mixer_modules(model) -> list:
 
 
 class _Forward:
-    """What the hooks of one model share: the document boundaries of the current forward."""
+    """What the hooks of one model share: the document boundaries of the current forward,
+    and the form each mixer ran in at its last forward (``mixer_forms``)."""
 
     def __init__(self):
         self.cu: Optional[tuple] = None
+        self.forms: dict = {}
+
+
+FORMS_ATTR = "_distattn_mixer_forms"
+
+
+def mixer_forms(model) -> dict:
+    """module name -> the form its last SP forward ran in: "gathered", "passing (conv)" or
+    "passing (recurrent)" (empty before one)."""
+    return dict(getattr(model, FORMS_ATTR, {}))
 
 
 def _distattn_of(model):
@@ -103,11 +145,128 @@ def _model_hook(state: _Forward):
     return hook
 
 
-def _hooks(model, module_name: str, state: _Forward):
+class PassingCache:
+    """The cache a hybrid mixer sees under state passing: it answers the calls the model's
+    mixers (transformers >= ``PASSING_SINCE``) make on their generation cache when they
+    continue a prompt, with what the previous sequence rank sent.
+
+    - ``get_conv_state`` / ``get_recurrent_state`` (``get_linear_cache``): the first such
+      call receives [conv tail, final state] from the previous rank (None on the first
+      rank: the model starts from zeros); ``"conv"`` mode receives nothing here.
+    - ``update_conv_state(x [B, C, S], layer_idx, conv_kernel_size)``: [halo; x], the halo
+      being the k - 1 conv inputs before this rank's tokens (zeros on the first rank) --
+      the model convolves it and keeps the last S outputs.
+    - ``update_recurrent_state`` (``set_linear_cache``): this rank's final state, which
+      ``finish`` sends to the next rank with the conv tail.
+    - ``is_recording_past``: True, so a mixer never takes its single-token decode branch.
+    Any other call is refused (a transformers version this was not tested with)."""
+
+    def __init__(self, mesh, module_name: str, mode: str, anchor: torch.Tensor):
+        self.mesh, self.module_name, self.mode, self.anchor = mesh, module_name, mode, anchor
+        self.received = None      # [halo, state] from the previous rank, once fetched
+        self.tail = self.final = None
+        self.chained = mode == "recurrent"     # sends [tail, final] at finish
+        self.calls = set()
+
+    def _what(self):
+        return f"state passing of {self.module_name!r}"
+
+    def _receive(self):
+        if self.received is None:
+            self.received = receive_from_previous(self.anchor, 2, self.mesh, self._what())
+        return self.received
+
+    def is_recording_past(self, layer_idx=None) -> bool:
+        return True
+
+    def get_conv_state(self, layer_idx, state_idx=0):
+        self.calls.add("get_conv_state")
+        return None if self.mode == "conv" else self._receive()[0]
+
+    def get_recurrent_state(self, layer_idx, state_idx=0):
+        self.calls.add("get_recurrent_state")
+        return self._receive()[1]
+
+    def get_linear_cache(self, layer_idx):
+        return self.get_recurrent_state(layer_idx)
+
+    def update_conv_state(self, x, layer_idx, conv_kernel_size=None, **_):
+        self.calls.add("update_conv_state")
+        width = (conv_kernel_size or 1) - 1
+        if width <= 0:
+            return x
+        if self.mode == "conv" and x.shape[-1] >= width:
+            halo = exchange_halo(x[..., -width:], self.mesh, f"halo of {self.module_name!r}")
+        else:              # this rank's tokens do not cover the halo: chain it
+            self.chained = True
+            halo = self._receive()[0]
+            if halo is None:
+                halo = x.new_zeros(*x.shape[:-1], width)
+        full = torch.cat([halo.to(x.dtype), x], dim=-1)
+        if self.chained:
+            self.tail = full[..., -width:]
+        return full
+
+    def update_recurrent_state(self, state, layer_idx=None, **_):
+        self.calls.add("update_recurrent_state")
+        self.final = state
+        return state
+
+    def set_linear_cache(self, layer_idx, state):
+        self.update_recurrent_state(state, layer_idx)
+
+    def finish(self, out: torch.Tensor) -> torch.Tensor:
+        """After the module's forward: check the model made the calls state passing relies
+        on (the same outcome on every rank), then send [tail, final] on, through ``out``."""
+        needed = {"update_conv_state"} if self.mode == "conv" else {"update_recurrent_state"}
+        if not needed <= self.calls:
+            raise NotImplementedError(
+                f"distattn's state passing for {self.module_name!r} expected the model to "
+                f"call cache.{sorted(needed - self.calls)[0]}, and it did not: this "
+                f"transformers version's mixer is not the one distattn was tested with. "
+                f"Use the tested transformers, or the 'zigzag' layout (the mixer then runs "
+                f"gathered)")
+        if not self.chained:
+            return out
+        return send_to_next(out, [self.tail, self.final], self.mesh, self._what())
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise NotImplementedError(
+            f"distattn's state passing for {self.module_name!r}: the model called "
+            f"cache.{name}, which this transformers version's mixer was not tested with. Use "
+            f"the tested transformers, or the 'zigzag' layout (the mixer then runs gathered)")
+
+
+def passing_mode(model_type, mesh, layout: str, local_len: int, cu) -> Optional[str]:
+    """The state-passing mode of ``model_type``'s mixers for this forward, or None for the
+    gathered form: passing needs a family of ``PASSING_FAMILIES``, transformers >=
+    ``PASSING_SINCE``, the ``contiguous`` layout without padding slots, and, for a recurrent
+    mixer, 2 tokens or more per rank (the models' one-token branches update a cache in
+    place). Depends only on what every rank holds."""
+    mode = PASSING_FAMILIES.get(model_type)
+    if (mode is None or hf.version() < PASSING_SINCE or layout != "contiguous"
+            or sequence_length(local_len, mesh, cu) != local_len * mesh.size):
+        return None
+    if mode == "recurrent" and local_len < 2:
+        return None
+    return mode
+
+
+def _anchor(module, hidden: torch.Tensor) -> torch.Tensor:
+    """A tensor that requires grad exactly when the module's output does (see
+    ``receive_from_previous``): the input, else a trainable parameter."""
+    if hidden.requires_grad:
+        return hidden
+    return next((p for p in module.parameters() if p.requires_grad), hidden)
+
+
+def _hooks(model, model_type, module_name: str, state: _Forward):
     """The (pre, post) forward hooks of one mixer."""
     seen = {}
 
-    def pre(_module, args, kwargs):
+    def pre(module, args, kwargs):
         where = _distattn_of(model)
         seen.clear()
         if where is None:
@@ -116,7 +275,7 @@ def _hooks(model, module_name: str, state: _Forward):
         for key in ("cache", "past_key_values", "cache_params"):
             if kwargs.get(key) is not None:
                 raise _refuse(module_name, "a cache was passed (generation is not supported "
-                                           "through gathered mixers)")
+                                           "through SP mixers)")
         cu = state.cu
         if cu is not None and len(cu) > 2:
             raise _refuse(module_name, f"the row packs {len(cu) - 1} documents")
@@ -128,6 +287,14 @@ def _hooks(model, module_name: str, state: _Forward):
             kwargs["attention_mask"] = None
         args = list(args)
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        mode = passing_mode(model_type, mesh, layout, hidden.shape[1], cu)
+        if mode is not None:
+            kwargs.pop("cache_params", None)
+            kwargs["cache"] = PassingCache(mesh, module_name, mode, _anchor(module, hidden))
+            seen["passing"] = kwargs["cache"]
+            state.forms[module_name] = f"passing ({mode})"
+            return tuple(args), kwargs
+        state.forms[module_name] = "gathered"
         full = gather_sequence(hidden, mesh, layout, cu)
         if "hidden_states" in kwargs:
             kwargs["hidden_states"] = full
@@ -148,6 +315,11 @@ def _hooks(model, module_name: str, state: _Forward):
         return tuple(args), kwargs
 
     def post(_module, _args, _kwargs, output):
+        if "passing" in seen:
+            cache = seen.pop("passing")
+            if isinstance(output, tuple):
+                return (cache.finish(output[0]),) + tuple(output[1:])
+            return cache.finish(output)
         if "where" not in seen:
             return None
         mesh, layout, cu = seen.pop("where")
@@ -160,8 +332,9 @@ def _hooks(model, module_name: str, state: _Forward):
 
 def gather_mixers(model) -> list:
     """Hook every sequence mixer of ``model`` (a family in ``GATHERED_FAMILIES``) to run
-    gathered whenever the model's attention is distattn's; once per model. Returns the names
-    of the hooked modules."""
+    exactly -- state passing where ``passing_mode`` allows, else gathered -- whenever the
+    model's attention is distattn's; once per model. Returns the names of the hooked
+    modules."""
     done = getattr(model, MIXERS_ATTR, None)
     if done is not None:
         return done
@@ -170,10 +343,12 @@ def gather_mixers(model) -> list:
     for target in {id(model): model, id(base): base}.values():
         target.register_forward_pre_hook(_model_hook(state), with_kwargs=True)
     names = []
+    config = getattr(model.config, "text_config", None) or model.config
     for name, module in mixer_modules(model):
-        pre, post = _hooks(model, name, state)
+        pre, post = _hooks(model, getattr(config, "model_type", None), name, state)
         module.register_forward_pre_hook(pre, with_kwargs=True)
         module.register_forward_hook(post, with_kwargs=True)
         names.append(name)
     setattr(model, MIXERS_ATTR, names)
+    setattr(model, FORMS_ATTR, state.forms)
     return names
