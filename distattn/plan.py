@@ -88,6 +88,11 @@ class RingPlan:
         Computed for one rank at a time (an executor needs only its own), then cached."""
         return _rank_masks(self, rank)
 
+    def active(self, rank: int) -> tuple:
+        """Per step, whether ``rank``'s mask shows any pair (an executor skips the others);
+        cached with the masks, so a ring step does no mask arithmetic."""
+        return _rank_active(self, rank)
+
     def computes(self, rank: int, step: int) -> list:
         mask = self.masks(rank)[step]
         if not mask.pieces:
@@ -124,6 +129,13 @@ def _rank_masks(plan: RingPlan, rank: int) -> tuple:
     return tuple(coalesce(block_mask(lay.parts[rank], keys(t), plan.bounds), n,
                           plan.key_len(rank, t))
                  for t in range(plan.steps))
+
+
+@functools.lru_cache(maxsize=256)
+def _rank_active(plan: RingPlan, rank: int) -> tuple:
+    n = plan.layout.part_len
+    return tuple(bool(m.simplify(n, plan.key_len(rank, t)).pieces)
+                 for t, m in enumerate(plan.masks(rank)))
 
 
 def _reach(lay: RingLayout, bounds: tuple) -> tuple:
