@@ -40,11 +40,12 @@ _ap.add_argument("--sections", default="plan,step,ops,memory")
 _ap.add_argument("--mem-seq", type=int, default=8192)
 _ap.add_argument("--mem-ranks", type=int, default=4)
 ARGS = _ap.parse_args() if __name__ == "__main__" else None
-if ARGS is not None and ARGS.distattn:
+if ARGS is not None and ARGS.distattn:   # ahead of this checkout (common then adds nothing)
+    sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.path.insert(0, os.path.abspath(ARGS.distattn))
 
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402,F401  (repository root on sys.path, after --distattn)
+import common  # noqa: E402,F401  (puts the repository root on sys.path)
 
 import random  # noqa: E402
 import statistics  # noqa: E402
