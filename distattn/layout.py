@@ -88,6 +88,16 @@ class RingLayout:
     part_len: int
     parts: tuple
 
+    def __hash__(self) -> int:
+        """Cheap and computed once (plans are cached by layout): the fields that fix the
+        parts, not the parts themselves; equality still compares every field."""
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.layout, self.seq_len, self.ring_degree, self.ulysses_degree,
+                      self.cu_seqlens, self.part_len, len(self.parts)))
+            object.__setattr__(self, "_hash", h)
+        return h
+
     @property
     def local_len(self) -> int:
         """Slots per rank: a ring part split over the Ulysses ranks."""

@@ -21,20 +21,18 @@ import torch
 def merge_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Tensor,
            lse_blk: torch.Tensor) -> None:
     """Fold (out_blk, lse_blk) into the accumulators in place. The accumulators may be strided
-    views; ``out_blk`` may have a lower precision than ``out_acc``."""
+    views; ``out_blk`` may have a lower precision than ``out_acc``.
+
+    Nine elementwise kernels: ``logaddexp`` is the guarded update itself (max + log1p(exp(-|d|)),
+    exact for -inf on either side and -inf when both are), the weights exp(lse_side - lse) are
+    normalised by construction, and where both sides are -inf the shift 0 makes both weights
+    exp(-inf) = 0. NaN propagates (a NaN lse makes the row's out and lse NaN)."""
     lse_blk = lse_blk.to(lse_acc.dtype)
-    m = torch.maximum(lse_acc, lse_blk)
-    # Where both sides are -inf, use 0 as the shift so the exponentials below are exp(-inf) = 0.
-    m_safe = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
-    w_acc = torch.exp(lse_acc - m_safe)
-    w_blk = torch.exp(lse_blk - m_safe)
-    total = w_acc + w_blk
-    new_lse = torch.where(total > 0, m_safe + torch.log(total), m)
-    # Normalised weights; 0/0 cannot happen because total == 0 forces both weights to 0.
-    inv = torch.where(total > 0, 1.0 / total, torch.zeros_like(total))
-    w_acc = (w_acc * inv).transpose(1, 2).unsqueeze(-1)   # [B, S, H, 1]
-    w_blk = (w_blk * inv).transpose(1, 2).unsqueeze(-1)
-    out_acc.mul_(w_acc).add_(out_blk.to(out_acc.dtype) * w_blk)
+    new_lse = torch.logaddexp(lse_acc, lse_blk)
+    shift = torch.where(new_lse == float("-inf"), 0.0, new_lse)
+    w_acc = torch.exp(lse_acc - shift).transpose(1, 2).unsqueeze(-1)   # [B, S, H, 1]
+    w_blk = torch.exp(lse_blk - shift).transpose(1, 2).unsqueeze(-1)
+    out_acc.mul_(w_acc).addcmul_(out_blk, w_blk)
     lse_acc.copy_(new_lse)
 
 

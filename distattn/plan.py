@@ -25,6 +25,7 @@ turn those into global (query, key) pairs and per-rank loads, so tests can check
 """
 from __future__ import annotations
 
+import bisect
 import functools
 from dataclasses import dataclass
 from typing import Optional
@@ -87,6 +88,11 @@ class RingPlan:
         Computed for one rank at a time (an executor needs only its own), then cached."""
         return _rank_masks(self, rank)
 
+    def active(self, rank: int) -> tuple:
+        """Per step, whether ``rank``'s mask shows any pair (an executor skips the others);
+        cached with the masks, so a ring step does no mask arithmetic."""
+        return _rank_active(self, rank)
+
     def computes(self, rank: int, step: int) -> list:
         mask = self.masks(rank)[step]
         if not mask.pieces:
@@ -125,48 +131,151 @@ def _rank_masks(plan: RingPlan, rank: int) -> tuple:
                  for t in range(plan.steps))
 
 
+@functools.lru_cache(maxsize=256)
+def _rank_active(plan: RingPlan, rank: int) -> tuple:
+    n = plan.layout.part_len
+    return tuple(bool(m.simplify(n, plan.key_len(rank, t)).pieces)
+                 for t, m in enumerate(plan.masks(rank)))
+
+
 def _reach(lay: RingLayout, bounds: tuple) -> tuple:
     """(steps, payload) of a ring over ``lay``: the last step at which any rank sees a key it
-    receives, and per owner the slots that some other rank sees.
+    receives, and per owner the slots that some other rank sees (sorted, merged ranges).
 
-    Without a lower bound on key - query (no left window) this works per document from each
-    rank's first and last token in it, in time linear in the segments (a packed row of
-    thousands of documents over 64 ranks plans in milliseconds). With one, every pair of runs
-    of a document is checked exactly (``block_mask``)."""
+    Per document, from its runs (segments) alone, never from pairwise block masks:
+
+    - no left window bound: each rank's last query token and first key token decide which
+      ranks see which (``_reach_open``), O(h log h) for a document held by h ranks;
+    - a left bound on stride-1 runs (every layout but ``stripe``): a document's runs are
+      disjoint intervals, so a key run is seen from other ranks only through the nearest
+      other-rank run on each side (payload), and the ranks that see it are the runs within
+      the window's distance (steps), found by bisection (``_reach_window``);
+    - otherwise (strided runs with a left bound) every pair of runs is solved in closed form.
+
+    So a packed row of D documents over P ranks plans in O(D + segments log P) when the
+    window does not bound the left side (the usual causal case); ``tests/test_plan_reach.py``
+    checks the results against the pairwise algorithm this replaced."""
     R, lo_g, hi_g = lay.ring_degree, bounds[0], bounds[1]
-    holders: dict = {}            # doc -> {rank: [segments]}
+    holders: dict = {}            # doc -> [(rank, segment)]
     for r, segs in enumerate(lay.parts):
         for sg in segs:
-            holders.setdefault(sg.doc, {}).setdefault(r, []).append(sg)
-    last = lambda sg: sg.g0 + sg.stride * (sg.length - 1)
+            holders.setdefault(sg.doc, []).append((r, sg))
     far, need = 0, [[] for _ in range(R)]
-    for ranks in holders.values():
-        if len(ranks) < 2:
-            continue
+    for runs in holders.values():
+        if all(r == runs[0][0] for r, _ in runs):
+            continue              # one rank holds the whole document: nothing travels
         if lo_g is None:
-            qmax = {r: max(last(sg) for sg in segs) for r, segs in ranks.items()}
-            kmin = {r: min(sg.g0 for sg in segs) for r, segs in ranks.items()}
-            for o, segs in ranks.items():
-                for r in ranks:
-                    if r != o and (hi_g is None or qmax[r] + hi_g >= kmin[o]):
-                        far = max(far, (r - o) % R)
-                top = max((qmax[r] for r in ranks if r != o), default=None)
-                for sg in segs:         # keys some other rank's query reaches: a prefix
-                    count = sg.length if hi_g is None else \
-                        min(sg.length, max(0, (top + hi_g - sg.g0) // sg.stride + 1))
-                    if count:
-                        need[o].append((sg.start, sg.start + count))
+            far = _reach_open(runs, R, hi_g, far, need)
+        elif all(sg.stride == 1 for _, sg in runs):
+            far = _reach_window(runs, R, lo_g, hi_g, far, need)
         else:
-            for o, ksegs in ranks.items():
-                for r, qsegs in ranks.items():
-                    if r == o:
-                        continue
-                    mask = block_mask(qsegs, ksegs, bounds)
-                    for p in mask.simplify(lay.part_len, lay.part_len).pieces:
-                        _, _, k0, k1 = p.tight(lay.part_len, lay.part_len)
-                        need[o].append((k0, k1))
-                        far = max(far, (r - o) % R)
+            far = _reach_pairs(runs, R, lo_g, hi_g, far, need)
     return far + 1, tuple(_merge_ranges(spans) for spans in need)
+
+
+def _farthest(ranks, owner: int, R: int) -> Optional[int]:
+    """The ring distance (r - owner) mod R of the farthest r != owner in the sorted list
+    ``ranks``: the largest r below the owner, else the largest above it."""
+    i = bisect.bisect_left(ranks, owner)
+    if i:
+        return (ranks[i - 1] - owner) % R
+    top = ranks[-1] if ranks[-1] != owner else (ranks[-2] if len(ranks) > 1 else owner)
+    return None if top == owner else (top - owner) % R
+
+
+def _last(sg: Segment) -> int:
+    return sg.g0 + sg.stride * (sg.length - 1)
+
+
+def _reach_open(runs, R: int, hi_g, far: int, need: list) -> int:
+    """One document without a left bound: rank r's queries see owner o's keys iff r's last
+    query + hi reaches o's first key; the keys anyone else sees are a prefix of each run."""
+    qmax: dict = {}
+    kmin: dict = {}
+    for r, sg in runs:
+        qmax[r] = max(qmax.get(r, _last(sg)), _last(sg))
+        kmin[r] = min(kmin.get(r, sg.g0), sg.g0)
+    if far < R - 1:               # else nothing can raise it
+        by_query = sorted(qmax, key=qmax.get, reverse=True)
+        seeing, at = [], 0        # ranks whose last query reaches the threshold, sorted
+        for o in sorted(kmin, key=kmin.get, reverse=True):
+            need_q = None if hi_g is None else kmin[o] - hi_g
+            while at < len(by_query) and (need_q is None or qmax[by_query[at]] >= need_q):
+                bisect.insort(seeing, by_query[at])
+                at += 1
+            if seeing:
+                d = _farthest(seeing, o, R)
+                if d is not None:
+                    far = max(far, d)
+    best = sorted(qmax.items(), key=lambda rq: rq[1], reverse=True)[:2]
+    for o, sg in runs:            # keys some other rank's query reaches: a prefix
+        top = best[0][1] if best[0][0] != o else best[1][1]
+        count = sg.length if hi_g is None else \
+            min(sg.length, max(0, (top + hi_g - sg.g0) // sg.stride + 1))
+        if count:
+            need[o].append((sg.start, sg.start + count))
+    return far
+
+
+def _reach_window(runs, R: int, lo_g: int, hi_g, far: int, need: list) -> int:
+    """One document of stride-1 runs with a left bound (lo <= 0 <= hi): its runs are disjoint
+    intervals. A key run is seen from an earlier run up to that run's last token + hi (a
+    prefix) and from a later run down to its first token + lo (a suffix), so only the nearest
+    other-rank run on each side decides the payload; the runs that see it at all lie within
+    distance hi before it and -lo after it."""
+    runs = sorted(runs, key=lambda rs: rs[1].g0)
+    ranks = [r for r, _ in runs]
+    firsts = [sg.g0 for _, sg in runs]
+    lasts = [_last(sg) for _, sg in runs]
+    n = len(runs)
+    prev, nxt = [None] * n, [None] * n      # nearest run of another rank on each side
+    for i in range(1, n):
+        prev[i] = i - 1 if ranks[i - 1] != ranks[i] else prev[i - 1]
+    for i in range(n - 2, -1, -1):
+        nxt[i] = i + 1 if ranks[i + 1] != ranks[i] else nxt[i + 1]
+    for i, (o, sg) in enumerate(runs):
+        first, last = firsts[i], lasts[i]
+        upto = first - 1                    # keys [first, upto] seen from before
+        if prev[i] is not None:
+            upto = last if hi_g is None else min(last, lasts[prev[i]] + hi_g)
+        since = last + 1                    # keys [since, last] seen from after
+        if nxt[i] is not None:
+            since = max(first, firsts[nxt[i]] + lo_g)
+        if upto >= first:                   # (touching ranges are merged later)
+            need[o].append((sg.start, sg.start + upto - first + 1))
+        if since <= last:
+            need[o].append((sg.start + since - first, sg.start + sg.length))
+        if far == R - 1:
+            continue
+        a = 0 if hi_g is None else bisect.bisect_left(lasts, first - hi_g)
+        b = bisect.bisect_right(firsts, last - lo_g)   # runs [a, b) see some key of run i
+        for j in range(a, b):
+            if ranks[j] != o:
+                far = max(far, (ranks[j] - o) % R)
+                if far == R - 1:
+                    break
+    return far
+
+
+def _reach_pairs(runs, R: int, lo_g: int, hi_g, far: int, need: list) -> int:
+    """One document of strided runs with a left bound: every (query run, key run) pair of
+    different ranks in closed form. Key j of run k is seen by query i of run q iff
+    a <= j - i <= b with a = ceil((lo - delta) / s), b = floor((hi - delta) / s)."""
+    for o, ks in runs:
+        for r, qs in runs:
+            if r == o:
+                continue
+            if ks.stride != qs.stride:
+                raise ValueError("segments of one document must share a stride")
+            s, delta = ks.stride, ks.g0 - qs.g0
+            a = -((delta - lo_g) // s)
+            b = None if hi_g is None else (hi_g - delta) // s
+            j0 = max(0, a)
+            j1 = ks.length - 1 if b is None else min(ks.length - 1, qs.length - 1 + b)
+            if (b is None or a <= b) and j0 <= j1:
+                need[o].append((ks.start + j0, ks.start + j1 + 1))
+                far = max(far, (r - o) % R)
+    return far
 
 
 def _merge_ranges(spans: list) -> tuple:

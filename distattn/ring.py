@@ -73,6 +73,28 @@ class _Payloads:
         return self.bufs[i][:math.prod(shape)].view(shape)
 
 
+def _packed_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """K and V in one [2, ...] buffer (``packing.pack``), as a view when they already are the
+    two halves of one contiguous buffer (what the Ulysses all-to-all hands over): the ring
+    only reads it, so no copy of this rank's K/V is needed then."""
+    if k.shape == v.shape and k.dtype == v.dtype and k.is_contiguous() and \
+            v.is_contiguous() and k.untyped_storage().data_ptr() == \
+            v.untyped_storage().data_ptr() and \
+            v.data_ptr() == k.data_ptr() + k.numel() * k.element_size():
+        return k.as_strided((2,) + tuple(k.shape), (k.numel(),) + tuple(k.stride()))
+    return pack(k, v)
+
+
+def _prepare_launches(cfg: RingConfig, masks, q, sizes) -> None:
+    """Let the backend build its per-mask launch metadata (device index arrays) for every
+    step before the ring starts, so no host-to-device copy happens inside a step; cached per
+    (mask, sizes, device), so later calls build nothing."""
+    prepare = getattr(cfg.backend, "prepare_launches", None)
+    if prepare is not None:
+        for mask, sk in zip(masks, sizes):
+            prepare(mask, q, q.shape[1], sk)
+
+
 def _own_payload(kv: torch.Tensor, plan: RingPlan, rank: int) -> torch.Tensor:
     """This rank's payload ranges packed into one contiguous tensor (kv itself when it all
     travels)."""
@@ -91,7 +113,9 @@ def ring_forward(q, k, v, cfg: RingConfig):
     masks = plan.masks(r)
     dims = (k.shape[-1], v.shape[-1])
     q_bad, q = bad_rows(q), sanitized(q)
-    kv = pack(k, v)                       # raw: every holder derives the flags from it
+    kv = _packed_kv(k, v)                 # raw: every holder derives the flags from it
+    active = plan.active(r)
+    _prepare_launches(cfg, masks, q, [plan.key_len(r, t) for t in range(T)])
     if T > 1:
         travel = _Payloads(plan, kv.shape, kv.dtype, q.device, 2)
         ring = RingExchange(cfg.mesh)
@@ -104,7 +128,7 @@ def ring_forward(q, k, v, cfg: RingConfig):
             nxt = travel.view((t + 1) % 2, plan.kv_source(r, t + 1))
             handle = ring.start(_own_payload(kv, plan, r) if t == 0 else cur, nxt)
         with span(prof, "compute", t, q.device):
-            if masks[t].simplify(q.shape[1], cur.shape[2]).pieces:   # else nothing to do
+            if active[t]:                 # else the mask shows nothing: nothing to do
                 clean = unpack(scratch.clean(cur), dims)
                 cfg.backend.forward_into(q, *clean, out_acc, lse_acc, scale=cfg.scale,
                                          mask=masks[t], softcap=cfg.softcap)
@@ -134,7 +158,9 @@ def ring_backward(dout, q, k, v, out, lse, cfg: RingConfig):
     dims = (k.shape[-1], v.shape[-1])
     rows = RowFlags.of(q, out, lse, dout)
     q, out, lse, dout = rows.sanitize(q, out, lse, dout)
-    kv = pack(k, v)
+    kv = _packed_kv(k, v)
+    active = plan.active(r)
+    _prepare_launches(cfg, masks, q, [plan.key_len(r, t) for t in range(T)])
     dkv_local = torch.zeros(kv.shape, dtype=acc, device=q.device)
     if T > 1:
         travel = _Payloads(plan, kv.shape, kv.dtype, q.device, 2)
@@ -152,7 +178,7 @@ def ring_backward(dout, q, k, v, out, lse, cfg: RingConfig):
         owner = plan.kv_source(r, t)
         mine = dkv_local if t == 0 else grads.view(t % 2, owner).zero_()
         with span(prof, "compute", t, q.device):
-            if masks[t].simplify(q.shape[1], cur.shape[2]).pieces:
+            if active[t]:
                 cfg.backend.backward_into(dout, q, *unpack(scratch.clean(cur), dims), out,
                                           lse, dq_acc, *unpack(mine, dims), scale=cfg.scale,
                                           mask=masks[t], softcap=cfg.softcap)

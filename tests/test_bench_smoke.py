@@ -126,3 +126,22 @@ def test_hybrid_smoke(tmp_path):
     assert len(gathered) == 3
     for r in gathered:
         assert int(r["bytes"]) == int(r["formula"]) > 0, r
+
+
+def test_host_smoke(tmp_path):
+    """bench/host.py: plan build times, per-step host cost and op counts with communication
+    stubbed, and peak live bytes on 4 gloo ranks vs one process (small sizes)."""
+    out = _run(["bench/host.py", "--smoke"], tmp_path, timeout=300)
+    plan = _csv(tmp_path / "host_plan.csv")
+    assert {(int(r["P"]), int(r["documents"])) for r in plan} == {
+        (P, D) for P in (2, 8) for D in (10, 100)}
+    for r in plan:
+        assert int(r["steps"]) >= 1 and float(r["cached call us"]) > 0
+    step = _csv(tmp_path / "host_step.csv")
+    assert {(r["pass"], int(r["P"])) for r in step} == {
+        (p, P) for p in ("fwd", "bwd") for P in (4, 8)}
+    for r in step:   # counts are exact (no timer): the attention kernel is not counted
+        assert float(r["aten ops/step"]) > float(r["outside kernel/step"]) > 0
+    memory = _csv(tmp_path / "host_memory.csv")
+    assert len(memory) == 3 and all(float(r["peak / local qkvo"]) > 1 for r in memory)
+    assert "## memory" in out

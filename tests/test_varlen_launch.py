@@ -448,3 +448,32 @@ def test_real_varlen_kernels_match_reference(monkeypatch, dtype, heads):
             err_pieces = (base - want).abs().max().item() / size
             assert err <= 2 * err_pieces + margin, (mask, "out lse dq dk dv".split()[i], err,
                                                     err_pieces)
+
+
+def test_launch_metadata_is_built_before_the_ring_steps(standin, monkeypatch):
+    """``prepare_launches`` (called by the ring executors before their first step) builds the
+    device index arrays of every step's mask; the steps then copy nothing to the device, and a
+    second call with the same plan builds nothing either."""
+    import distattn.kernels.varlen as varlen_mod
+    lay = ring_layout("zigzag", 40, 4, 1, [0, 7, 19, 20, 33, 40])
+    plan = ring_plan(lay, causal=True)
+    masks, n = plan.masks(1), lay.part_len
+    q, k, v, _ = _inputs(1, n, n, 2, 1)
+    tb = TorchBackend()
+    varlen_mod.launch_tensors.cache_clear()
+    for t, mask in enumerate(masks):
+        tb.prepare_launches(mask, q, n, plan.key_len(1, t))
+    built = varlen_mod.launch_tensors.cache_info().misses
+    assert built == len(masks)
+    copies = []
+    real_tensor = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **kw: copies.append(a) or
+                        real_tensor(*a, **kw))
+    for _ in range(2):                       # two calls, every step
+        out = torch.zeros(1, n, 2, 8, dtype=torch.float64)
+        lse = torch.full((1, 2, n), float("-inf"), dtype=torch.float64)
+        for t, mask in enumerate(masks):
+            if plan.active(1)[t]:
+                kk, vv = k[:, :plan.key_len(1, t)], v[:, :plan.key_len(1, t)]
+                tb.forward_into(q, kk, vv, out, lse, scale=0.5, mask=mask)
+    assert copies == [] and varlen_mod.launch_tensors.cache_info().misses == built

@@ -247,6 +247,19 @@ class TorchBackend(BlockAttention):
             return None
         return ops
 
+    def prepare_launches(self, mask: Mask, q: torch.Tensor, sq: int, sk: int) -> None:
+        """Build the varlen launch tensors of ``mask`` (an sq x sk block) on q's device now,
+        before a ring starts, when these inputs may take the varlen path: the steps then
+        find them in ``varlen.launch_tensors``' cache (no host-to-device copy inside a step,
+        none at all on later calls with the same plan)."""
+        ops = self.varlen_ops
+        if ops is None or q.device.type not in ops.devices or q.dtype not in ops.dtypes:
+            return
+        b = q.shape[0]
+        if b > 1 and varlen.max_sequences(mask, sq, sk, b) <= varlen.MAX_SEQUENCES:
+            varlen.launch_tensors(mask, sq, sk, b, q.device)   # one unit stacks the batch
+        varlen.launch_tensors(mask, sq, sk, 1, q.device)
+
     def forward(self, q, k, v, *, scale, mask, softcap=0.0):
         ops = self._varlen(q, softcap, v)
         if ops is None:

@@ -1,0 +1,394 @@
+"""Host cost of distattn on CPU: plan building, per-step and per-call Python, aten ops per ring
+step outside the attention kernel, and peak live tensor bytes per rank (issue 20).
+
+Sections (all in one run, one table each; ``--out DIR`` also writes host_*.csv):
+
+- ``plan``: a packed row of D documents over P ring ranks: time to build the layout, the
+  plan's reach (steps + payloads), rank 0's masks, and the cached lookup a repeated call pays
+  (``check_cu_seqlens`` + ``ring_layout`` + ``attention._plan``). ``reach before`` is the
+  pairwise algorithm this issue replaced (kept in tests/test_plan_reach.py as the oracle).
+- ``step``: ``ring_forward`` / ``ring_backward`` of rank 0 of a P-rank zigzag causal plan in one
+  process, communication stubbed (the exchange posts nothing), on tiny tensors. ``python us``
+  runs a backend whose block calls do nothing (distattn's own Python per step); ``torch us``
+  the torch backend. Per step = (time(P) - time(P=2 plan)) / (steps(P) - 2), so the per-call
+  part cancels; per call: the whole call of the P=2 plan (2 steps). Medians of repeats on a
+  shared CPU: expect +-30% noise.
+- ``ops``: aten ops dispatched per ring step (TorchDispatchMode), all of them and those
+  outside the attention kernel (the ``*flash_attention*`` ops), same differencing.
+- ``memory``: S tokens over ``--mem-ranks`` gloo processes vs one process, forward+backward:
+  peak live bytes of tensors allocated during the call (a dispatch mode tracks storages),
+  plus the caller's q/k/v/dout, in MiB and over the local q/k/v/out bytes.
+
+    python bench/host.py                      # everything (minutes on 2 cores)
+    python bench/host.py --smoke --out /tmp/h # small, for tests/test_bench_smoke.py
+    python bench/host.py --distattn /path/to/old/checkout   # "before" numbers of a revision
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import weakref
+from types import SimpleNamespace
+
+_ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+_ap.add_argument("--smoke", action="store_true", help="small sizes, seconds")
+_ap.add_argument("--out", default=None, help="directory for host_*.csv")
+_ap.add_argument("--distattn", default=None, help="import distattn from this checkout")
+_ap.add_argument("--sections", default="plan,step,ops,memory")
+_ap.add_argument("--mem-seq", type=int, default=8192)
+_ap.add_argument("--mem-ranks", type=int, default=4)
+ARGS = _ap.parse_args() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.distattn:   # ahead of this checkout (common then adds nothing)
+    sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.abspath(ARGS.distattn))
+
+sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402,F401  (puts the repository root on sys.path)
+
+import random  # noqa: E402
+import statistics  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
+
+import distattn  # noqa: E402
+import distattn.ring as ring  # noqa: E402
+from distattn import attention  # noqa: E402
+from distattn.documents import check_cu_seqlens  # noqa: E402
+from distattn.kernels import TorchBackend  # noqa: E402
+from distattn.kernels.base import BlockAttention  # noqa: E402
+from distattn.layout import ring_layout  # noqa: E402
+from distattn.plan import _reach, ring_plan  # noqa: E402
+from distattn.segments import attention_bounds  # noqa: E402
+
+_TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+
+
+def _median_s(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _documents(n: int, seed: int = 0) -> list:
+    """n documents of 64..4096 tokens (a packed pretraining row)."""
+    rng = random.Random(seed)
+    cu = [0]
+    for _ in range(n):
+        cu.append(cu[-1] + rng.randint(64, 4096))
+    return cu
+
+
+# -- plan ---------------------------------------------------------------------------------------
+def bench_plan(Ps, Ds, old_limit: int):
+    sys.path.insert(0, _TESTS)
+    try:
+        from test_plan_reach import pairwise_reach
+    except ImportError:
+        pairwise_reach = None
+    rows = []
+    bounds = attention_bounds(True, None)
+    for P in Ps:
+        for D in Ds:
+            cu = _documents(D, seed=P)
+            t = time.perf_counter()
+            lay = ring_layout("packed", cu[-1], P, 1, cu)
+            t_lay = time.perf_counter() - t
+            t_reach = _median_s(lambda: _reach(lay, bounds), 1)
+            segs = sum(map(len, lay.parts))
+            t_old = None
+            if pairwise_reach is not None and segs * P <= old_limit:
+                t_old = _median_s(lambda: pairwise_reach(lay, bounds), 1)
+            t = time.perf_counter()
+            plan = ring_plan(lay, True)
+            plan.masks(0)
+            t_masks = time.perf_counter() - t - t_reach
+            attention._plan(lay, True, None, "ring")
+            cu_list = list(cu)
+
+            def lookup():
+                for _ in range(20):
+                    c = check_cu_seqlens(cu_list)
+                    attention._plan(ring_layout("packed", c[-1], P, 1, c), True, None, "ring")
+            t_hit = _median_s(lookup, 3) / 20
+            rows.append({"P": P, "documents": D, "segments": segs, "steps": plan.steps,
+                         "layout ms": 1e3 * t_lay, "reach ms": 1e3 * t_reach,
+                         "reach before ms": "" if t_old is None else 1e3 * t_old,
+                         "rank-0 masks ms": 1e3 * max(t_masks, 0.0),
+                         "cached call us": 1e6 * t_hit})
+    return rows
+
+
+# -- step / ops -------------------------------------------------------------------------------
+class _NoComm:
+    """RingExchange stand-in: posts nothing (the travel buffers keep what they hold)."""
+
+    def __init__(self, mesh):
+        pass
+
+    def start(self, send, recv, hops=1):
+        return []
+
+    def wait(self, handle, what=""):
+        pass
+
+
+class _NullBackend(BlockAttention):
+    """Block calls that do nothing: what is left is distattn's own work per step."""
+    name = "null"
+
+    def forward_into(self, *a, **kw):
+        pass
+
+    def backward_into(self, *a, **kw):
+        pass
+
+
+def _cfg(P: int, backend):
+    lay = ring_layout("zigzag", 16 * P, P, 1)
+    plan = attention._plan(lay, True, None, "ring")
+    mesh = SimpleNamespace(ring_rank=0, ring_degree=P, ulysses_degree=1)
+    return ring.RingConfig(mesh, plan, backend, 0.35), lay.part_len
+
+
+def _tensors(n: int):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, 2, 16, generator=g) for _ in range(3))
+    return q, k, v, torch.randn(1, n, 2, 16, generator=g)
+
+
+def _one_call(P: int, backend):
+    """fn(pass) running rank 0's forward or backward of a P-rank plan."""
+    cfg, n = _cfg(P, backend)
+    q, k, v, dout = _tensors(n)
+    out, lse = ring.ring_forward(q, k, v, _cfg(P, TorchBackend())[0])
+
+    def run(which):
+        if which == "fwd":
+            ring.ring_forward(q, k, v, cfg)
+        else:
+            ring.ring_backward(dout, q, k, v, out, lse, cfg)
+    return run, cfg.plan.steps
+
+
+class _CountOps(TorchDispatchMode):
+    KERNEL = ("flash_attention",)
+
+    def __init__(self):
+        super().__init__()
+        self.total = self.kernel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.total += 1
+        if any(k in func.__name__ for k in self.KERNEL):
+            self.kernel += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops(run, which):
+    with _CountOps() as c:
+        run(which)
+    return c.total, c.total - c.kernel
+
+
+def bench_step(Ps, repeats: int, count_ops: bool):
+    real = ring.RingExchange
+    ring.RingExchange = _NoComm
+    rows = []
+    try:
+        for which in ("fwd", "bwd"):
+            base = {}
+            for name, backend in (("python", _NullBackend()), ("torch", TorchBackend())):
+                run, steps = _one_call(2, backend)
+                base[name] = (_median_s(lambda: run(which), repeats), steps,
+                              _ops(run, which) if count_ops else (0, 0))
+            for P in Ps:
+                row = {"pass": which, "P": P}
+                for name, backend in (("python", _NullBackend()), ("torch", TorchBackend())):
+                    run, steps = _one_call(P, backend)
+                    t = _median_s(lambda: run(which), repeats)
+                    t2, s2, ops2 = base[name]
+                    per_step = (t - t2) / (steps - s2) if steps > s2 else float("nan")
+                    row[f"{name} us/step"] = 1e6 * per_step
+                    if P == Ps[0]:
+                        row[f"{name} us/call, P=2"] = 1e6 * t2   # whole call, 2 steps
+                    if count_ops and name == "torch" and steps > s2:
+                        total, outside = _ops(run, which)
+                        row["aten ops/step"] = (total - ops2[0]) / (steps - s2)
+                        row["outside kernel/step"] = (outside - ops2[1]) / (steps - s2)
+                    if count_ops and name == "python" and steps > s2:
+                        total, _ = _ops(run, which)
+                        row["distattn ops/step"] = (total - ops2[0]) / (steps - s2)
+                rows.append(row)
+    finally:
+        ring.RingExchange = real
+    return rows
+
+
+# -- memory -----------------------------------------------------------------------------------
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the storages that tensors created inside the mode keep alive (a storage
+    counts while any tracked tensor on it lives; storages of tensors from outside are not
+    counted)."""
+
+    def __init__(self, outside=()):
+        super().__init__()
+        self.outside = {t.untyped_storage().data_ptr() for t in outside}
+        self.refs, self.size, self.live, self.peak = {}, {}, 0, 0
+
+    def _drop(self, key):
+        self.refs[key] -= 1
+        if not self.refs[key]:
+            self.live -= self.size.pop(key)
+            del self.refs[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                st = t.untyped_storage()
+                key = st.data_ptr()
+                if not key or key in self.outside:
+                    continue
+                if key not in self.refs:
+                    self.refs[key], self.size[key] = 0, st.nbytes()
+                    self.live += st.nbytes()
+                self.refs[key] += 1
+                weakref.finalize(t, self._drop, key)
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def _mem_inputs(S: int, rank: int, world: int):
+    g = torch.Generator().manual_seed(0)
+    full = [torch.randn(1, S, 8, 64, generator=g) for _ in range(4)]   # q k v dout, fp32
+    if world == 1:
+        return full
+    return [distattn.shard(t, None, dim=1, layout="zigzag").contiguous() for t in full]
+
+
+def _mem_one(S: int, rank: int, world: int, ulysses: int) -> dict:
+    mesh = distattn.SPMesh.build(ulysses_degree=ulysses, ring_degree=world // ulysses) \
+        if world > 1 else None
+    q, k, v, dout = _mem_inputs(S, rank, world)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    kw = dict(mesh=mesh, causal=True, layout="zigzag", backend="torch")
+    if world == 1:
+        kw.pop("mesh")
+        kw["layout"] = "contiguous"
+    call = (lambda: distattn.dist_flash_attn(q, k, v, **kw)) if world > 1 else \
+        (lambda: _single(q, k, v))
+    call().backward(dout)                                   # warm-up
+    for t in (q, k, v):
+        t.grad = None
+    with LiveBytes(outside=(q, k, v, dout)) as m:
+        out = call()
+        out.backward(dout)
+        peak = m.peak
+    local = 4 * q.numel() * q.element_size()                # q, k, v, out
+    inputs = 4 * q.numel() * q.element_size()               # q, k, v, dout
+    return {"peak MiB": (peak + inputs) / 2**20, "local qkvo MiB": local / 2**20,
+            "peak / local qkvo": (peak + inputs) / local}
+
+
+def _single(q, k, v):
+    """One process: the torch backend on the whole sequence (its block forward and backward,
+    the same kernels the ring steps run)."""
+    from distattn.kernels.mask import Mask
+
+    class One(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            out, lse = TorchBackend().forward(q, k, v, scale=0.125, mask=Mask.causal(0))
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, dout):
+            q, k, v, out, lse = ctx.saved_tensors
+            return tuple(g.to(q.dtype) for g in TorchBackend().backward(
+                dout, q, k, v, out, lse, scale=0.125, mask=Mask.causal(0)))
+    return One.apply(q, k, v)
+
+
+def _mem_worker(rank, world, ulysses, S, port, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        queue.put((rank, _mem_one(S, rank, world, ulysses)))
+    finally:
+        dist.destroy_process_group()
+
+
+def bench_memory(S: int, world: int):
+    import socket
+    import torch.multiprocessing as mp
+    rows = []
+    single = _mem_one(S, 0, 1, 1)
+    rows.append({"run": f"1 process, S={S}", **single})
+    for ulysses in (1, 2):
+        if world % ulysses:
+            continue
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        procs = [ctx.Process(target=_mem_worker, args=(r, world, ulysses, S, port, queue))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        got = dict(queue.get(timeout=600) for _ in procs)
+        for p in procs:
+            p.join(timeout=60)
+        worst = max(got.values(), key=lambda r: r["peak MiB"])
+        rows.append({"run": f"{world} ranks ({world // ulysses} ring x {ulysses} ulysses), "
+                            f"busiest rank", **worst})
+    return rows
+
+
+def _print(title, rows):
+    if not rows:
+        return
+    cols = list(rows[0])
+    for r in rows:
+        cols += [c for c in r if c not in cols]
+    print(f"\n## {title}\n")
+    print(common.markdown_table(cols, rows))
+    return cols
+
+
+def main(args):
+    sections = set(args.sections.split(","))
+    smoke = args.smoke
+    results = {}
+    print(f"host cost, torch {torch.__version__}, {os.cpu_count()} CPUs, distattn from "
+          f"{os.path.dirname(os.path.dirname(os.path.abspath(distattn.__file__)))}")
+    if "plan" in sections:
+        results["plan"] = bench_plan((2, 8) if smoke else (2, 4, 8, 16, 32, 64),
+                                     (10, 100) if smoke else (10, 100, 1000, 10000),
+                                     old_limit=2000 if smoke else 2_000_000)
+    if "step" in sections or "ops" in sections:
+        results["step"] = bench_step((4, 8) if smoke else (4, 8, 16, 32, 64),
+                                     repeats=3 if smoke else 7, count_ops="ops" in sections)
+    if "memory" in sections:
+        results["memory"] = bench_memory(1024 if smoke else args.mem_seq, args.mem_ranks)
+    for name, rows in results.items():
+        cols = _print(name, rows)
+        if args.out and rows:
+            os.makedirs(args.out, exist_ok=True)
+            common.write_csv(os.path.join(args.out, f"host_{name}.csv"), cols, rows)
+
+
+if __name__ == "__main__":
+    main(ARGS)
