@@ -510,7 +510,7 @@ def run_profile_check(rank: int, world: int) -> dict:
     from distattn.profile import StepProfiler
 
     res = {}
-    for schedule in ("ring", "helper"):
+    for schedule in ("ring", "helper", "allgather"):
         prof = StepProfiler()
         q = torch.randn(1, 4, 2, 8, dtype=torch.float64, requires_grad=True)
         out = distattn.dist_flash_attn(q, q, q, causal=True, schedule=schedule, profiler=prof)
