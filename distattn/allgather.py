@@ -12,17 +12,22 @@ gathered keys, and a second all-to-all sends owner o's share back to o; each own
 every rank returns into its own dK/dV (a reduce-scatter with the sum). Gradients travel in the
 accumulation dtype.
 
-No compute overlaps the gather here: this schedule trades the ring's overlap for one large
-launch and a single collective, which pays off where the collective is fast (NVLink) or the
-ring's per-step launches are small. Non-finite inputs are handled as in the ring executor
-(``nonfinite.py``): K/V travel raw, the backend sees a sanitized copy.
+With ``plan.head_chunks`` = 1 (the default) nothing overlaps the collectives: the schedule
+trades the ring's overlap for one large launch and one collective per direction, which pays
+off where the collective is fast (NVLink) or the ring's per-step launches are small. With c
+> 1 the K/V heads go in c groups (``plan.head_ranges``): group i+1's gather is posted before
+group i's compute, and in backward group i's dK/dV return is posted after its compute and
+waited for after group i+1's; each group is one launch over its heads (q heads of a K/V
+head stay with it). Every rank posts the same sequence of collectives on the ring group.
+Non-finite inputs are handled as in the ring executor (``nonfinite.py``): K/V travel raw,
+the backend sees a sanitized copy.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from .comm import all_to_all_v
+from .comm import start_all_to_all_v
 from .gather_plan import AllGatherPlan
 from .kernels.mask import accumulation_dtype
 from .merge import new_accumulators
@@ -51,21 +56,39 @@ def _slots(shape, length: int) -> list:
     return shape
 
 
-def gather_kv(kv: torch.Tensor, plan: AllGatherPlan, mesh, what: str) -> torch.Tensor:
-    """This rank's packed K/V [c, B, n, Hkv, D] -> the keys its queries see, [c, B,
-    plan.key_len(r), Hkv, D]: ``plan.need(r, o)`` of every owner o, in owner order. Every ring
-    rank must call it; rank o sends each r exactly ``plan.need(r, o)``."""
+class _Gather:
+    """A gather in flight (``start_gather``); ``wait()`` returns the gathered K/V."""
+
+    def __init__(self, own, pending, peers, rank, world):
+        self.own, self.pending, self.peers, self.rank, self.world = \
+            own, pending, peers, rank, world
+
+    def wait(self) -> torch.Tensor:
+        if self.pending is None:
+            return self.own
+        parts = {p: got[0] for p, got in zip(self.peers, self.pending.wait())}
+        parts[self.rank] = self.own
+        return torch.cat([parts[o] for o in range(self.world)], dim=2)
+
+
+def start_gather(kv: torch.Tensor, plan: AllGatherPlan, mesh, what: str) -> _Gather:
+    """Post the gather of this rank's packed K/V [c, B, n, Hkv, D]; its ``wait()`` returns the
+    keys this rank's queries see, [c, B, plan.key_len(r), Hkv, D]: ``plan.need(r, o)`` of
+    every owner o, in owner order. Every ring rank must post it; rank o sends each r exactly
+    ``plan.need(r, o)``."""
     r, R = mesh.ring_rank, plan.world
     own = _take(kv, plan.need(r, r))
     if R == 1:
-        return own
+        return _Gather(own, None, None, r, R)
     peers = _peers(mesh)
     send = [[_take(kv, plan.need(p, r)) if p != r else kv[:, :, :0]] for p in peers]
     shapes = [[_slots(kv.shape, plan.need_len(r, p) if p != r else 0)] for p in peers]
-    got = all_to_all_v(send, shapes, mesh.ring_group, what)
-    parts = {p: got[i][0] for i, p in enumerate(peers)}
-    parts[r] = own
-    return torch.cat([parts[o] for o in range(R)], dim=2)
+    return _Gather(own, start_all_to_all_v(send, shapes, mesh.ring_group, what), peers, r, R)
+
+
+def gather_kv(kv: torch.Tensor, plan: AllGatherPlan, mesh, what: str) -> torch.Tensor:
+    """``start_gather(...).wait()``."""
+    return start_gather(kv, plan, mesh, what).wait()
 
 
 def _add_ranges_(acc: torch.Tensor, ranges: tuple, packed: torch.Tensor) -> None:
@@ -75,23 +98,41 @@ def _add_ranges_(acc: torch.Tensor, ranges: tuple, packed: torch.Tensor) -> None
         at += b - a
 
 
-def scatter_dkv_(dkv: torch.Tensor, plan: AllGatherPlan, mesh, what: str,
-                 acc: torch.Tensor) -> None:
-    """The reverse of ``gather_kv``: ``dkv`` [c, B, key_len(r), Hkv, D] (gradients of the
-    gathered keys) goes back to the owners, and ``acc`` [c, B, n, Hkv, D] (this rank's dK/dV)
-    gets the sum of what every rank returns for its slots, its own share included."""
+class _Return:
+    """A dK/dV return in flight (``start_return``); ``wait()`` adds what arrived."""
+
+    def __init__(self, pending, peers, plan, rank, acc):
+        self.pending, self.peers, self.plan, self.rank, self.acc = \
+            pending, peers, plan, rank, acc
+
+    def wait(self) -> None:
+        if self.pending is None:
+            return
+        for p, got in zip(self.peers, self.pending.wait()):
+            if p != self.rank:
+                _add_ranges_(self.acc, self.plan.need(p, self.rank), got[0])
+
+
+def start_return(dkv: torch.Tensor, plan: AllGatherPlan, mesh, what: str,
+                 acc: torch.Tensor) -> _Return:
+    """The reverse of ``start_gather``: ``dkv`` [c, B, key_len(r), Hkv, D] (gradients of the
+    gathered keys) goes back to the owners; ``acc`` [c, B, n, Hkv, D] (this rank's dK/dV, a
+    view is fine) gets its own share now and, at ``wait()``, the sum of what every other rank
+    returns for its slots (a reduce-scatter)."""
     r, R = mesh.ring_rank, plan.world
     share = lambda o: dkv[:, :, plan.key_offset(r, o):plan.key_offset(r, o) + plan.need_len(r, o)]
     _add_ranges_(acc, plan.need(r, r), share(r))
     if R == 1:
-        return
+        return _Return(None, None, plan, r, acc)
     peers = _peers(mesh)
     send = [[share(p) if p != r else dkv[:, :, :0]] for p in peers]
     shapes = [[_slots(acc.shape, plan.need_len(p, r) if p != r else 0)] for p in peers]
-    got = all_to_all_v(send, shapes, mesh.ring_group, what)
-    for i, p in enumerate(peers):
-        if p != r:
-            _add_ranges_(acc, plan.need(p, r), got[i][0])
+    return _Return(start_all_to_all_v(send, shapes, mesh.ring_group, what), peers, plan, r,
+                   acc)
+
+
+def _what(base: str, heads, chunks: int) -> str:
+    return base if chunks == 1 else f"{base[:-1]}, K/V heads {heads[0]}:{heads[1]})"
 
 
 def allgather_forward(q, k, v, cfg: RingConfig):
@@ -99,19 +140,30 @@ def allgather_forward(q, k, v, cfg: RingConfig):
     rank's part of n slots; q, k, v are the part's [B, n, H, D] tensors."""
     plan, r = cfg.plan, cfg.mesh.ring_rank
     out_acc, lse_acc = new_accumulators(q, accumulation_dtype(q.dtype), v.shape[-1])
-    dims = (k.shape[-1], v.shape[-1])
+    dims, g = (k.shape[-1], v.shape[-1]), q.shape[2] // k.shape[2]
     q_bad, q = bad_rows(q), sanitized(q)
-    prof = _start_profile(cfg, "forward")
-    with span(prof, "wait", 0, q.device):
-        kv = gather_kv(pack(k, v), plan, cfg.mesh, "all-gather of K/V (forward)")
+    kv = pack(k, v)
+    heads = plan.head_ranges(k.shape[2])
     mask = plan.mask(r)
-    with span(prof, "compute", 0, q.device):
-        if mask.simplify(q.shape[1], kv.shape[2]).pieces:
-            clean = unpack(sanitized(kv), dims)
-            cfg.backend.forward_into(q, *clean, out_acc, lse_acc, scale=cfg.scale, mask=mask,
-                                     softcap=cfg.softcap)
-            poison_forward_(out_acc, lse_acc, mask, KeyFlags(*unpack(kv, dims), clean[1]),
-                            q_bad)
+    live = bool(mask.simplify(q.shape[1], plan.key_len(r)).pieces)
+    post = lambda i: start_gather(kv[:, :, :, heads[i][0]:heads[i][1]], plan, cfg.mesh,
+                                  _what("all-gather of K/V (forward)", heads[i], len(heads)))
+    prof = _start_profile(cfg, "forward")
+    pending = post(0)
+    for i, (a, b) in enumerate(heads):
+        with span(prof, "wait", i, q.device):
+            kv_i = pending.wait()
+        if i + 1 < len(heads):
+            pending = post(i + 1)
+        qh = slice(a * g, b * g)
+        with span(prof, "compute", i, q.device):
+            if live:
+                clean = unpack(sanitized(kv_i), dims)
+                cfg.backend.forward_into(q[:, :, qh], *clean, out_acc[:, :, qh],
+                                         lse_acc[:, qh], scale=cfg.scale, mask=mask,
+                                         softcap=cfg.softcap)
+                poison_forward_(out_acc[:, :, qh], lse_acc[:, qh], mask,
+                                KeyFlags(*unpack(kv_i, dims), clean[1]), q_bad[:, :, qh])
     return finish_forward(out_acc, lse_acc, q.dtype, cfg)
 
 
@@ -120,24 +172,42 @@ def allgather_backward(dout, q, k, v, out, lse, cfg: RingConfig):
     ``allgather_forward`` and dout."""
     plan, r = cfg.plan, cfg.mesh.ring_rank
     acc = accumulation_dtype(q.dtype)
-    dims = (k.shape[-1], v.shape[-1])
+    dims, g = (k.shape[-1], v.shape[-1]), q.shape[2] // k.shape[2]
     rows = RowFlags.of(q, out, lse, dout)
     q, out, lse, dout = rows.sanitize(q, out, lse, dout)
     kv_mine = pack(k, v)
-    prof = _start_profile(cfg, "backward")
-    with span(prof, "wait", 0, q.device):
-        kv = gather_kv(kv_mine, plan, cfg.mesh, "all-gather of K/V (backward)")
     dq_acc = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)
-    mask = plan.mask(r)
-    with span(prof, "compute", 0, q.device):
-        if mask.simplify(q.shape[1], kv.shape[2]).pieces:
-            cfg.backend.backward_into(dout, q, *unpack(sanitized(kv), dims), out, lse, dq_acc,
-                                      *unpack(dkv, dims), scale=cfg.scale, mask=mask,
-                                      softcap=cfg.softcap)
-            poison_backward_(dq_acc, *unpack(dkv, dims), mask, rows)
     dkv_mine = torch.zeros(kv_mine.shape, dtype=acc, device=q.device)
-    with span(prof, "wait", 1, q.device):
-        scatter_dkv_(dkv, plan, cfg.mesh, "reduce-scatter of dK/dV (backward)", dkv_mine)
+    heads = plan.head_ranges(k.shape[2])
+    mask = plan.mask(r)
+    live = bool(mask.simplify(q.shape[1], plan.key_len(r)).pieces)
+    post = lambda i: start_gather(kv_mine[:, :, :, heads[i][0]:heads[i][1]], plan, cfg.mesh,
+                                  _what("all-gather of K/V (backward)", heads[i], len(heads)))
+    prof = _start_profile(cfg, "backward")
+    pending, returning = post(0), None
+    for i, (a, b) in enumerate(heads):
+        with span(prof, "wait", i, q.device):
+            kv_i = pending.wait()
+        if i + 1 < len(heads):
+            pending = post(i + 1)
+        qh = slice(a * g, b * g)
+        dkv = torch.zeros(kv_i.shape, dtype=acc, device=q.device)
+        with span(prof, "compute", i, q.device):
+            if live:
+                cfg.backend.backward_into(
+                    dout[:, :, qh], q[:, :, qh], *unpack(sanitized(kv_i), dims),
+                    out[:, :, qh], lse[:, qh], dq_acc[:, :, qh], *unpack(dkv, dims),
+                    scale=cfg.scale, mask=mask, softcap=cfg.softcap)
+                flags = rows if len(heads) == 1 else RowFlags(rows.dead[:, :, qh],
+                                                              rows.bad[:, :, qh])
+                poison_backward_(dq_acc[:, :, qh], *unpack(dkv, dims), mask, flags)
+        if returning is not None:
+            with span(prof, "wait", i, q.device):
+                returning.wait()
+        returning = start_return(dkv, plan, cfg.mesh, _what(
+            "reduce-scatter of dK/dV (backward)", (a, b), len(heads)),
+            dkv_mine[:, :, :, a:b])
+    with span(prof, "wait", len(heads), q.device):
+        returning.wait()
     dk, dv = unpack(dkv_mine, dims)
     return dq_acc.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

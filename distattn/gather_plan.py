@@ -14,6 +14,11 @@ each owner sums what it receives (a reduce-scatter).
 
 ``gathered_slots`` / ``sent_slots`` / ``gather_bytes`` expose what travels, so tests and
 benchmarks can check that windows and documents shrink it.
+
+``head_chunks`` (default 1) splits the K/V heads into that many contiguous groups (at most
+one per K/V head): the executor gathers group c+1 while it computes group c (and returns
+group c's dK/dV while it computes group c+1), so communication overlaps compute and only one
+group's gathered K/V is alive at a time. The slots, masks and bytes do not change.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from .segments import attention_bounds, block_mask
 class AllGatherPlan:
     layout: RingLayout
     bounds: tuple    # (lo, hi) on key - query, global tokens (segments.attention_bounds)
+    head_chunks: int = 1   # K/V head groups gathered one after the other (overlap)
 
     @property
     def world(self) -> int:
@@ -69,6 +75,12 @@ class AllGatherPlan:
         """Bytes the whole ring receives in one forward gather, for K/V slots of
         ``slot_bytes`` each (batch x Hkv x (D + Dv) x element size)."""
         return slot_bytes * sum(self.gathered_slots(r) for r in range(self.world))
+
+    def head_ranges(self, hkv: int) -> list:
+        """The K/V head groups [(first, stop), ...] of an executor that sees ``hkv`` K/V
+        heads: ``min(head_chunks, hkv)`` contiguous groups of near-equal size."""
+        c = min(self.head_chunks, hkv)
+        return [(hkv * i // c, hkv * (i + 1) // c) for i in range(c)]
 
     def key_segments(self, rank: int) -> tuple:
         """The segments of ``rank``'s gathered keys, in the gathered buffer's coordinates."""
@@ -118,7 +130,11 @@ def _mask(plan: AllGatherPlan, rank: int) -> Mask:
                     lay.part_len, plan.key_len(rank))
 
 
-def allgather_plan(lay: RingLayout, causal: bool = False,
-                   window: Optional[tuple] = None) -> AllGatherPlan:
-    """The all-gather plan of a layout: any layout, documents, window."""
-    return AllGatherPlan(lay, attention_bounds(causal, window))
+def allgather_plan(lay: RingLayout, causal: bool = False, window: Optional[tuple] = None,
+                   head_chunks: int = 1) -> AllGatherPlan:
+    """The all-gather plan of a layout: any layout, documents, window; ``head_chunks`` >= 1
+    K/V head groups gathered in turn (1: one gather, no overlap)."""
+    if not isinstance(head_chunks, int) or isinstance(head_chunks, bool) or head_chunks < 1:
+        raise ValueError(f"head_chunks must be an int >= 1 (K/V head groups gathered one "
+                         f"after the other), got {head_chunks!r}")
+    return AllGatherPlan(lay, attention_bounds(causal, window), head_chunks)

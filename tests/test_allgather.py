@@ -117,13 +117,13 @@ def _bytes_and_agreement(rank: int, world: int) -> dict:
     from distattn.attention import dist_flash_attn_backward
 
     received = []
-    real = executor.all_to_all_v
+    real = executor.start_all_to_all_v
 
     def counting(send, shapes, group, what):
         received.append((what, sum(torch.Size(s).numel() for parts in shapes for s in parts)))
         return real(send, shapes, group, what)
 
-    executor.all_to_all_v = counting
+    executor.start_all_to_all_v = counting
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 16, 4, 8, generator=gen, dtype=torch.float64) for _ in range(3))
     res = {}
@@ -134,7 +134,7 @@ def _bytes_and_agreement(rank: int, world: int) -> dict:
                                        window=window)
         out.sum().backward()
         res[name] = list(received)
-    executor.all_to_all_v = real
+    executor.start_all_to_all_v = real
 
     def outcome(fn):
         try:
@@ -173,3 +173,92 @@ def test_executor_sends_what_the_plan_says_and_ranks_agree_on_the_schedule():
             kind, message = res[call]
             assert kind == "ValueError" and "'schedule'" in message, (call, message)
         assert res["after"] < 1e-12
+
+
+def test_head_chunks_argument():
+    lay = ring_layout("zigzag", 32, 4, 1)
+    assert allgather_plan(lay, True).head_chunks == 1      # the default: one gather
+    plan = allgather_plan(lay, True, head_chunks=3)
+    assert plan.head_ranges(8) == [(0, 2), (2, 5), (5, 8)]
+    assert plan.head_ranges(2) == [(0, 1), (1, 2)]          # at most one group per K/V head
+    assert plan.gather_bytes(1) == allgather_plan(lay, True).gather_bytes(1)
+    for bad in (0, -1, 1.5, True, None):
+        with pytest.raises(ValueError, match="head_chunks"):
+            allgather_plan(lay, True, head_chunks=bad)
+
+
+# (ulysses, layout, causal, window, docs, hkv, head_chunks, sinks)
+HEAD_CHUNK_CASES = (
+    (1, "zigzag", True, None, "", 2, 2, False),
+    (1, "stripe", False, (3, 5), "random", 8, 3, True),
+    (2, "packed", True, (4, 0), "mixed", 4, 2, False),
+    (2, "contiguous", True, None, "", 8, 8, False),
+    (1, "doc_zigzag", True, None, "mixed", 1, 4, False),     # MQA: one group
+)
+
+
+def _head_chunk_results(rank: int, world: int) -> dict:
+    """Each HEAD_CHUNK_CASES entry through the USP executor with an all-gather plan of that
+    many head groups, against the dense fp64 reference (dist_cases' independent math);
+    also which collectives the executor posted."""
+    import dataclasses
+
+    import distattn
+    from distattn import allgather as executor
+    from distattn.attention import prepare
+    from distattn.hybrid import USPAttention
+    from distattn.layout import local_indices
+    from dist_cases import DOC_SETS, _rel, dense_attention, visibility
+
+    posted = []
+    real = executor.start_all_to_all_v
+
+    def recording(send, shapes, group, what):
+        posted.append(what)
+        return real(send, shapes, group, what)
+
+    executor.start_all_to_all_v = recording
+    meshes, res = {}, {}
+    for i, (u, layout, causal, window, docs, hkv, chunks, sinks) in enumerate(HEAD_CHUNK_CASES):
+        mesh = meshes.setdefault(u, distattn.SPMesh.build(ulysses_degree=u))
+        cu = DOC_SETS[docs](world) if docs else None
+        S = cu[-1] if docs else 8 * world
+        gen = torch.Generator().manual_seed(100 + i)
+        q, k, v = (torch.randn(1, S, h, 16, generator=gen, dtype=torch.float64)
+                   for h in (8, hkv, hkv))
+        dout = torch.randn(1, S, 8, 16, generator=gen, dtype=torch.float64)
+        s = torch.randn(8, generator=gen, dtype=torch.float64) if sinks else None
+        ref = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref_out, ref_lse = dense_attention(*ref, visibility(S, cu, causal, window), sinks=s)
+        ref_grads = torch.autograd.grad(ref_out, ref, dout)
+        shard = lambda t, dim=1: distattn.shard(t, mesh, dim=dim, layout=layout, cu_seqlens=cu)
+        real_slots = local_indices(S, mesh, layout, cu) >= 0
+        ql, kl, vl = (shard(t).clone().requires_grad_() for t in (q, k, v))
+        cfg = prepare(ql, kl, vl, mesh=mesh, causal=causal, layout=layout,
+                      schedule="allgather", cu_seqlens=cu, window=window, sinks=s)
+        cfg = dataclasses.replace(cfg, plan=dataclasses.replace(cfg.plan, head_chunks=chunks))
+        posted.clear()
+        out, lse = USPAttention.apply(ql, kl, vl, None, cfg)
+        out.backward(shard(dout))
+        pick = lambda t, dim=1: t.index_select(dim, real_slots.nonzero().flatten())
+        res[i] = {"posted": list(posted),
+                  "err": max(_rel(pick(out), pick(shard(ref_out))),
+                             _rel(pick(lse, 2), pick(shard(ref_lse, 2), 2)),
+                             *(_rel(pick(g), pick(shard(r)))
+                               for g, r in zip((ql.grad, kl.grad, vl.grad), ref_grads)))}
+    executor.start_all_to_all_v = real
+    return res
+
+
+def test_head_chunks_overlap_and_stay_exact():
+    """head_chunks > 1 on ring 4 and USP 2 x 2: exact (fp64), one gather per head group each
+    way and one dK/dV return per group, posted in the overlapping order."""
+    world = 4
+    for res in run_world(world, _head_chunk_results):
+        for i, (u, *_, hkv, chunks, _) in enumerate(HEAD_CHUNK_CASES):
+            assert res[i]["err"] < 1e-10, (HEAD_CHUNK_CASES[i], res[i]["err"])
+            groups = min(chunks, max(hkv, u) // u)  # K/V heads the executor sees
+            kinds = [w.split(" (")[0] for w in res[i]["posted"]]
+            assert kinds == (["all-gather of K/V"] * groups + ["all-gather of K/V"] +
+                             ["all-gather of K/V", "reduce-scatter of dK/dV"] * (groups - 1)
+                             + ["reduce-scatter of dK/dV"]), (i, kinds)
