@@ -109,9 +109,10 @@ def test_auto_never_picks_allgather():
 
 def _bytes_and_agreement(rank: int, world: int) -> dict:
     """On a ring of ``world``: the elements the all-gather executor receives (forward and the
-    backward's gather + reduce-scatter) for a full causal and a windowed call, and what a
-    disagreement on the schedule (rank 1 allgather, the others ring) raises, followed by a
-    good call (the group must still be in step)."""
+    backward's gather + reduce-scatter) for a full causal and a windowed call, what a
+    disagreement on the schedule (rank 1 allgather, the others ring) raises, then
+    ``dist_flash_attn_backward`` against autograd and a good call (the group must still be in
+    step)."""
     import distattn
     from distattn import allgather as executor
     from distattn.attention import dist_flash_attn_backward
@@ -149,6 +150,15 @@ def _bytes_and_agreement(rank: int, world: int) -> dict:
     res["backward"] = outcome(lambda: dist_flash_attn_backward(
         q, q, k, v, q, torch.zeros(1, 4, 16, dtype=torch.float64), causal=True,
         schedule=schedule))
+    # dist_flash_attn_backward (rematerialization) gives autograd's gradients
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = distattn.dist_flash_attn(*ins, causal=True, schedule="allgather", window=(3, 0),
+                                        return_lse=True)
+    dout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    out.backward(dout)
+    alone = dist_flash_attn_backward(dout, q, k, v, out.detach(), lse, causal=True,
+                                     schedule="allgather", window=(3, 0))
+    res["backward_alone"] = max(float((a - t.grad).abs().max()) for a, t in zip(alone, ins))
     good = distattn.dist_flash_attn(q, k, v, causal=True, schedule="allgather")
     ring = distattn.dist_flash_attn(q, k, v, causal=True, schedule="ring")
     res["after"] = float((good - ring).abs().max())
@@ -172,7 +182,7 @@ def test_executor_sends_what_the_plan_says_and_ranks_agree_on_the_schedule():
         for call in ("forward", "backward"):
             kind, message = res[call]
             assert kind == "ValueError" and "'schedule'" in message, (call, message)
-        assert res["after"] < 1e-12
+        assert res["after"] < 1e-12 and res["backward_alone"] == 0.0
 
 
 def test_head_chunks_argument():
