@@ -57,11 +57,11 @@ class AllGatherPlan:
 
     def key_len(self, rank: int) -> int:
         """Keys ``rank`` computes on: its gathered buffer's length."""
-        return sum(self.need_len(rank, o) for o in range(self.world))
+        return self.key_offset(rank, self.world - 1) + self.need_len(rank, self.world - 1)
 
     def key_offset(self, rank: int, owner: int) -> int:
         """Where ``owner``'s ranges start in ``rank``'s gathered buffer."""
-        return sum(self.need_len(rank, o) for o in range(owner))
+        return _offsets(self, rank)[owner]
 
     def gathered_slots(self, rank: int) -> int:
         """K/V slots ``rank`` receives from other ranks (its own stay home)."""
@@ -107,6 +107,15 @@ def _need(plan: AllGatherPlan, rank: int, owner: int) -> tuple:
     lay, n = plan.layout, plan.layout.part_len
     mask = block_mask(lay.parts[rank], lay.parts[owner], plan.bounds).simplify(n, n)
     return _merge_ranges([p.tight(n, n)[2:] for p in mask.pieces])
+
+
+@functools.lru_cache(maxsize=256)
+def _offsets(plan: AllGatherPlan, rank: int) -> tuple:
+    out, at = [], 0
+    for o in range(plan.world):
+        out.append(at)
+        at += plan.need_len(rank, o)
+    return tuple(out)
 
 
 @functools.lru_cache(maxsize=256)
