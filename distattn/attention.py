@@ -16,13 +16,14 @@ from .hybrid import USPAttention, usp_backward
 from .kernels import BACKENDS, get_backend
 from .layout import RingLayout, check_layout, ring_layout, seq_multiple
 from .mesh import as_mesh
+from .gather_plan import allgather_plan
 from .plan import helper_plan, ring_plan
 from .ring import RingConfig
 from .segments import check_chunk_origin, check_chunk_size, chunked_layout
 from .sinks import sinks_grad
 from .ulysses import check_heads, head_split
 
-SCHEDULES = ("auto", "ring", "helper")
+SCHEDULES = ("auto", "ring", "helper", "allgather")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -32,6 +33,8 @@ def _plan(lay: RingLayout, causal: bool, window, schedule: str, chunk_size=None,
     lay = chunked_layout(lay, chunk_size, chunk_origin)
     if schedule == "helper":
         return helper_plan(lay, causal, window)
+    if schedule == "allgather":
+        return allgather_plan(lay, causal, window)
     return ring_plan(lay, causal, window)
 
 
@@ -115,7 +118,8 @@ def _resolve_schedule(schedule: str, layout: str, causal: bool, part_len: int, R
     """"auto" -> "helper" for contiguous causal attention over a ring without documents or
     window (when the ring part splits in the halves its last step needs), else "ring". With
     documents the helper schedule's balance no longer holds, and with a window the ring stops
-    early and sends less, so "auto" keeps the ring. An explicit "helper" is checked."""
+    early and sends less, so "auto" keeps the ring. An explicit "helper" is checked;
+    "allgather" runs on everything and is never picked by "auto" (not measured on GPUs yet)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     needs_even = R % 2 == 0 and R > 1
@@ -249,7 +253,9 @@ def dist_flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mesh=N
     float64 inputs; not differentiable).
 
     ``schedule``: "ring" (the layout's own balance), "helper" (DistFlashAttn's schedule:
-    contiguous layout, causal) or "auto" (helper where it applies, else ring).
+    contiguous layout, causal), "allgather" (each ring rank gathers the K/V its queries see,
+    computes in one launch and reduce-scatters dK/dV back; any layout) or "auto" (helper
+    where it applies, else ring; never allgather).
     ``backend``: "auto", "cuda", "torch", "reference" or "emulate" (this project's CUDA
     kernels built for the CPU, for testing; see ``distattn.kernels``).
     ``profiler``: a ``distattn.profile.StepProfiler`` to record per-step compute and

@@ -113,26 +113,43 @@ def all_to_all_v(send: list[list[torch.Tensor]], recv_shapes: list[list[tuple]],
     (the caller knows them: every rank computes the same head split). Returns, per source
     rank j, its tensors with those shapes. Everything travels as one flat
     ``all_to_all_single`` with per-rank split sizes. Not differentiable."""
-    ref = next(t for parts in send for t in parts)
-    flat = [t.reshape(-1) for parts in send for t in parts]
-    send_buf = torch.cat(flat) if flat else ref.new_empty(0)
-    in_splits = [sum(t.numel() for t in parts) for parts in send]
-    numel = [[torch.Size(s).numel() for s in shapes] for shapes in recv_shapes]
-    out_splits = [sum(n) for n in numel]
-    recv = send_buf.new_empty(sum(out_splits))
-    work = dist.all_to_all_single(recv, send_buf, out_splits, in_splits, group=group,
-                                  async_op=True)
-    wait_all([work], lambda: f"{what} (uneven split, {in_splits} elements out, "
-                             f"{out_splits} in) over ranks "
-                             f"{dist.get_process_group_ranks(group)}")
-    parts, at = [], 0
-    for shapes, sizes in zip(recv_shapes, numel):
-        mine = []
-        for shape, size in zip(shapes, sizes):
-            mine.append(recv[at:at + size].view(shape))
-            at += size
-        parts.append(mine)
-    return parts
+    return start_all_to_all_v(send, recv_shapes, group, what).wait()
+
+
+class PendingAllToAllV:
+    """An ``all_to_all_v`` in flight: ``wait()`` completes it and returns its parts."""
+
+    def __init__(self, send, recv_shapes, group, what: str):
+        ref = next(t for parts in send for t in parts)
+        flat = [t.reshape(-1) for parts in send for t in parts]
+        self.send_buf = torch.cat(flat) if flat else ref.new_empty(0)   # alive until wait
+        self.in_splits = [sum(t.numel() for t in parts) for parts in send]
+        self.recv_shapes = recv_shapes
+        self.numel = [[torch.Size(s).numel() for s in shapes] for shapes in recv_shapes]
+        self.out_splits = [sum(n) for n in self.numel]
+        self.recv = self.send_buf.new_empty(sum(self.out_splits))
+        self.group, self.what = group, what
+        self.work = dist.all_to_all_single(self.recv, self.send_buf, self.out_splits,
+                                           self.in_splits, group=group, async_op=True)
+
+    def wait(self) -> list[list[torch.Tensor]]:
+        wait_all([self.work], lambda: f"{self.what} (uneven split, {self.in_splits} elements "
+                                      f"out, {self.out_splits} in) over ranks "
+                                      f"{dist.get_process_group_ranks(self.group)}")
+        parts, at = [], 0
+        for shapes, sizes in zip(self.recv_shapes, self.numel):
+            mine = []
+            for shape, size in zip(shapes, sizes):
+                mine.append(self.recv[at:at + size].view(shape))
+                at += size
+            parts.append(mine)
+        return parts
+
+
+def start_all_to_all_v(send, recv_shapes, group, what: str = "all-to-all") -> PendingAllToAllV:
+    """``all_to_all_v`` posted without waiting, so compute can overlap it; every rank of
+    ``group`` must post the same sequence of them."""
+    return PendingAllToAllV(send, recv_shapes, group, what)
 
 
 def sp_all_reduce(t: torch.Tensor, mesh: SPMesh) -> None:

@@ -2,8 +2,8 @@
 edge cases.
 
 Each rank holds n tokens of its ring part with all heads. The Ulysses all-to-all turns that
-into the whole ring part (U*n tokens) with H/U heads; the ring-group schedule (a ``RingPlan``
-or a ``HelperPlan``) runs on those; the inverse all-to-all returns the output (and lse) to
+into the whole ring part (U*n tokens) with H/U heads; the ring-group schedule (a ``RingPlan``,
+a ``HelperPlan`` or an ``AllGatherPlan``) runs on those; the inverse all-to-all returns the output (and lse) to
 sequence shards. With U = 1 there is no all-to-all; with R = 1 the schedule is one local
 step.
 
@@ -16,7 +16,9 @@ from __future__ import annotations
 import torch
 
 from .agree import check_agreement, failure_marks
+from .allgather import allgather_backward, allgather_forward
 from .comm import all_to_all, all_to_all_v
+from .gather_plan import AllGatherPlan
 from .helper import helper_backward, helper_forward
 from .plan import HelperPlan
 from .ring import RingConfig, ring_backward, ring_forward
@@ -27,6 +29,8 @@ from .ulysses import head_split, repeat_kv_heads
 def _schedule(cfg: RingConfig):
     if isinstance(cfg.plan, HelperPlan):
         return helper_forward, helper_backward
+    if isinstance(cfg.plan, AllGatherPlan):
+        return allgather_forward, allgather_backward
     return ring_forward, ring_backward
 
 

@@ -188,6 +188,47 @@ def helper_cases(world: int) -> list[Case]:
             for hkv in (8, 2, 1) for b, backend in ((1, "torch"), (2, "reference"))]
 
 
+# (causal, window, softcap, sinks, docs) for the all-gather schedule: plain causal, a window
+# shorter than a zigzag chunk, documents, everything together, an asymmetric non-causal
+# window, causal documents.
+ALLGATHER_VARIANTS = (
+    (True, None, 0.0, False, ""),
+    (True, (2, 0), 0.0, False, ""),
+    (False, None, 0.0, False, "random"),
+    (True, (4, 0), 2.0, True, "mixed"),
+    (False, (3, 5), 0.0, False, ""),
+    (True, None, 0.0, False, "mixed"),
+)
+
+
+def allgather_cases(world: int) -> list[Case]:
+    """schedule="allgather" on every mesh and layout: each (mesh, layout) runs two variants of
+    ALLGATHER_VARIANTS (documents, windows, softcap, sinks), fp64, MHA/GQA/MQA, both
+    backends; plus one MLA case and one fp16 case per world. World 8 runs two small cases
+    only (a pure ring and a 2 x 4 USP), to keep its spawn short."""
+    if world == 8:
+        return [Case(8, 1, 8, "ulysses_inner", "zigzag", True, 8, 2, 32, 1, "fp64", "torch",
+                     "allgather", "mixed", (4, 0)),
+                Case(8, 2, 4, "ring_inner", "packed", False, 8, 1, 32, 1, "fp64", "reference",
+                     "allgather", "random", (3, 5), 0.0, True)]
+    cases, i = [], 0
+    for u, r, placement in mesh_shapes(world):
+        for layout in ("contiguous", "zigzag", "stripe", "packed"):
+            for _ in range(2):
+                causal, window, softcap, sinks, docs = ALLGATHER_VARIANTS[
+                    i % len(ALLGATHER_VARIANTS)]
+                docs = docs or ("one" if layout == "packed" else "")
+                cases.append(Case(world, u, r, placement, layout, causal, 8, (8, 2, 1)[i % 3],
+                                  32, 1, "fp64", ("torch", "reference")[(i // 2) % 2],
+                                  "allgather", docs, window, softcap, sinks))
+                i += 1
+    cases.append(Case(world, 1, world, "ulysses_inner", "zigzag", True, 8, 2, 32, 1, "fp64",
+                      "reference", "allgather", "mixed", (4, 0), v_head_dim=16))
+    cases.append(Case(world, 1, world, "ulysses_inner", "stripe", True, 4, 2, 32, 1, "fp16",
+                      "torch", "allgather", "random"))
+    return cases
+
+
 class Meshes:
     """One SPMesh per (ulysses, placement) inside a worker: building groups is collective and
     not free, so cases share them."""
@@ -469,7 +510,7 @@ def run_profile_check(rank: int, world: int) -> dict:
     from distattn.profile import StepProfiler
 
     res = {}
-    for schedule in ("ring", "helper"):
+    for schedule in ("ring", "helper", "allgather"):
         prof = StepProfiler()
         q = torch.randn(1, 4, 2, 8, dtype=torch.float64, requires_grad=True)
         out = distattn.dist_flash_attn(q, q, q, causal=True, schedule=schedule, profiler=prof)

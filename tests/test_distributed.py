@@ -8,20 +8,23 @@ One spawned world per world size runs all of its cases; each case is its own tes
 """
 import pytest
 
-from dist_cases import (attention_cases, document_cases, helper_cases, run_attention_cases,
-                        run_layout_roundtrips, variant_cases)
+from dist_cases import (allgather_cases, attention_cases, document_cases, helper_cases,
+                        run_attention_cases, run_layout_roundtrips, variant_cases)
 from spawn import run_world
 
 WORLDS = (1, 2, 4, 8)
 HELPER_WORLDS = (2, 3, 4, 8)
 VARIANT_WORLDS = (2, 4, 8)
+ALLGATHER_WORLDS = (2, 4, 8)
 
 
 def cases_for(world):
-    """Everything one spawned world runs: the matrix and the explicit helper-schedule cases."""
+    """Everything one spawned world runs: the matrix and the explicit helper-schedule and
+    all-gather-schedule cases."""
     return (attention_cases(world) + document_cases(world) if world in WORLDS else []) + \
         (variant_cases(world) if world in VARIANT_WORLDS else []) + \
-        (helper_cases(world) if world in HELPER_WORLDS else [])
+        (helper_cases(world) if world in HELPER_WORLDS else []) + \
+        (allgather_cases(world) if world in ALLGATHER_WORLDS else [])
 
 
 TOL = {"fp64": 1e-10, "fp32": 1e-5}
@@ -73,7 +76,7 @@ def test_case_matrix_covers_the_issue():
     assert seen("head_dim") == {32, 64} and seen("batch") == {1, 2}
     assert seen("dtype") == {"fp64", "fp32", "bf16", "fp16"}
     assert seen("backend") == {"torch", "reference"}
-    assert seen("schedule") == {"auto", "ring", "helper"}
+    assert seen("schedule") == {"auto", "ring", "helper", "allgather"}
     assert {c.world for c in ALL_CASES if c.schedule == "helper"} == set(HELPER_WORLDS)
     docs = [c for c in ALL_CASES if c.docs]
     assert {(c.world, c.ulysses, c.ring, c.placement) for c in docs} == {
@@ -92,6 +95,16 @@ def test_case_matrix_covers_the_issue():
     assert {c.window for c in variants} >= {(2, 0), (7, 0), (3, 5), (2, 2), (4, 0)}
     assert any(c.window and c.softcap and c.sinks and c.docs == "mixed" for c in variants)
     assert any(c.window and c.schedule == "helper" for c in variants)
+    gathered = [c for c in ALL_CASES if c.schedule == "allgather"]
+    assert {c.world for c in gathered} == set(ALLGATHER_WORLDS)
+    assert {(c.world, c.ulysses, c.ring, c.placement, c.layout) for c in gathered
+            if c.world < 8} == {(c.world, c.ulysses, c.ring, c.placement, c.layout)
+                                for c in docs if c.world in (2, 4)}
+    assert {c.causal for c in gathered} == {False, True} and {c.hkv for c in gathered} == {
+        8, 2, 1}
+    assert any(c.docs and c.window for c in gathered) and any(c.sinks for c in gathered)
+    assert any(c.v_head_dim for c in gathered) and any(c.ulysses > 1 for c in gathered
+                                                       if c.world == 8)
 
 
 @pytest.mark.parametrize("world", (2, 4, 8))

@@ -5,8 +5,8 @@ One packed row of 8 documents; seven of them carry one kind of non-finite input 
 q, k, v; +inf in q; -inf and +inf in k; +inf and -inf in one element of v, which meet in the
 rows that see both) at a real token, one head, one element, and the eighth stays finite.
 Documents keep the effects apart. Every layout with the torch and reference backends (fp64)
-and the emulated CUDA kernels (fp16), ring 4, plus the helper schedule, USP 2 x 2, Ulysses 4
-and non-causal attention. Padding slots hold NaN and must stay inert.
+and the emulated CUDA kernels (fp16), ring 4, plus the helper and all-gather schedules, USP
+2 x 2, Ulysses 4 and non-causal attention. Padding slots hold NaN and must stay inert.
 
 The reference is one process's attention in fp64, each row over exactly the keys it sees
 (explicit softmax math; autograd for the gradients), with every non-finite element of k
@@ -46,7 +46,9 @@ CASES = ([(lay, be, 1, "ring", True)
          + [("contiguous", be, 1, "helper", True) for be in ("torch", "reference", "emulate")]
          + [("contiguous", "torch", 2, "helper", True), ("zigzag", "reference", 2, "ring", True),
             ("stripe", "torch", 4, "ring", True), ("packed", "emulate", 2, "ring", True),
-            ("zigzag", "torch", 1, "ring", False), ("packed", "reference", 2, "ring", False)])
+            ("zigzag", "torch", 1, "ring", False), ("packed", "reference", 2, "ring", False)]
+         + [("zigzag", "torch", 1, "allgather", True), ("packed", "emulate", 2, "allgather", True),
+            ("stripe", "reference", 1, "allgather", False)])
 
 
 def case_id(case):

@@ -1,4 +1,5 @@
-"""Profile mode: per-step compute and wait spans for ring and helper schedules."""
+"""Profile mode: per-step compute and wait spans for the ring, helper and all-gather
+schedules."""
 from dist_cases import run_profile_check
 from spawn import run_world
 
@@ -6,7 +7,7 @@ from spawn import run_world
 def test_profiler_records_every_step_of_both_passes():
     world = 4
     for res in run_world(world, run_profile_check):
-        for schedule, steps in (("ring", world), ("helper", world // 2 + 1)):
+        for schedule, steps in (("ring", world), ("helper", world // 2 + 1), ("allgather", 1)):
             rows = res[schedule]["rows"]
             assert res[schedule]["same"]
             fwd = [r for r in rows if r["pass"] == "forward"]
