@@ -125,7 +125,7 @@ def strategy_table() -> str:
                     f"| {name}{note} ({h}:{kv}) | {g} | {s_label} | U{plan.ulysses_degree} x "
                     f"R{plan.ring_degree} {plan.placement} | {plan.layout}/{plan.schedule} | "
                     f"{ch.seconds * 1e3:,.1f} | {100 * ch.efficiency:.0f}% | "
-                    + (f"{ru.config.label} | {ru.prediction.seconds * 1e3:,.1f} |" if ru
+                    + (f"{ru.config.label} {ru.config.placement} | {ru.prediction.seconds * 1e3:,.1f} |" if ru
                        else "- | - |"))
     return "\n".join(lines)
 
