@@ -7,10 +7,12 @@ Public API (README.md; architecture in docs/DESIGN.md)::
     out = distattn.dist_flash_attn(q, k, v, mesh=mesh, causal=True, layout="zigzag")
     full = distattn.unshard(out, mesh, dim=1, layout="zigzag")
     pos = distattn.positions(seq_len, mesh, layout="zigzag")
+    plan = distattn.plan_for(costmodel.cluster(64), seq_len, heads, head_dim)  # docs/STRATEGY.md
 """
 from .attention import dist_flash_attn
 from .layout import positions, shard, unshard
 from .mesh import SPMesh
+from .planner import plan_for
 
 __version__ = "0.1.0"
-__all__ = ["SPMesh", "dist_flash_attn", "positions", "shard", "unshard"]
+__all__ = ["SPMesh", "dist_flash_attn", "plan_for", "positions", "shard", "unshard"]

@@ -153,13 +153,21 @@ class SPMesh:
     @classmethod
     def build(cls, ulysses_degree: int = 1, ring_degree: Optional[int] = None, group=None,
               placement: str = "ulysses_inner",
-              timeout: Optional[timedelta] = None) -> "SPMesh":
+              timeout: Optional[timedelta] = None, plan=None) -> "SPMesh":
         """Split ``group`` (default: the default process group) into a ``ulysses_degree x
         ring_degree`` mesh. ``ring_degree=None`` means ``group size // ulysses_degree``.
         ``timeout`` bounds every wait of distattn's communication on this mesh (default: the
         timeout of ``group``); where it differs from ``group``'s, the mesh gets its own
         groups. Every member of ``group`` must call this, in the same order as other
-        collectives; it creates up to three groups (Ulysses, ring, control)."""
+        collectives; it creates up to three groups (Ulysses, ring, control).
+        ``plan``: a ``distattn.plan_for`` plan; its degrees and placement are used (the
+        degree and placement arguments must then be left at their defaults)."""
+        if plan is not None:
+            if (ulysses_degree, ring_degree, placement) != (1, None, "ulysses_inner"):
+                raise ValueError("plan= gives the degrees and placement: leave ulysses_degree, "
+                                 "ring_degree and placement at their defaults")
+            ulysses_degree, ring_degree = plan.ulysses_degree, plan.ring_degree
+            placement = plan.placement
         _require_initialized()
         group = group if group is not None else dist.group.WORLD
         size = dist.get_world_size(group)

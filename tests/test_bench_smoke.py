@@ -145,3 +145,17 @@ def test_host_smoke(tmp_path):
     memory = _csv(tmp_path / "host_memory.csv")
     assert len(memory) == 3 and all(float(r["peak / local qkvo"]) > 1 for r in memory)
     assert "## memory" in out
+
+
+def test_model_check_smoke(tmp_path):
+    """bench/model_check.py: every published row is printed with a positive prediction and the
+    last line states the largest ratio error (its size is reported, not asserted)."""
+    out = _run(["bench/model_check.py"], tmp_path, timeout=60)
+    rows = [line for line in out.splitlines() if line.startswith("| ring-flash")
+            or line.startswith("| yunchang")]
+    assert len(rows) == 9, out
+    for line in rows:
+        published, predicted, ratio = (float(x) for x in line.strip("|").split("|")[2:5])
+        assert published > 0 and predicted > 0 and ratio > 0
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("max ratio error: ") and float(last.split(": ")[1]) >= 0
