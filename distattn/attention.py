@@ -5,18 +5,20 @@ the same clear error everywhere instead of leaving other ranks waiting in a coll
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
 import torch
 
+from . import nonfinite
 from .agree import check_agreement, fail_everywhere, failure_marks
 from .documents import check_cu_seqlens
 from .hybrid import USPAttention, usp_backward
-from .kernels import BACKENDS, get_backend
+from .kernels import BACKENDS, get_backend, varlen
 from .layout import RingLayout, check_layout, ring_layout, seq_multiple
-from .mesh import as_mesh
 from .gather_plan import allgather_plan
+from .mesh import SPMesh, as_mesh
 from .plan import helper_plan, ring_plan
 from .ring import RingConfig
 from .segments import check_chunk_origin, check_chunk_size, chunked_layout
@@ -261,6 +263,90 @@ def dist_flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mesh=N
     ``profiler``: a ``distattn.profile.StepProfiler`` to record per-step compute and
     communication-wait times.
     """
+    call = dict(mesh=mesh, causal=causal, softmax_scale=softmax_scale, layout=layout,
+                schedule=schedule, backend=backend, return_lse=return_lse, profiler=profiler,
+                cu_seqlens=cu_seqlens, window=window, softcap=softcap, chunk_size=chunk_size,
+                chunk_origin=chunk_origin)
+    if torch.compiler.is_compiling():
+        key, world = (int(x) + 0 for x in _register_call(**call))   # plain ints for the graph
+        if world > 1:
+            return _eager_call(q, k, v, sinks, key)
+        return _traced_call(q, k, v, () if sinks is None else (sinks,), key)
+    return _dist_flash_attn(q, k, v, sinks=sinks, **call)
+
+
+# -- torch.compile (docs/DESIGN.md, "Backends": torch.compile) ------------------------------
+# The planning above the kernels is host Python over static arguments (mesh, layout,
+# documents); Dynamo does not trace it. ``_register_call`` runs at trace time
+# (assume_constant_result) and stores the call's static arguments under an int key baked into
+# the graph. On one rank, ``_traced_call`` (nonstrict_trace) runs the whole call with the
+# traced tensors, so its kernels -- ATen ops and the ``distattn::`` custom ops -- land in the
+# graph and autograd traces its backward: no graph break. With communication (world > 1) the
+# collectives are in-place c10d calls that do not trace, so the call runs eagerly: one graph
+# break per call (``_eager_call``).
+_CALLS: dict = {}
+
+
+@torch.compiler.assume_constant_result
+def _register_call(**call) -> tuple:
+    """(key, SP world size): this call's static arguments stored under ``key`` in ``_CALLS``."""
+    mesh = call["mesh"]
+    if isinstance(mesh, SPMesh):
+        world = mesh.ulysses_degree * mesh.ring_degree
+    else:
+        world = torch.distributed.get_world_size(mesh)
+    key = len(_CALLS)   # one entry per trace (compile or recompile), not per call
+    _CALLS[key] = call
+    return key, world
+
+
+@torch._dynamo.nonstrict_trace
+def _traced_call(q, k, v, sinks: tuple, key: int):
+    """``sinks``: () or (sinks,) (a nonstrict_trace input cannot be None)."""
+    global _TRACED
+    _TRACED = True     # the traced backward runs later and fills the caches again
+    with tensor_caches_cleared():
+        return _dist_flash_attn(q, k, v, sinks=sinks[0] if sinks else None, **_CALLS[key])
+
+
+_TRACED = False
+
+
+def _after_trace() -> None:
+    """Before an eager call: drop tensors a trace (its forward or backward) left cached."""
+    global _TRACED
+    if _TRACED and not torch.compiler.is_compiling():
+        _TRACED = False
+        with tensor_caches_cleared():
+            pass
+
+
+@contextlib.contextmanager
+def tensor_caches_cleared():
+    """Empty the caches that hold tensors built on a device (``nonfinite._pieces``,
+    ``varlen.launch_tensors``) before and after a trace: a tensor made under one fake mode
+    must not reach another trace, nor an eager call (their cache key is the device, not the
+    mode)."""
+    caches = (nonfinite._pieces, varlen.launch_tensors)
+    for c in caches:
+        c.cache_clear()
+    try:
+        yield
+    finally:
+        for c in caches:
+            c.cache_clear()
+
+
+@torch.compiler.disable
+def _eager_call(q, k, v, sinks, key: int):
+    return _dist_flash_attn(q, k, v, sinks=sinks, **_CALLS[key])
+
+
+def _dist_flash_attn(q, k, v, *, mesh, causal, softmax_scale, layout, schedule, backend,
+                     return_lse, profiler, cu_seqlens, window, softcap, sinks, chunk_size,
+                     chunk_origin):
+    """``dist_flash_attn``, eagerly."""
+    _after_trace()
     try:
         if not isinstance(return_lse, bool):
             raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
@@ -287,6 +373,7 @@ def dist_flash_attn_backward(dout, q, k, v, out, lse, **kwargs):
     ``sinks=`` also this rank's share of dsinks as a fourth element. Runs the backward's
     communication and kernels only, never the forward (rematerialization-aware checkpointing
     uses this). Every rank of the mesh must call it."""
+    _after_trace()
     try:
         cfg = prepare(q, k, v, **kwargs)
     except Exception as exc:   # raises it on every rank, at once

@@ -24,6 +24,10 @@ Contract (base.py / docs/DESIGN.md, "Backends"), with these specifics:
 STATUS: the kernels compile for sm_90a and sm_80 and run, unchanged, on the host CTA emulator
 (backend ``"emulate"``, distattn/kernels/emulate.py, which subclasses this one), but they have
 not yet been run on a GPU; tests/test_cuda_kernels.py is the check to run there.
+
+Every launch goes through the ``distattn::`` custom ops of ``kernels/ops.py`` (CUDA kernel:
+``distattn._C``; CPU kernel: ``distattn._emulate``), whose fake implementations let
+``torch.compile`` and ``FakeTensorMode`` run this host code without the extension.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ import torch
 
 from ..merge import merge_ as torch_merge_
 from ..merge import new_accumulators
+from . import ops
 from .base import BlockAttention, empty_result
 from .mask import Mask
 from .varlen import merge_bands, tight_bands
@@ -243,7 +248,7 @@ class CudaBackend(BlockAttention):
         out = torch.empty(b, sq, hq, v.shape[-1], dtype=q.dtype, device=q.device)
         lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
         # rows outside every piece: out = 0, lse = -inf (the binding fills them)
-        self._ext.fwd(q, k, v, out, lse, float(scale), list(groups[0]), float(softcap))
+        ops.fwd(q, k, v, out, lse, float(scale), ops.flat_pieces(groups[0]), float(softcap))
         return out, lse
 
     def forward_into(self, q, k, v, out_acc, lse_acc, *, scale, mask, softcap=0.0) -> None:
@@ -264,8 +269,8 @@ class CudaBackend(BlockAttention):
     def _forward_groups_into(self, groups, q, k, v, out_acc, lse_acc, scale, softcap):
         q, k, v = _kernel_input(q), _kernel_input(k), _kernel_input(v)
         for group in groups:
-            self._ext.fwd_acc(q, k, v, out_acc, lse_acc, float(scale), list(group),
-                              float(softcap))
+            ops.fwd_acc(q, k, v, out_acc, lse_acc, float(scale), ops.flat_pieces(group),
+                        float(softcap))
 
     # The base contract's single-piece calls are the general ones here.
     def forward_piece(self, q, k, v, *, scale, mask, softcap=0.0):
@@ -279,7 +284,7 @@ class CudaBackend(BlockAttention):
         torch merge for accumulators whose last dim is not contiguous."""
         if (out_acc.dtype == torch.float32 and out_acc.stride(-1) == 1
                 and out_blk.stride(-1) == 1 and lse_acc.dtype == torch.float32):
-            self._ext.merge(out_acc, lse_acc, out_blk, lse_blk.to(torch.float32))
+            ops.merge(out_acc, lse_acc, out_blk, lse_blk.to(torch.float32))
         else:
             torch_merge_(out_acc, lse_acc, out_blk, lse_blk)
 
@@ -306,8 +311,8 @@ class CudaBackend(BlockAttention):
         dout, q, k, v, out, lse = self._bwd_inputs(dout, q, k, v, out, lse)
         dq, dk, dv = (torch.empty(t.shape, **f32) for t in (q, k, v))
         # rows and keys outside every piece get zero gradients (the binding fills them)
-        self._ext.bwd(dout, q, k, v, out, lse, dq, dk, dv, float(scale),
-                      list(groups[0]) if groups else [], float(softcap), False)
+        ops.bwd(dout, q, k, v, out, lse, dq, dk, dv, float(scale),
+                ops.flat_pieces(groups[0]) if groups else [], float(softcap), False)
         return dq, dk, dv
 
     def backward_into(self, dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc, *,
@@ -331,8 +336,8 @@ class CudaBackend(BlockAttention):
                               scale, softcap):
         dout, q, k, v, out, lse = self._bwd_inputs(dout, q, k, v, out, lse)
         for group in groups:
-            self._ext.bwd(dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc, float(scale),
-                          list(group), float(softcap), True)
+            ops.bwd(dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc, float(scale),
+                    ops.flat_pieces(group), float(softcap), True)
 
     def backward_piece(self, dout, q, k, v, out, lse, *, scale, mask, softcap=0.0):
         return self.backward(dout, q, k, v, out, lse, scale=scale, mask=mask, softcap=softcap)

@@ -1,0 +1,162 @@
+"""The CUDA host path traced on fake CUDA tensors (no GPU): shapes, dtypes and op schemas.
+
+Backends ``torch`` (PyTorch's meta kernels for its flash ops) and ``cuda`` (this project's
+``distattn::`` custom ops, kernels/ops.py, whose fake implementations check the launches'
+arguments) run ``dist_flash_attn`` and ``dist_flash_attn_backward`` on one rank through
+every mask kind. What runs is everything but the kernels themselves.
+"""
+from __future__ import annotations
+
+import re
+import types
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import distattn
+import distattn.attention
+from distattn.hybrid import USPAttention
+from distattn.kernels import ops
+from distattn.kernels.cuda import CudaBackend
+from fake_cuda import fake_cuda
+
+CASES = {   # name: (dist_flash_attn kwargs, (Hq, Hkv), (D, Dv), local length)
+    "dense": (dict(), (4, 4), (64, 64), 64),
+    "causal_gqa": (dict(causal=True), (4, 2), (64, 64), 64),
+    "mqa_d128": (dict(causal=True), (4, 1), (128, 128), 48),
+    "documents": (dict(causal=True, cu_seqlens=[0, 20, 45, 64]), (4, 2), (64, 64), 64),
+    "window": (dict(causal=True, window=(7, 0)), (4, 2), (64, 64), 64),
+    "softcap": (dict(causal=True, softcap=30.0), (4, 2), (64, 64), 64),
+    "sinks": (dict(causal=True), (4, 2), (64, 64), 64),
+    "mla": (dict(causal=True), (4, 2), (192, 128), 32),
+}
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    if not dist.is_initialized():
+        store = dist.FileStore(str(tmp_path_factory.mktemp("pg") / "store"), 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield distattn.SPMesh.build(ulysses_degree=1, ring_degree=1)
+
+
+@pytest.fixture
+def cuda_ops(monkeypatch):
+    """The cuda backend as if the extension were built for a GPU here: its launches go to
+    the custom ops (fake implementations under FakeTensorMode)."""
+    from distattn.kernels import cuda
+    monkeypatch.setattr(cuda, "extension_error", lambda: None)
+    monkeypatch.setattr(CudaBackend, "unavailable", lambda self: None)
+    monkeypatch.setattr(CudaBackend, "head_dim_pairs",
+                        lambda self: ((64, 64), (128, 128), (192, 128)))
+    monkeypatch.setattr(CudaBackend, "_check_device_code", lambda self, device: None)
+
+
+class OpLog(TorchDispatchMode):
+    """Names of the ops dispatched (inside FakeTensorMode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _run(mesh, backend, case, dtype):
+    kw, (hq, hkv), (d, dv), n = CASES[case]
+    with fake_cuda(), OpLog() as log:
+        q = torch.randn(1, n, hq, d, device="cuda", dtype=dtype)
+        k = torch.randn(1, n, hkv, d, device="cuda", dtype=dtype)
+        v = torch.randn(1, n, hkv, dv, device="cuda", dtype=dtype)
+        if case == "sinks":
+            kw = dict(kw, sinks=torch.randn(hq, device="cuda", dtype=torch.float32))
+        out, lse = distattn.dist_flash_attn(q, k, v, mesh=mesh, backend=backend,
+                                            return_lse=True, **kw)
+        assert out.device.type == "cuda" and out.dtype == dtype
+        assert tuple(out.shape) == (1, n, hq, dv)
+        assert lse.dtype == torch.float32 and tuple(lse.shape) == (1, hq, n)
+        dout = torch.randn_like(out)
+        grads = distattn.attention.dist_flash_attn_backward(dout, q, k, v, out, lse, mesh=mesh,
+                                                  backend=backend, **kw)
+        for g, t in zip(grads, (q, k, v)):
+            assert tuple(g.shape) == tuple(t.shape) and g.dtype == dtype
+        if case == "sinks":
+            assert len(grads) == 4 and tuple(grads[3].shape) == (hq,)
+        # autograd's backward (the Function's own code; .backward() itself cannot run here)
+        ctx = types.SimpleNamespace(saved_tensors=(q, k, v, out, lse, kw.get("sinks")),
+                                    cfg=distattn.attention.prepare(q, k, v, mesh=mesh,
+                                                                   backend=backend, **kw))
+        agrads = USPAttention.backward(ctx, dout, None)
+        for g, t in zip(agrads[:3], (q, k, v)):
+            assert tuple(g.shape) == tuple(t.shape) and g.dtype == dtype
+    return log.names
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_torch_backend_on_fake_cuda(mesh, case, dtype):
+    names = _run(mesh, "torch", case, dtype)
+    assert not any(n.startswith("distattn.") for n in names)
+    if case not in ("softcap", "mla"):   # those pieces run on the reference math
+        assert "aten._flash_attention_forward" in names
+        assert "aten._flash_attention_backward" in names
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cuda_backend_on_fake_cuda(mesh, cuda_ops, case, dtype):
+    names = _run(mesh, "cuda", case, dtype)
+    assert "distattn.fwd_acc" in names or "distattn.fwd" in names
+    assert "distattn.bwd" in names
+    assert not any(n.startswith("aten._flash") or n.startswith("aten._scaled_dot") for n in names)
+
+
+def test_op_schemas():
+    """The ops mutate exactly their outputs and return nothing."""
+    schemas = {name: str(getattr(torch.ops.distattn, name).default._schema)
+               for name in ("fwd", "fwd_acc", "bwd", "merge")}
+    def mutated(schema):
+        return re.findall(r"Tensor\(a\d+!\) (\w+)", schema)
+    assert mutated(schemas["fwd"]) == ["out", "lse"]
+    assert mutated(schemas["fwd_acc"]) == ["out_acc", "lse_acc"]
+    assert mutated(schemas["bwd"]) == ["dq", "dk", "dv"]
+    assert mutated(schemas["merge"]) == ["out_acc", "lse_acc"]
+    assert "[] pieces" in schemas["fwd"] and "bool accumulate" in schemas["bwd"]
+    assert all(s.endswith("-> ()") for s in schemas.values())
+
+
+def test_pieces_round_trip():
+    pieces = [(0, 10, 0, 12, None, 3), (10, 20, 12, 30, -4, None)]
+    assert ops.piece_tuples(ops.flat_pieces(pieces)) == pieces
+
+
+@pytest.mark.parametrize("bad", ["lse_dtype", "out_shape", "piece_outside", "dq_dtype"])
+def test_fake_implementations_refuse_bad_launches(bad):
+    with fake_cuda():
+        q = torch.randn(1, 16, 4, 64, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, 16, 2, 64, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty_like(q)
+        lse = torch.empty(1, 4, 16, device="cuda",
+                          dtype=torch.bfloat16 if bad == "lse_dtype" else torch.float32)
+        pieces = ops.flat_pieces([(0, 16, 0, 17 if bad == "piece_outside" else 16, None, 0)])
+        with pytest.raises((TypeError, ValueError)):
+            if bad == "dq_dtype":
+                g = torch.empty(q.shape, device="cuda", dtype=torch.bfloat16)
+                gk = torch.empty(k.shape, device="cuda", dtype=torch.float32)
+                ops.bwd(out, q, k, k, out, lse, g, gk, gk.clone(), 0.1, pieces, 0.0, False)
+            else:
+                ops.fwd(q, k, k, out[:, :8] if bad == "out_shape" else out, lse, 0.1, pieces,
+                        0.0)
+
+
+def test_ops_refuse_to_run_without_the_extension():
+    """Outside a fake mode the CUDA kernel of an op needs distattn._C (absent here)."""
+    from distattn.kernels import cuda
+    if cuda.extension_error() is None:
+        pytest.skip("the extension and a GPU are present")
+    with pytest.raises(RuntimeError, match="cannot run"):
+        ops._extension("cuda")
