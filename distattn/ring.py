@@ -77,10 +77,11 @@ def _packed_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """K and V in one [2, ...] buffer (``packing.pack``), as a view when they already are the
     two halves of one contiguous buffer (what the Ulysses all-to-all hands over): the ring
     only reads it, so no copy of this rank's K/V is needed then."""
+    # views of one base, V right after K (storage offsets, not data pointers: a fake or
+    # traced tensor has none)
     if k.shape == v.shape and k.dtype == v.dtype and k.is_contiguous() and \
-            v.is_contiguous() and k.untyped_storage().data_ptr() == \
-            v.untyped_storage().data_ptr() and \
-            v.data_ptr() == k.data_ptr() + k.numel() * k.element_size():
+            v.is_contiguous() and k._base is not None and k._base is v._base and \
+            v.storage_offset() == k.storage_offset() + k.numel():
         return k.as_strided((2,) + tuple(k.shape), (k.numel(),) + tuple(k.stride()))
     return pack(k, v)
 
