@@ -2,7 +2,7 @@
 
 Mamba / Mamba2 mixers, Gated DeltaNet, lightning attention and short convolutions see the
 sequence outside distattn's attention. ``gather_mixers(model)`` (called by ``dtf.prepare``)
-hooks every such module of a family in ``GATHERED_FAMILIES`` so that, while the model's
+replaces the forward of every such module of a family in ``GATHERED_FAMILIES`` so that, while the model's
 attention is a distattn one (``dtf.register``), the module runs its own code -- the model's
 math and kernels -- in one of two exact forms, chosen per forward (the same choice on every
 rank: it depends only on what every rank holds):
@@ -23,10 +23,12 @@ rank: it depends only on what every rank holds):
 
 The mesh and layout come from the model's attention function at each forward (the one
 ``dtf.register`` made), so they can never disagree with the attention's. While the model
-runs another attention (one process, ``sdpa``), the hooks do nothing. Refused, on every rank
-alike: a KV/state cache (generation), and a packed row of several documents (the models'
-own torch paths do not reset their state at document boundaries). The hooks keep the
-module tree and the state dict unchanged (no wrapper modules).
+runs another attention (one process, ``sdpa``), the module runs as it is. A packed row of
+several documents runs each document's piece on its own (the models' own torch paths do not
+reset their state at document boundaries): a piece continues the previous rank's state only
+where its document does, and sends its state on only where its document goes on. Refused, on
+every rank alike: a KV/state cache (generation). The module's ``forward`` is replaced by an
+instance attribute: the module tree and the state dict stay unchanged (no wrapper modules).
 """
 from __future__ import annotations
 
@@ -105,7 +107,7 @@ def mixer_modules(model) -> list:
 
 
 class _Forward:
-    """What the hooks of one model share: the document boundaries of the current forward,
+    """What the SP forwards of one model's mixers share: the document boundaries of the current forward,
     and the form each mixer ran in at its last forward (``mixer_forms``)."""
 
     def __init__(self):
@@ -133,9 +135,8 @@ def _distattn_of(model):
 
 def _refuse(module_name: str, what: str):
     return NotImplementedError(
-        f"distattn runs the sequence mixer {module_name!r} gathered over the SP group for "
-        f"training only: {what}. Train with one document per row, or run this model without "
-        f"sequence parallelism for it")
+        f"distattn runs the sequence mixer {module_name!r} under sequence parallelism for "
+        f"training only: {what}. Generate with this model without sequence parallelism")
 
 
 def _model_hook(state: _Forward):
@@ -161,11 +162,14 @@ class PassingCache:
     - ``is_recording_past``: True, so a mixer never takes its single-token decode branch.
     Any other call is refused (a transformers version this was not tested with)."""
 
-    def __init__(self, mesh, module_name: str, mode: str, anchor: torch.Tensor):
+    def __init__(self, mesh, module_name: str, mode: str, anchor: torch.Tensor,
+                 receive: bool = True, send: bool = True, exchange: bool = True):
         self.mesh, self.module_name, self.mode, self.anchor = mesh, module_name, mode, anchor
+        self.receive, self.send = receive, send     # False: the document starts / ends here
+        self.exchange = exchange and mode == "conv"  # the halo exchanged by every rank at once
         self.received = None      # [halo, state] from the previous rank, once fetched
         self.tail = self.final = None
-        self.chained = mode == "recurrent"     # sends [tail, final] at finish
+        self.chained = not self.exchange        # sends [tail, final] at finish
         self.calls = set()
 
     def _what(self):
@@ -173,7 +177,8 @@ class PassingCache:
 
     def _receive(self):
         if self.received is None:
-            self.received = receive_from_previous(self.anchor, 2, self.mesh, self._what())
+            self.received = (receive_from_previous(self.anchor, 2, self.mesh, self._what())
+                             if self.receive else [None, None])
         return self.received
 
     def is_recording_past(self, layer_idx=None) -> bool:
@@ -181,7 +186,7 @@ class PassingCache:
 
     def get_conv_state(self, layer_idx, state_idx=0):
         self.calls.add("get_conv_state")
-        return None if self.mode == "conv" else self._receive()[0]
+        return None if self.exchange else self._receive()[0]
 
     def get_recurrent_state(self, layer_idx, state_idx=0):
         self.calls.add("get_recurrent_state")
@@ -195,7 +200,7 @@ class PassingCache:
         width = (conv_kernel_size or 1) - 1
         if width <= 0:
             return x
-        if self.mode == "conv" and x.shape[-1] >= width:
+        if self.exchange and x.shape[-1] >= width:
             halo = exchange_halo(x[..., -width:], self.mesh, f"halo of {self.module_name!r}")
         else:              # this rank's tokens do not cover the halo: chain it
             self.chained = True
@@ -226,7 +231,7 @@ class PassingCache:
                 f"transformers version's mixer is not the one distattn was tested with. "
                 f"Use the tested transformers, or the 'zigzag' layout (the mixer then runs "
                 f"gathered)")
-        if not self.chained:
+        if not (self.chained and self.send):
             return out
         return send_to_next(out, [self.tail, self.final], self.mesh, self._what())
 
@@ -239,18 +244,28 @@ class PassingCache:
             f"the tested transformers, or the 'zigzag' layout (the mixer then runs gathered)")
 
 
+def _segments(start: int, stop: int, cu: Optional[tuple]) -> list:
+    """[(g0, g1)]: the pieces of documents in global tokens [start, stop), in order."""
+    cuts = sorted({start, stop} | {c for c in (cu or ()) if start < c < stop})
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
 def passing_mode(model_type, mesh, layout: str, local_len: int, cu) -> Optional[str]:
     """The state-passing mode of ``model_type``'s mixers for this forward, or None for the
     gathered form: passing needs a family of ``PASSING_FAMILIES``, transformers >=
     ``PASSING_SINCE``, the ``contiguous`` layout without padding slots, and, for a recurrent
-    mixer, 2 tokens or more per rank (the models' one-token branches update a cache in
-    place). Depends only on what every rank holds."""
+    mixer, 2 tokens or more wherever a document continues onto a rank (the models'
+    one-token branches update a cache in place). Depends only on what every rank holds."""
     mode = PASSING_FAMILIES.get(model_type)
     if (mode is None or hf.version() < PASSING_SINCE or layout != "contiguous"
             or sequence_length(local_len, mesh, cu) != local_len * mesh.size):
         return None
-    if mode == "recurrent" and local_len < 2:
-        return None
+    if mode == "recurrent":
+        bounds = set(cu or ())
+        for b in range(local_len, local_len * mesh.size, local_len):
+            first = _segments(b, b + local_len, cu)[0]
+            if b not in bounds and first[1] - first[0] < 2:
+                return None
     return mode
 
 
@@ -262,72 +277,95 @@ def _anchor(module, hidden: torch.Tensor) -> torch.Tensor:
     return next((p for p in module.parameters() if p.requires_grad), hidden)
 
 
-def _hooks(model, model_type, module_name: str, state: _Forward):
-    """The (pre, post) forward hooks of one mixer."""
-    seen = {}
+def _by_token(value, length: int, piece: slice):
+    """``value`` with its token dim (dim 1 of length ``length``) cut to ``piece``; other
+    values (and tuples of them) as they are."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_by_token(v, length, piece) for v in value)
+    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == length:
+        return value[:, piece]
+    return value
 
-    def pre(module, args, kwargs):
+
+def _run_pieces(original, hidden, args, kwargs, pieces, caches):
+    """``original`` (the module's own forward) on each piece of ``hidden``'s tokens with its
+    cache; the outputs concatenated along the tokens (other outputs: the last piece's)."""
+    outs, rest = [], ()
+    length = hidden.shape[1]
+    for piece, cache in zip(pieces, caches):
+        kw = {k: _by_token(v, length, piece) for k, v in kwargs.items()}
+        kw["cache"] = cache
+        out = original(hidden[:, piece], *args, **kw)
+        if isinstance(out, tuple):
+            out, rest = out[0], tuple(out[1:])
+        outs.append(cache.finish(out) if cache is not None else out)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    return (out,) + rest if rest else out
+
+
+def _sp_forward(model, model_type, module_name: str, module, state: _Forward):
+    """The forward that replaces ``module``'s while the model's attention is distattn's."""
+    original = type(module).forward.__get__(module)
+
+    def forward(*args, **kwargs):
         where = _distattn_of(model)
-        seen.clear()
         if where is None:
-            return None
+            return original(*args, **kwargs)
         mesh, layout = where
         for key in ("cache", "past_key_values", "cache_params"):
             if kwargs.get(key) is not None:
                 raise _refuse(module_name, "a cache was passed (generation is not supported "
                                            "through SP mixers)")
-        cu = state.cu
-        if cu is not None and len(cu) > 2:
-            raise _refuse(module_name, f"the row packs {len(cu) - 1} documents")
-        kwargs = dict(kwargs)
-        kwargs.pop(hf.CU_SEQLENS_KEY, None)
+        kwargs = {k: v for k, v in kwargs.items()
+                  if k not in (hf.CU_SEQLENS_KEY, "cache", "cache_params")}
         # padding is refused by the registered mask function (every rank, before the first
         # layer): the mask here masks nothing
         if "attention_mask" in kwargs:
             kwargs["attention_mask"] = None
-        args = list(args)
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        mode = passing_mode(model_type, mesh, layout, hidden.shape[1], cu)
+        hidden = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
+        args = args[1:] if args and args[0] is hidden else args
+        length = hidden.shape[1]
+        mode = passing_mode(model_type, mesh, layout, length, state.cu)
+        # several documents: each piece of one runs on its own, its state reset at its start
+        cu = state.cu if state.cu is not None and len(state.cu) > 2 else None
         if mode is not None:
-            kwargs.pop("cache_params", None)
-            kwargs["cache"] = PassingCache(mesh, module_name, mode, _anchor(module, hidden))
-            seen["passing"] = kwargs["cache"]
             state.forms[module_name] = f"passing ({mode})"
-            return tuple(args), kwargs
+            index = mesh.ring_rank * mesh.ulysses_degree + mesh.ulysses_rank
+            start = index * length
+            pieces = _segments(start, start + length, cu)
+            bounds = set(cu or ()) | {0, length * mesh.size}
+            caches = []
+            for i, (g0, g1) in enumerate(pieces):
+                receive = i == 0 and g0 not in bounds
+                send = i == len(pieces) - 1 and g1 not in bounds
+                if receive or send or cu is None:
+                    caches.append(PassingCache(mesh, module_name, mode,
+                                               _anchor(module, hidden), receive=receive,
+                                               send=send, exchange=cu is None))
+                else:
+                    caches.append(None)         # a whole document: the model's own path
+            return _run_pieces(original, hidden, args, kwargs,
+                               [slice(g0 - start, g1 - start) for g0, g1 in pieces], caches)
         state.forms[module_name] = "gathered"
-        full = gather_sequence(hidden, mesh, layout, cu)
-        if "hidden_states" in kwargs:
-            kwargs["hidden_states"] = full
-        else:
-            args[0] = full
-        gathered = lambda t: gather_sequence(t, mesh, layout, cu) if isinstance(
-            t, torch.Tensor) and t.dim() >= 2 and t.shape[1] == hidden.shape[1] else t
-        for key in ("position_ids", "position_embeddings"):
-            value = kwargs.get(key)
-            if isinstance(value, (tuple, list)):
-                kwargs[key] = type(value)(gathered(t) for t in value)
-            elif value is not None:
-                kwargs[key] = gathered(value)
+        full = gather_sequence(hidden, mesh, layout, state.cu)
+        kwargs = {k: gather_sequence(v, mesh, layout, state.cu)
+                  if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == length
+                  else v for k, v in kwargs.items()}
+        for key in ("position_embeddings",):
+            if isinstance(kwargs.get(key), (tuple, list)):
+                kwargs[key] = type(kwargs[key])(
+                    gather_sequence(t, mesh, layout, state.cu) if isinstance(t, torch.Tensor)
+                    and t.dim() >= 2 and t.shape[1] == length else t for t in kwargs[key])
         if isinstance(kwargs.get("cache_position"), torch.Tensor):
             kwargs["cache_position"] = torch.arange(full.shape[1],
                                                     device=kwargs["cache_position"].device)
-        seen["where"] = (mesh, layout, cu)
-        return tuple(args), kwargs
+        pieces = [slice(g0, g1) for g0, g1 in _segments(0, full.shape[1], cu)]
+        out = _run_pieces(original, full, args, kwargs, pieces, [None] * len(pieces))
+        if isinstance(out, tuple):
+            return (local_part(out[0], mesh, layout, state.cu),) + tuple(out[1:])
+        return local_part(out, mesh, layout, state.cu)
 
-    def post(_module, _args, _kwargs, output):
-        if "passing" in seen:
-            cache = seen.pop("passing")
-            if isinstance(output, tuple):
-                return (cache.finish(output[0]),) + tuple(output[1:])
-            return cache.finish(output)
-        if "where" not in seen:
-            return None
-        mesh, layout, cu = seen.pop("where")
-        if isinstance(output, tuple):
-            return (local_part(output[0], mesh, layout, cu),) + tuple(output[1:])
-        return local_part(output, mesh, layout, cu)
-
-    return pre, post
+    return forward
 
 
 def gather_mixers(model) -> list:
@@ -345,9 +383,9 @@ def gather_mixers(model) -> list:
     names = []
     config = getattr(model.config, "text_config", None) or model.config
     for name, module in mixer_modules(model):
-        pre, post = _hooks(model, getattr(config, "model_type", None), name, state)
-        module.register_forward_pre_hook(pre, with_kwargs=True)
-        module.register_forward_hook(post, with_kwargs=True)
+        # an instance attribute: the module tree and the state dict stay as they are
+        module.forward = _sp_forward(model, getattr(config, "model_type", None), name,
+                                     module, state)
         names.append(name)
     setattr(model, MIXERS_ATTR, names)
     setattr(model, FORMS_ATTR, state.forms)
