@@ -1,22 +1,26 @@
-"""What a sequence-mixer layer (Mamba2, Gated DeltaNet, short conv) costs under SP: the gathered
-form distattn runs today against the two alternatives, per layer, vs P and S.
+"""What a sequence-mixer layer (Mamba2, Gated DeltaNet, short conv) costs under SP: the two
+forms distattn runs against a third, per layer, vs P and S.
 
 Rows, per (P, S) and mixer:
 
-- ``gather`` (implemented, ``distattn.mixers.gather``): bytes each rank sends, **measured** by
-  wrapping torch.distributed (``count_sent_bytes``) around one forward + backward of a gathered
-  layer on ``P`` CPU gloo processes, and checked against the formula: forward all-gather
-  (P-1)/P S H of the layer input, backward all-reduce of the S x H input gradient (gloo's ring:
-  2 (P-1)/P S H). Sequential steps: 1 forward, 1 backward. Compute per rank: the whole sequence.
-- ``state pass`` (not implemented; a model): rank r waits for rank r-1's final state (Mamba2:
-  heads x head_dim x state; GDN: heads x key_dim x value_dim; conv: (k-1) x channels) and
-  sends its own, P-1 hops in sequence forward and backward. Compute per rank: S/P.
+- ``gather`` (``distattn.mixers.gather``; zigzag/stripe, padding, Jamba): bytes each rank
+  sends, **measured** by wrapping torch.distributed (``count_sent_bytes``) around one
+  forward + backward of a gathered layer on ``P`` CPU gloo processes, and checked against
+  the formula: forward all-gather (P-1)/P S H of the layer input, backward all-reduce of the
+  S x H input gradient. Compute per rank: the whole sequence.
+- ``state pass`` (``distattn.mixers.passing``; contiguous): **measured** the same way on a
+  layer that hands its state down the ranks (``receive_from_previous`` / ``send_to_next``;
+  the short conv: ``exchange_halo`` of k - 1 inputs): the most any rank sends, against the
+  formula (the state forward with its header, the state's gradient backward). A recurrent
+  layer is a chain: rank r starts when rank r-1 has finished, so its critical path holds
+  all S tokens (P x S/P, in sequence) while each rank computes S/P; the conv halo is
+  exchanged by all ranks at once.
 - ``all-to-all`` (not implemented; a model): Ulysses-style, heads split over the ranks, two
   all-to-alls of S/P x H forward (in and out) and two backward. Compute per rank: S/P, but P
   must divide the heads.
 
-Writes ``hybrid.md`` / ``.csv`` to ``--out``. The modelled rows are labelled; only ``gather``
-is measured.
+``critical_tokens``: tokens of this layer computed one after another across the group (the
+latency in units of one token's work). Writes ``hybrid.md`` / ``.csv`` to ``--out``.
 """
 from __future__ import annotations
 
@@ -37,58 +41,84 @@ MIXERS = {
 }
 
 
-def _gather_bytes(rank: int, world: int, init: str, seq: int, hidden: int, queue) -> None:
+HEADER_BYTES = 9 * 8     # passing.py: one int64 header per state slot (presence, dtype, shape)
+
+
+def _measure(rank: int, world: int, init: str, seq: int, hidden: int, state: int, form: str,
+             queue) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     import distattn
     from distattn.inference import count_sent_bytes
     from distattn.mixers import gather_sequence, local_part
+    from distattn.mixers.passing import exchange_halo, receive_from_previous, send_to_next
 
     mesh = distattn.SPMesh.build()
     x = torch.randn(1, seq // world, hidden, requires_grad=True)
     layer = torch.nn.Linear(hidden, hidden)       # stands for the mixer: token-wise is enough
     with count_sent_bytes() as wire:
-        full = gather_sequence(x, mesh, "contiguous")
-        local_part(layer(full), mesh, "contiguous").sum().backward()
-    if rank == 0:
-        queue.put(wire["bytes"])
+        if form == "gather":
+            full = gather_sequence(x, mesh, "contiguous")
+            local_part(layer(full), mesh, "contiguous").sum().backward()
+        elif form == "halo":                      # state = (k - 1) x hidden conv inputs
+            tail = x[:, -(state // hidden):]
+            halo = exchange_halo(tail, mesh)
+            (layer(x).sum() + halo.sum()).backward()
+        else:                                     # a recurrent state of `state` elements
+            (prev,) = receive_from_previous(x, 1, mesh)
+            final = x.sum() * torch.ones(state) + (0 if prev is None else prev)
+            out = layer(x) + final.sum()          # the output depends on the state, as a scan's
+            send_to_next(out, [final], mesh).sum().backward()
+    queue.put((rank, wire["bytes"]))
     dist.destroy_process_group()
 
 
-def measured_gather_bytes(world: int, seq: int, hidden: int) -> int:
+def measured_bytes(world: int, seq: int, hidden: int, state: int, form: str) -> int:
+    """The most bytes any rank sends for one forward + backward of ``form``."""
     ctx = torch.multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     fd, init = tempfile.mkstemp(prefix="distattn_hybrid_")
     os.close(fd)
     os.unlink(init)
-    procs = [ctx.Process(target=_gather_bytes, args=(r, world, init, seq, hidden, queue))
-             for r in range(world)]
+    procs = [ctx.Process(target=_measure, args=(r, world, init, seq, hidden, state, form,
+                                                queue)) for r in range(world)]
     for p in procs:
         p.start()
-    nbytes = queue.get(timeout=300)
+    sent = dict(queue.get(timeout=300) for _ in procs)
     for p in procs:
         p.join()
-    return nbytes
+    return max(sent.values())
 
 
 def rows(worlds, seqs, elem: int = 4):
-    out, measured = [], {}
+    out, gathered = [], {}
     for world in worlds:
         for seq in seqs:
             for mixer, (hidden, state) in MIXERS.items():
-                if (world, seq, hidden) not in measured:
-                    measured[world, seq, hidden] = measured_gather_bytes(world, seq, hidden)
+                if (world, seq, hidden) not in gathered:
+                    gathered[world, seq, hidden] = measured_bytes(world, seq, hidden, 0,
+                                                                  "gather")
                 # count_sent_bytes counts an all-gather as input x (P-1) and an all-reduce
                 # as its tensor: the formula in those terms
                 formula = (seq // world) * hidden * elem * (world - 1) + seq * hidden * elem
                 out.append(dict(P=world, S=seq, mixer=mixer, form="gather (measured)",
-                                bytes=measured[world, seq, hidden], formula=formula, steps=2,
-                                tokens_computed=seq))
-                out.append(dict(P=world, S=seq, mixer=mixer, form="state pass (model)",
-                                bytes=2 * state * elem, formula=2 * state * elem,
-                                steps=2 * (world - 1), tokens_computed=seq // world))
+                                bytes=gathered[world, seq, hidden], formula=formula, steps=2,
+                                tokens_computed=seq, critical_tokens=seq))
+                conv = mixer.startswith("short conv")
+                passed = measured_bytes(world, seq, hidden, state, "halo" if conv else "chain")
+                # a middle rank: its tail / state forward (a chain adds its header) and the
+                # gradient of what it received backward; with 2 ranks, each sends one way
+                header = 0 if conv else HEADER_BYTES
+                formula = (state * elem + header if world == 2
+                           else 2 * state * elem + header)
+                out.append(dict(P=world, S=seq, mixer=mixer, form="state pass (measured)",
+                                bytes=passed, formula=formula,
+                                steps=2 if conv else 2 * (world - 1),
+                                tokens_computed=seq // world,
+                                critical_tokens=seq // world if conv else seq))
                 a2a = 4 * (seq // world) * hidden * elem * (world - 1) // world
                 out.append(dict(P=world, S=seq, mixer=mixer, form="all-to-all (model)",
-                                bytes=a2a, formula=a2a, steps=4, tokens_computed=seq // world))
+                                bytes=a2a, formula=a2a, steps=4, tokens_computed=seq // world,
+                                critical_tokens=seq // world))
     return out
 
 
@@ -103,15 +133,17 @@ def main() -> None:
     seqs = [256] if args.smoke else [int(s) for s in args.seqs.split(",")]
     table = rows(worlds, seqs)
     os.makedirs(args.out, exist_ok=True)
-    head = ["P", "S", "mixer", "form", "bytes", "formula", "steps", "tokens_computed"]
+    head = ["P", "S", "mixer", "form", "bytes", "formula", "steps", "tokens_computed",
+            "critical_tokens"]
     with open(os.path.join(args.out, "hybrid.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=head)
         w.writeheader()
         w.writerows(table)
     lines = ["Per mixer layer and rank, forward + backward, fp32. bytes: sent by one rank "
-             "(gather: measured on CPU gloo, count_sent_bytes; others: a model). steps: "
-             "communication steps in sequence. tokens_computed: tokens the layer computes "
-             "per rank.", "", "| " + " | ".join(head) + " |",
+             "(measured on CPU gloo with count_sent_bytes, the most any rank sends, where "
+             "marked; otherwise a model). steps: communication steps in sequence. "
+             "tokens_computed: tokens the layer computes per rank. critical_tokens: tokens "
+             "computed one after another across the group.", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     for r in table:
         lines.append("| " + " | ".join(f"{r[h]:,}" if isinstance(r[h], int) else str(r[h])
