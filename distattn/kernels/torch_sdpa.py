@@ -33,6 +33,7 @@ import torch
 
 from ..merge import merge_, new_accumulators
 from . import varlen
+from .device_cache import address_aligned
 from .base import BlockAttention, empty_result
 from .mask import Mask, accumulation_dtype
 from .reference import ReferenceBackend
@@ -113,9 +114,10 @@ def _stacked(t: torch.Tensor) -> Optional[torch.Tensor]:
 def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a contiguous copy when a row or head of it is not 16-byte aligned (the flash
     kernels load 16 bytes at a time; views of contiguous tensors with head_dim % 8 == 0 always
-    are aligned, so this copies only unusual views)."""
+    are aligned, so this copies only unusual views). The address check also works on traced
+    tensors (``device_cache.address_aligned``)."""
     size = t.element_size()
-    if t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and \
+    if t.stride(-1) == 1 and address_aligned(t, 16) and \
             all(s * size % 16 == 0 for s in t.stride()[:-1]):
         return t
     return t.contiguous()
