@@ -5,17 +5,15 @@ the same clear error everywhere instead of leaving other ranks waiting in a coll
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 
 import torch
 
-from . import nonfinite
 from .agree import check_agreement, fail_everywhere, failure_marks
 from .documents import check_cu_seqlens
 from .hybrid import USPAttention, usp_backward
-from .kernels import BACKENDS, get_backend, varlen
+from .kernels import BACKENDS, get_backend
 from .layout import RingLayout, check_layout, ring_layout, seq_multiple
 from .gather_plan import allgather_plan
 from .mesh import SPMesh, as_mesh
@@ -302,39 +300,9 @@ def _register_call(**call) -> tuple:
 
 @torch._dynamo.nonstrict_trace
 def _traced_call(q, k, v, sinks: tuple, key: int):
-    """``sinks``: () or (sinks,) (a nonstrict_trace input cannot be None)."""
-    global _TRACED
-    _TRACED = True     # the traced backward runs later and fills the caches again
-    with tensor_caches_cleared():
-        return _dist_flash_attn(q, k, v, sinks=sinks[0] if sinks else None, **_CALLS[key])
-
-
-_TRACED = False
-
-
-def _after_trace() -> None:
-    """Before an eager call: drop tensors a trace (its forward or backward) left cached."""
-    global _TRACED
-    if _TRACED and not torch.compiler.is_compiling():
-        _TRACED = False
-        with tensor_caches_cleared():
-            pass
-
-
-@contextlib.contextmanager
-def tensor_caches_cleared():
-    """Empty the caches that hold tensors built on a device (``nonfinite._pieces``,
-    ``varlen.launch_tensors``) before and after a trace: a tensor made under one fake mode
-    must not reach another trace, nor an eager call (their cache key is the device, not the
-    mode)."""
-    caches = (nonfinite._pieces, varlen.launch_tensors)
-    for c in caches:
-        c.cache_clear()
-    try:
-        yield
-    finally:
-        for c in caches:
-            c.cache_clear()
+    """``sinks``: () or (sinks,) (a nonstrict_trace input cannot be None). The device-keyed
+    tensor caches it meets are bypassed while tracing (``kernels/device_cache.py``)."""
+    return _dist_flash_attn(q, k, v, sinks=sinks[0] if sinks else None, **_CALLS[key])
 
 
 @torch.compiler.disable
@@ -346,7 +314,6 @@ def _dist_flash_attn(q, k, v, *, mesh, causal, softmax_scale, layout, schedule, 
                      return_lse, profiler, cu_seqlens, window, softcap, sinks, chunk_size,
                      chunk_origin):
     """``dist_flash_attn``, eagerly."""
-    _after_trace()
     try:
         if not isinstance(return_lse, bool):
             raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
@@ -373,7 +340,6 @@ def dist_flash_attn_backward(dout, q, k, v, out, lse, **kwargs):
     ``sinks=`` also this rank's share of dsinks as a fourth element. Runs the backward's
     communication and kernels only, never the forward (rematerialization-aware checkpointing
     uses this). Every rank of the mesh must call it."""
-    _after_trace()
     try:
         cfg = prepare(q, k, v, **kwargs)
     except Exception as exc:   # raises it on every rank, at once

@@ -35,10 +35,10 @@ with their flags (``RowFlags.codes``). Window sums use prefix sums over the bloc
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 
+from .kernels.device_cache import device_cache
 from .kernels.mask import Mask
 
 
@@ -87,7 +87,7 @@ def _bound(first: int, n: int, lo: int, hi: int, default: int):
     return "index", torch.arange(first, first + n).clamp(lo, hi)
 
 
-@functools.lru_cache(maxsize=4096)
+@device_cache(maxsize=4096)   # not while tracing: no fake tensor stays cached
 def _pieces(mask: Mask, sq: int, sk: int, device: torch.device) -> tuple:
     """Per piece of ``mask`` (block coordinates): (q0, q1, k0, k1, key_start, key_end, sees,
     row_start, row_end): row q0 + a sees keys [key_start, key_end) (``_bound`` forms), ``sees``

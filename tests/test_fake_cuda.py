@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import distattn
 import distattn.attention
 from distattn.hybrid import USPAttention
-from distattn.kernels import ops
+from distattn.kernels import ops, torch_sdpa
 from distattn.kernels.cuda import CudaBackend
 from fake_cuda import fake_cuda
 
@@ -160,3 +160,76 @@ def test_ops_refuse_to_run_without_the_extension():
         pytest.skip("the extension and a GPU are present")
     with pytest.raises(RuntimeError, match="cannot run"):
         ops._extension("cuda")
+
+
+# -- opt-in measured kernel pick (TorchBackend(pick="measure"); unverified on a GPU) ----------
+@pytest.mark.parametrize("name", sorted(torch_sdpa.CUDA_PIECE_KERNELS))
+@pytest.mark.parametrize("causal", [False, True])
+def test_piece_kernel_candidates_trace(name, causal):
+    """Each candidate's forward and backward on fake CUDA tensors: the contract's out and lse
+    (natural log, [B, H, Sq] float32, whatever layout the kernel keeps it in)."""
+    kernel = torch_sdpa.CUDA_PIECE_KERNELS[name]
+    with fake_cuda():
+        q, k, v = (torch.randn(2, 4, 32, 64, device="cuda", dtype=torch.bfloat16)
+                   for _ in range(3))
+        out, lse = kernel.forward(q, k, v, causal, 0.125)
+        assert tuple(out.shape) == (2, 4, 32, 64) and out.dtype == torch.bfloat16
+        assert tuple(lse.shape) == (2, 4, 32) and lse.dtype == torch.float32
+        grads = kernel.backward(torch.randn_like(out), q, k, v, out, lse, causal, 0.125)
+        assert [tuple(g.shape) for g in grads] == [tuple(t.shape) for t in (q, k, v)]
+
+
+def test_cudnn_candidate_through_the_backend(mesh, monkeypatch):
+    """dist_flash_attn forward and backward with cuDNN as the piece kernel, on fake CUDA."""
+    monkeypatch.setattr(torch_sdpa.TorchBackend, "varlen_ops", None)
+    monkeypatch.setattr(torch_sdpa.TorchBackend, "piece_kernels",
+                        {"flash": torch_sdpa.CUDA_PIECE_KERNELS["cudnn"]})
+    names = _run(mesh, "torch", "causal_gqa", torch.bfloat16)
+    assert "aten._scaled_dot_product_cudnn_attention" in names
+    assert "aten._scaled_dot_product_cudnn_attention_backward" in names
+    assert not any(n.startswith("aten._flash") for n in names)
+
+
+def test_measured_pick_caches_the_fastest():
+    """Fake timer: the fastest candidate wins, once per key; a raising one is left out."""
+    cost = {"a": 3.0, "b": 1.0, "c": 2.0}
+    timed = []
+
+    def timer(fn, repeats):
+        name = fn()
+        timed.append(name)
+        if name == "b_broken":
+            raise RuntimeError("unsupported shape")
+        return cost[name]
+
+    pick = torch_sdpa.MeasuredPick(timer)
+    cands = {n: (lambda n=n: n) for n in cost}
+    assert pick.pick("k1", cands) == "b" and sorted(timed) == ["a", "b", "c"]
+    assert pick.pick("k1", cands) == "b" and len(timed) == 3        # cached: no new timing
+    cost["a"] = 0.5
+    assert pick.pick("k2", cands) == "a" and len(timed) == 6        # per key
+    assert pick.pick("k3", {"b_broken": lambda: "b_broken", "c": lambda: "c"}) == "c"
+    with pytest.raises(RuntimeError, match="unsupported"):
+        pick.pick("k4", {"b_broken": lambda: "b_broken"})
+
+
+def test_measured_pick_on_the_backend(monkeypatch):
+    """pick="measure": per-piece kernel and block strategy come from the picker (mocked
+    candidates, CPU tensors standing in for CUDA ones); default: no picker, flash."""
+    monkeypatch.delenv("DISTATTN_SDPA_PICK", raising=False)
+    assert torch_sdpa.TorchBackend().picker is None
+    monkeypatch.setenv("DISTATTN_SDPA_PICK", "measure")
+    assert torch_sdpa.TorchBackend().picker is not None
+    monkeypatch.setenv("DISTATTN_SDPA_PICK", "fastest")
+    with pytest.raises(ValueError, match="DISTATTN_SDPA_PICK"):
+        torch_sdpa.TorchBackend()
+    calls = []
+    fake = lambda tag, ms: torch_sdpa.PieceKernel(
+        lambda *a: calls.append(tag) or ms, lambda *a: calls.append(tag + "_bwd"))
+    monkeypatch.setattr(torch_sdpa.TorchBackend, "piece_kernels",
+                        {"flash": fake("flash", 2.0), "cudnn": fake("cudnn", 1.0)})
+    be = torch_sdpa.TorchBackend(pick="measure", timer=lambda fn, r: fn())
+    q = torch.zeros(1, 2, 8, 16)
+    for _ in range(2):
+        assert be._piece_kernel(q, q, q, True, 0.1) is be.piece_kernels["cudnn"]
+    assert calls == ["flash", "cudnn"] and list(be.picker.choice.values()) == ["cudnn"]

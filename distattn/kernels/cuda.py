@@ -39,6 +39,7 @@ from ..merge import merge_ as torch_merge_
 from ..merge import new_accumulators
 from . import ops
 from .base import BlockAttention, empty_result
+from .device_cache import address_aligned
 from .mask import Mask
 from .varlen import merge_bands, tight_bands
 
@@ -103,10 +104,11 @@ def arch_error(archs, capability) -> str | None:
 
 def _rows_aligned(t: torch.Tensor, elems: int, byte_align: int) -> bool:
     """Last dim contiguous, base address aligned, every other stride a multiple of `elems`
-    (dimensions of size 1 are never stepped over and do not count)."""
+    (dimensions of size 1 are never stepped over and do not count). The base address check
+    works on traced tensors too (``device_cache.address_aligned``)."""
     if t.dim() == 0 or (t.stride(-1) != 1 and t.shape[-1] != 1):
         return False
-    if t.data_ptr() % byte_align != 0:
+    if not address_aligned(t, byte_align):
         return False
     return all(size == 1 or stride % elems == 0
                for size, stride in zip(t.shape[:-1], t.stride()[:-1]))

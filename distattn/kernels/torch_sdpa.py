@@ -27,12 +27,15 @@ Unverified on hardware until ``pytest -m cuda tests/test_varlen_launch.py`` has 
 """
 from __future__ import annotations
 
+import os
+import statistics
 from typing import Callable, NamedTuple, Optional
 
 import torch
 
 from ..merge import merge_, new_accumulators
 from . import varlen
+from .device_cache import address_aligned, tracing
 from .base import BlockAttention, empty_result
 from .mask import Mask, accumulation_dtype
 from .reference import ReferenceBackend
@@ -113,9 +116,10 @@ def _stacked(t: torch.Tensor) -> Optional[torch.Tensor]:
 def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a contiguous copy when a row or head of it is not 16-byte aligned (the flash
     kernels load 16 bytes at a time; views of contiguous tensors with head_dim % 8 == 0 always
-    are aligned, so this copies only unusual views)."""
+    are aligned, so this copies only unusual views). The address check also works on traced
+    tensors (``device_cache.address_aligned``)."""
     size = t.element_size()
-    if t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and \
+    if t.stride(-1) == 1 and address_aligned(t, 16) and \
             all(s * size % 16 == 0 for s in t.stride()[:-1]):
         return t
     return t.contiguous()
@@ -234,17 +238,128 @@ def varlen_backward_into(ops: FlashVarlenOps, dout, q, k, v, out, lse, dq_acc, d
             _add_rows(dv_acc[sel, L.k0:L.k1], _per_block(dv, blocks, sk, nk, 0), lt.keep_k)
 
 
+# -- opt-in: pick the fastest CUDA kernel by measurement (unverified: no GPU run yet) --------
+# Every candidate keeps the contract of ``_kernel_fwd`` / ``_kernel_bwd``: out [B, H, Sq, D] in
+# q's dtype and lse [B, H, Sq] float32, natural log, so merges across candidates stay exact.
+def _flash_fwd(q, k, v, causal, scale):
+    return aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False,
+                                                    scale=scale)[:2]
+
+
+def _flash_bwd(dout, q, k, v, out, lse, causal, scale):
+    seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
+    offset = torch.zeros((), dtype=torch.uint64, device=q.device)
+    return aten._scaled_dot_product_flash_attention_backward(
+        dout, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, causal,
+        seed, offset, scale=scale)
+
+
+def _cudnn_fwd(q, k, v, causal, scale):
+    """cuDNN attention; its lse is [B, H, Sq, 1]: returned as [B, H, Sq]."""
+    out, lse = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal,
+                                                        False, scale=scale)[:2]
+    return out, lse.reshape(lse.shape[:3])
+
+
+def _cudnn_bwd(dout, q, k, v, out, lse, causal, scale):
+    """The cuDNN backward, given the contract's lse [B, H, Sq] (viewed as [B, H, Sq, 1])."""
+    seed = torch.zeros((), dtype=torch.long, device=q.device)   # no dropout: never read
+    none = torch.empty(0, device=q.device)
+    return aten._scaled_dot_product_cudnn_attention_backward(
+        dout, q, k, v, out, lse.unsqueeze(-1).contiguous(), seed, seed.clone(), none, none,
+        none, q.shape[2], k.shape[2], 0.0, causal, scale=scale)
+
+
+class PieceKernel(NamedTuple):
+    """One ATen kernel for ``TorchBackend``'s per-piece calls on [B, H, S, D] tensors."""
+    forward: Callable
+    backward: Callable
+
+
+CUDA_PIECE_KERNELS = {"flash": PieceKernel(_flash_fwd, _flash_bwd),
+                      "cudnn": PieceKernel(_cudnn_fwd, _cudnn_bwd)}
+
+
+def cuda_event_timer(fn: Callable, repeats: int) -> float:
+    """Median milliseconds of ``fn()`` on the current CUDA stream (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+class MeasuredPick:
+    """The fastest of some candidates per key, measured on the first call with that key and
+    cached here (one per backend object, no global). A candidate that raises while measured
+    (e.g. cuDNN refusing a shape) is left out of that key's choice; if all raise, the error
+    of the last propagates. Nothing is measured or cached while tracing (the first candidate
+    is used). ``timer(fn, repeats) -> seconds or ms`` is injectable for tests."""
+
+    def __init__(self, timer: Callable = cuda_event_timer, repeats: int = 3):
+        self.timer, self.repeats = timer, repeats
+        self.choice: dict = {}
+
+    def pick(self, key, candidates: dict) -> str:
+        """``candidates``: name -> a thunk running that candidate on this call's inputs."""
+        if key in self.choice:
+            return self.choice[key]
+        if tracing():
+            return next(iter(candidates))
+        times, error = {}, None
+        for name, run in candidates.items():
+            try:
+                times[name] = self.timer(run, self.repeats)
+            except RuntimeError as exc:
+                error = exc
+        if not times:
+            raise error
+        self.choice[key] = best = min(times, key=times.get)
+        return best
+
+
+def _pick_mode(pick: Optional[str]) -> str:
+    mode = os.environ.get("DISTATTN_SDPA_PICK", "default") if pick is None else pick
+    if mode not in ("default", "measure"):
+        raise ValueError(f"TorchBackend pick must be 'default' or 'measure', got {mode!r} "
+                         f"(DISTATTN_SDPA_PICK)")
+    return mode
+
+
 class TorchBackend(BlockAttention):
     name = "torch"
     # The varlen kernels and where they run (None: never); tests inject a CPU stand-in.
     varlen_ops: Optional[FlashVarlenOps] = _aten_varlen_ops()
+    piece_kernels: dict = CUDA_PIECE_KERNELS
 
-    def _varlen(self, q: torch.Tensor, softcap: float, v: torch.Tensor) -> Optional[FlashVarlenOps]:
-        """The varlen ops when these inputs run as varlen launches, else None."""
+    def __init__(self, pick: Optional[str] = None, timer: Callable = cuda_event_timer):
+        """``pick="measure"`` (or env DISTATTN_SDPA_PICK=measure, read here): on CUDA, per
+        (shapes, dtype, mask kind), time varlen launches against per-piece calls and, for
+        the pieces, FlashAttention against cuDNN, once, and use the fastest (``MeasuredPick``;
+        unverified: no GPU run yet). Default: varlen launches with FlashAttention."""
+        self.pick = _pick_mode(pick)
+        self.picker = MeasuredPick(timer) if self.pick == "measure" else None
+
+    def _varlen(self, q: torch.Tensor, softcap: float, v: torch.Tensor, k=None, mask=None,
+                scale=None) -> Optional[FlashVarlenOps]:
+        """The varlen ops when these inputs run as varlen launches, else None. With
+        ``pick="measure"`` and the block known (k, mask, scale), the measured choice between
+        varlen launches and per-piece calls of this block's forward (the backward follows it)."""
         ops = self.varlen_ops
         if ops is None or softcap or q.shape[-1] != v.shape[-1] or q.device.type not in ops.devices or \
                 q.dtype not in ops.dtypes:
             return None
+        if self.picker is not None and mask is not None:
+            key = ("block", tuple(q.shape), tuple(k.shape), q.dtype, mask)
+            pieces = lambda: BlockAttention.forward(self, q, k, v, scale=scale, mask=mask)
+            choice = self.picker.pick(key, {
+                "varlen": lambda: varlen_forward(ops, q, k, v, scale, mask), "pieces": pieces})
+            return ops if choice == "varlen" else None
         return ops
 
     def prepare_launches(self, mask: Mask, q: torch.Tensor, sq: int, sk: int) -> None:
@@ -261,13 +376,13 @@ class TorchBackend(BlockAttention):
         varlen.launch_tensors(mask, sq, sk, 1, q.device)
 
     def forward(self, q, k, v, *, scale, mask, softcap=0.0):
-        ops = self._varlen(q, softcap, v)
+        ops = self._varlen(q, softcap, v, k, mask, scale)
         if ops is None:
             return super().forward(q, k, v, scale=scale, mask=mask, softcap=softcap)
         return varlen_forward(ops, q, k, v, scale, mask)
 
     def forward_into(self, q, k, v, out_acc, lse_acc, *, scale, mask, softcap=0.0):
-        ops = self._varlen(q, softcap, v)
+        ops = self._varlen(q, softcap, v, k, mask, scale)
         if ops is None:
             return super().forward_into(q, k, v, out_acc, lse_acc, scale=scale, mask=mask,
                                         softcap=softcap)
@@ -275,7 +390,7 @@ class TorchBackend(BlockAttention):
 
     def backward_into(self, dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc, *, scale, mask,
                       softcap=0.0):
-        ops = self._varlen(q, softcap, v)
+        ops = self._varlen(q, softcap, v, k, mask, scale)
         if ops is None:
             return super().backward_into(dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc,
                                          scale=scale, mask=mask, softcap=softcap)
@@ -296,25 +411,27 @@ class TorchBackend(BlockAttention):
             raise ValueError(f"backend='torch' runs on CPU and CUDA, not {q.device.type}")
 
     # -- one ATen call on [B, H, S, D] tensors with equal head counts --------------------------
-    @staticmethod
-    def _kernel_fwd(q, k, v, causal, scale):
+    def _piece_kernel(self, q, k, v, causal, scale) -> PieceKernel:
+        """FlashAttention, or with ``pick="measure"`` the measured fastest for these shapes."""
+        if self.picker is None:
+            return self.piece_kernels["flash"]
+        key = ("piece", tuple(q.shape), tuple(k.shape), q.dtype, causal)
+        name = self.picker.pick(key, {n: (lambda c=c: c.forward(q, k, v, causal, scale))
+                                      for n, c in self.piece_kernels.items()})
+        return self.piece_kernels[name]
+
+    def _kernel_fwd(self, q, k, v, causal, scale):
         if q.device.type == "cpu":
             return aten._scaled_dot_product_flash_attention_for_cpu(
                 q, k, v, 0.0, causal, scale=scale)
-        out, lse = aten._scaled_dot_product_flash_attention(
-            q, k, v, 0.0, causal, False, scale=scale)[:2]
-        return out, lse
+        return self._piece_kernel(q, k, v, causal, scale).forward(q, k, v, causal, scale)
 
-    @staticmethod
-    def _kernel_bwd(dout, q, k, v, out, lse, causal, scale):
+    def _kernel_bwd(self, dout, q, k, v, out, lse, causal, scale):
         if q.device.type == "cpu":
             return aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 dout, q, k, v, out, lse, 0.0, causal, scale=scale)
-        seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
-        offset = torch.zeros((), dtype=torch.uint64, device=q.device)
-        return aten._scaled_dot_product_flash_attention_backward(
-            dout, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, causal,
-            seed, offset, scale=scale)
+        kernel = self._piece_kernel(q, k, v, causal, scale)   # the forward's pick
+        return kernel.backward(dout, q, k, v, out, lse, causal, scale)
 
     # -- one query-head group of one piece ----------------------------------------------------
     def _group_views(self, t: torch.Tensor, hkv: int):

@@ -47,6 +47,7 @@ from typing import Optional
 import torch
 
 from .base import piece_blocks
+from .device_cache import device_cache
 from .mask import Mask, Piece
 
 # The kernel's grid has one block row per sequence (CUDA limits gridDim.y to 65535).
@@ -354,11 +355,12 @@ def max_sequences(mask: Mask, sq: int, sk: int, batch: int) -> int:
     return max((arrays(L, batch, sq, sk).sequences for L in launches(mask, sq, sk)), default=0)
 
 
-@functools.lru_cache(maxsize=1024)
+@device_cache(maxsize=1024)
 def launch_tensors(mask: Mask, sq: int, sk: int, batch: int,
                    device: torch.device) -> tuple[LaunchTensors, ...]:
     """The launches of ``mask`` over ``batch`` stacked sq x sk blocks with their arrays on
-    ``device``, built once (host-to-device copies happen on the first call only)."""
+    ``device``, built once (host-to-device copies happen on the first call only; while
+    tracing, on every call: ``device_cache``)."""
     out = []
     for L in launches(mask, sq, sk):
         a = arrays(L, batch, sq, sk)
