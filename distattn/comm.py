@@ -75,6 +75,11 @@ class RingExchange:
     def wait(self, handle, what: str = "ring exchange") -> None:
         wait_all(handle, lambda: f"{what} (ring rank {self.rank} of ranks {list(self.ranks)})")
 
+    def all_sum(self, t: torch.Tensor, what: str) -> None:
+        """In-place SUM of ``t`` over the ring (a small flag, once per call)."""
+        wait_all([dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group, async_op=True)],
+                 lambda: f"{what} (ring rank {self.rank} of ranks {list(self.ranks)})")
+
 
 def all_to_all(x: torch.Tensor, group, world: int, scatter_dim: int, gather_dim: int,
                what: str = "Ulysses all-to-all") -> torch.Tensor:

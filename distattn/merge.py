@@ -23,13 +23,14 @@ def merge_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Tensor,
     """Fold (out_blk, lse_blk) into the accumulators in place. The accumulators may be strided
     views; ``out_blk`` may have a lower precision than ``out_acc``.
 
-    Nine elementwise kernels: ``logaddexp`` is the guarded update itself (max + log1p(exp(-|d|)),
-    exact for -inf on either side and -inf when both are), the weights exp(lse_side - lse) are
-    normalised by construction, and where both sides are -inf the shift 0 makes both weights
-    exp(-inf) = 0. NaN propagates (a NaN lse makes the row's out and lse NaN)."""
+    Eight elementwise kernels: ``logaddexp`` is the guarded update itself (max +
+    log1p(exp(-|d|)), exact for -inf on either side and -inf when both are), the weights
+    exp(lse_side - lse) are normalised by construction, and where both sides are -inf the
+    shift (lse clamped to the dtype's lowest finite value) makes both weights exp(-inf) = 0.
+    NaN propagates (a NaN lse makes the row's out and lse NaN)."""
     lse_blk = lse_blk.to(lse_acc.dtype)
     new_lse = torch.logaddexp(lse_acc, lse_blk)
-    shift = torch.where(new_lse == float("-inf"), 0.0, new_lse)
+    shift = new_lse.clamp_min(torch.finfo(new_lse.dtype).min)
     w_acc = torch.exp(lse_acc - shift).transpose(1, 2).unsqueeze(-1)   # [B, S, H, 1]
     w_blk = torch.exp(lse_blk - shift).transpose(1, 2).unsqueeze(-1)
     out_acc.mul_(w_acc).addcmul_(out_blk, w_blk)

@@ -28,7 +28,9 @@ is NaN for bad rows; dK_j for keys some bad row sees; dV_j for keys some dead ro
 gradients that are non-finite in one process (a non-finite element of dout counts for its
 whole row, where one process would spoil only that element's column of dV).
 
-Everything here is tensor ops (no host synchronisation). K/V travel raw, so every rank that
+Everything here is tensor ops (no host synchronisation). The ring executor skips all of it
+for a call whose inputs are finite, read once per call on CPU (``host_readable``,
+``finite_total``; docs/DESIGN.md, "Non-finite inputs"). K/V travel raw, so every rank that
 computes on them derives the same flags; query rows a helper computes on travel sanitized,
 with their flags (``RowFlags.codes``). Window sums use prefix sums over the block's keys
 (forward) or rows (backward), so the cost per block is linear in its rows and keys.
@@ -40,6 +42,30 @@ import torch
 
 from .kernels.device_cache import device_cache
 from .kernels.mask import Mask
+
+
+def host_readable(t: torch.Tensor) -> bool:
+    """True where reading one flag of ``t``'s device on the host costs no device
+    synchronisation and breaks no trace: a plain CPU tensor outside torch.compile."""
+    return t.device.type == "cpu" and type(t) is torch.Tensor and \
+        not torch.compiler.is_compiling()
+
+
+def finite_total(*tensors: torch.Tensor) -> torch.Tensor:
+    """float64 scalar that is finite when every element of ``tensors`` is finite (NaN and
+    +-inf survive a sum; lse's -inf of an empty row counts as finite). A false alarm -- a
+    float64 sum of finite values that overflows -- only sends a call down the exact
+    non-finite path."""
+    total = None
+    for t in tensors:
+        s = t.sum(dtype=torch.float64)
+        total = s if total is None else total.add_(s)
+    return total
+
+
+def finite_lse(lse: torch.Tensor) -> torch.Tensor:
+    """``lse`` with -inf (a row that sees no key) as 0, for ``finite_total``."""
+    return torch.where(lse == float("-inf"), 0.0, lse)
 
 
 def sanitized(t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

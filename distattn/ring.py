@@ -28,8 +28,8 @@ from .kernels.mask import accumulation_dtype
 from .merge import new_accumulators
 from .packing import pack, unpack
 from .mesh import SPMesh
-from .nonfinite import (KeyFlags, RowFlags, Scratch, bad_rows, poison_backward_,
-                        poison_forward_, sanitized)
+from .nonfinite import (KeyFlags, RowFlags, Scratch, bad_rows, finite_lse, finite_total,
+                        host_readable, poison_backward_, poison_forward_, sanitized)
 from .plan import RingPlan
 from .profile import span
 from .sinks import fold_sinks_
@@ -105,23 +105,41 @@ def _own_payload(kv: torch.Tensor, plan: RingPlan, rank: int) -> torch.Tensor:
     return torch.cat([kv[:, :, a:b] for a, b in ranges] or [kv[:, :, :0]], dim=2)
 
 
+def _nonfinite_call(ring, what: str, q, *tensors) -> bool:
+    """Whether this call takes the non-finite path (``nonfinite.py``): always where a flag
+    cannot be read on the host (CUDA, tracing, fake tensors); on CPU only when some element
+    of ``tensors`` on some ring rank is not finite -- one float64 sum per rank, summed over
+    the ring (``ring``: None for one step), read once per call. Every rank of the ring
+    decides alike."""
+    if not host_readable(q):
+        return True
+    total = finite_total(*tensors)
+    if ring is not None:
+        ring.all_sum(total, what)
+    return not math.isfinite(total.item())
+
+
 def ring_forward(q, k, v, cfg: RingConfig):
-    """out [B, n, Hq, D] (q's dtype), lse [B, Hq, n] (accumulation dtype). The backend sees
-    sanitized q and K/V; non-finite values act through ``nonfinite.poison_forward_``."""
+    """out [B, n, Hq, D] (q's dtype), lse [B, Hq, n] (accumulation dtype). On the non-finite
+    path the backend sees sanitized q and K/V and non-finite values act through
+    ``nonfinite.poison_forward_``; a call with finite inputs on CPU skips both."""
     plan, r, T = cfg.plan, cfg.mesh.ring_rank, cfg.plan.steps
     acc = accumulation_dtype(q.dtype)
     out_acc, lse_acc = new_accumulators(q, acc, v.shape[-1])
     masks = plan.masks(r)
     dims = (k.shape[-1], v.shape[-1])
-    q_bad, q = bad_rows(q), sanitized(q)
     kv = _packed_kv(k, v)                 # raw: every holder derives the flags from it
     active = plan.active(r)
     _prepare_launches(cfg, masks, q, [plan.key_len(r, t) for t in range(T)])
+    ring = None
     if T > 1:
         travel = _Payloads(plan, kv.shape, kv.dtype, q.device, 2)
         ring = RingExchange(cfg.mesh)
-    scratch = Scratch(max(kv.numel(), travel.bufs[0].numel() if T > 1 else 0), kv.dtype,
-                      q.device)
+    exact = _nonfinite_call(ring, "ring forward, non-finite check", q, q, kv)
+    if exact:
+        q_bad, q = bad_rows(q), sanitized(q)
+        scratch = Scratch(max(kv.numel(), travel.bufs[0].numel() if T > 1 else 0), kv.dtype,
+                          q.device)
     prof = _start_profile(cfg, "forward")
     cur = kv
     for t in range(T):
@@ -130,11 +148,12 @@ def ring_forward(q, k, v, cfg: RingConfig):
             handle = ring.start(_own_payload(kv, plan, r) if t == 0 else cur, nxt)
         with span(prof, "compute", t, q.device):
             if active[t]:                 # else the mask shows nothing: nothing to do
-                clean = unpack(scratch.clean(cur), dims)
-                cfg.backend.forward_into(q, *clean, out_acc, lse_acc, scale=cfg.scale,
+                held = unpack(scratch.clean(cur) if exact else cur, dims)
+                cfg.backend.forward_into(q, *held, out_acc, lse_acc, scale=cfg.scale,
                                          mask=masks[t], softcap=cfg.softcap)
-                poison_forward_(out_acc, lse_acc, masks[t],
-                                KeyFlags(*unpack(cur, dims), clean[1]), q_bad)
+                if exact:
+                    poison_forward_(out_acc, lse_acc, masks[t],
+                                    KeyFlags(*unpack(cur, dims), held[1]), q_bad)
         if t + 1 < T:
             with span(prof, "wait", t, q.device):
                 ring.wait(handle, f"ring step {t} forward")
@@ -150,25 +169,30 @@ def finish_forward(out_acc, lse_acc, dtype, cfg: RingConfig):
 
 
 def ring_backward(dout, q, k, v, out, lse, cfg: RingConfig):
-    """(dq, dk, dv) in the dtypes of q, k, v. The backend sees sanitized inputs; non-finite
-    values act through ``nonfinite.poison_backward_``."""
+    """(dq, dk, dv) in the dtypes of q, k, v. On the non-finite path the backend sees
+    sanitized inputs and non-finite values act through ``nonfinite.poison_backward_``; a
+    call with finite inputs (and lse finite or -inf) on CPU skips both."""
     plan, r, T, R = cfg.plan, cfg.mesh.ring_rank, cfg.plan.steps, cfg.plan.world
     acc = accumulation_dtype(q.dtype)
     dq_acc = torch.zeros(q.shape, dtype=acc, device=q.device)
     masks = plan.masks(r)
     dims = (k.shape[-1], v.shape[-1])
-    rows = RowFlags.of(q, out, lse, dout)
-    q, out, lse, dout = rows.sanitize(q, out, lse, dout)
     kv = _packed_kv(k, v)
     active = plan.active(r)
     _prepare_launches(cfg, masks, q, [plan.key_len(r, t) for t in range(T)])
     dkv_local = torch.zeros(kv.shape, dtype=acc, device=q.device)
+    ring = None
     if T > 1:
         travel = _Payloads(plan, kv.shape, kv.dtype, q.device, 2)
         grads = _Payloads(plan, kv.shape, acc, q.device, 3)   # two partial sums + one inbox
         ring = RingExchange(cfg.mesh)
-    scratch = Scratch(max(kv.numel(), travel.bufs[0].numel() if T > 1 else 0), kv.dtype,
-                      q.device)
+    exact = not host_readable(q) or _nonfinite_call(
+        ring, "ring backward, non-finite check", q, q, kv, out, finite_lse(lse), dout)
+    if exact:
+        rows = RowFlags.of(q, out, lse, dout)
+        q, out, lse, dout = rows.sanitize(q, out, lse, dout)
+        scratch = Scratch(max(kv.numel(), travel.bufs[0].numel() if T > 1 else 0), kv.dtype,
+                          q.device)
     grad_handle = None
     prof = _start_profile(cfg, "backward")
     cur = kv
@@ -180,10 +204,12 @@ def ring_backward(dout, q, k, v, out, lse, cfg: RingConfig):
         mine = dkv_local if t == 0 else grads.view(t % 2, owner).zero_()
         with span(prof, "compute", t, q.device):
             if active[t]:
-                cfg.backend.backward_into(dout, q, *unpack(scratch.clean(cur), dims), out,
-                                          lse, dq_acc, *unpack(mine, dims), scale=cfg.scale,
+                held = unpack(scratch.clean(cur) if exact else cur, dims)
+                cfg.backend.backward_into(dout, q, *held, out, lse, dq_acc,
+                                          *unpack(mine, dims), scale=cfg.scale,
                                           mask=masks[t], softcap=cfg.softcap)
-                poison_backward_(dq_acc, *unpack(mine, dims), masks[t], rows)
+                if exact:
+                    poison_backward_(dq_acc, *unpack(mine, dims), masks[t], rows)
         with span(prof, "wait", t, q.device):
             if grad_handle is not None:   # partial sum for the K/V held now, from prev rank
                 ring.wait(grad_handle, f"ring step {t} backward (dK/dV)")

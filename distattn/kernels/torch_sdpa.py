@@ -73,8 +73,11 @@ def causal_pieces(mask: Mask, sq: int, sk: int) -> list[Piece]:
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
-    """[B, S, H, D] -> contiguous [B, H, S, D], the layout the ATen kernels take."""
-    return x.transpose(1, 2).contiguous()
+    """[B, S, H, D] -> [B, H, S, D], the layout the ATen kernels take: a view on CPU, whose
+    flash kernels read any strides with a unit last stride (bitwise the same results as on a
+    contiguous copy), else a contiguous copy."""
+    x = x.transpose(1, 2)
+    return x if x.device.type == "cpu" and x.stride(-1) == 1 else x.contiguous()
 
 
 class FlashVarlenOps(NamedTuple):
