@@ -10,7 +10,12 @@ subpackage runs them exactly:
   sequence on every rank (compute and activation memory of that layer do not shrink with P)
   plus one all-gather forward and one all-reduce backward of the layer's input.
 
-State passing (a conv halo, recurrent states handed from rank to rank) is the scalable form
-still to come; ``docs/DESIGN.md`` says where it will plug in.
+- ``passing`` (``passing.py``): under the ``contiguous`` layout each rank runs the layer on
+  its own tokens, starting from what the previous rank hands it -- the last k - 1 inputs of a
+  causal conv (``exchange_halo``) and the final state of a recurrence
+  (``receive_from_previous`` / ``send_to_next``) -- and gradients travel back the same way.
+  Compute and memory shrink with P; a recurrent layer is a chain of P - 1 hops.
 """
 from .gather import gather_sequence, local_part  # noqa: F401
+from .passing import (exchange_halo, receive_from_previous, send_to_next,  # noqa: F401
+                      sequence_neighbours)
