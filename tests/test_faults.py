@@ -13,7 +13,9 @@ WORLD = 4
 LIVE = [r for r in range(WORLD) if r != LAST_RANK]
 MARGIN_S = 5.0            # "the mesh timeout + a few seconds"
 FAST_S = TIMEOUT_S / 2    # an error that needs no timeout comes well before it
-DATA_PATH = ("ring step", "Ulysses all-to-all")   # the collectives of the attention itself
+# the collectives of the attention itself (on CPU a ring call starts with the all-reduce of
+# its non-finite check, distattn.nonfinite)
+DATA_PATH = ("ring step", "Ulysses all-to-all", "non-finite check")
 AGREEMENT = "the agreement on the arguments of dist_flash_attn"
 EXACT = 1e-12             # fp64 against one-process attention
 
