@@ -294,7 +294,8 @@ def _run_pieces(original, hidden, args, kwargs, pieces, caches):
     length = hidden.shape[1]
     for piece, cache in zip(pieces, caches):
         kw = {k: _by_token(v, length, piece) for k, v in kwargs.items()}
-        kw["cache"] = cache
+        if cache is not None:       # (transformers 4.x mixers take no `cache` argument)
+            kw["cache"] = cache
         out = original(hidden[:, piece], *args, **kw)
         if isinstance(out, tuple):
             out, rest = out[0], tuple(out[1:])
