@@ -135,17 +135,23 @@ def _what(base: str, heads, chunks: int) -> str:
     return base if chunks == 1 else f"{base[:-1]}, K/V heads {heads[0]}:{heads[1]})"
 
 
+def _shapes(plan, r: int, q, k, v):
+    """(K and V head dims, query heads per K/V head, the K/V head groups, this rank's mask,
+    whether it has anything to compute) of one call."""
+    mask = plan.mask(r)
+    return ((k.shape[-1], v.shape[-1]), q.shape[2] // k.shape[2],
+            plan.head_ranges(k.shape[2]), mask,
+            bool(mask.simplify(q.shape[1], plan.key_len(r)).pieces))
+
+
 def allgather_forward(q, k, v, cfg: RingConfig):
     """out [B, n, Hq, Dv] (q's dtype), lse [B, Hq, n] (accumulation dtype) for this ring
     rank's part of n slots; q, k, v are the part's [B, n, H, D] tensors."""
     plan, r = cfg.plan, cfg.mesh.ring_rank
     out_acc, lse_acc = new_accumulators(q, accumulation_dtype(q.dtype), v.shape[-1])
-    dims, g = (k.shape[-1], v.shape[-1]), q.shape[2] // k.shape[2]
+    dims, g, heads, mask, live = _shapes(plan, r, q, k, v)
     q_bad, q = bad_rows(q), sanitized(q)
     kv = pack(k, v)
-    heads = plan.head_ranges(k.shape[2])
-    mask = plan.mask(r)
-    live = bool(mask.simplify(q.shape[1], plan.key_len(r)).pieces)
     post = lambda i: start_gather(kv[:, :, :, heads[i][0]:heads[i][1]], plan, cfg.mesh,
                                   _what("all-gather of K/V (forward)", heads[i], len(heads)))
     prof = _start_profile(cfg, "forward")
@@ -172,15 +178,12 @@ def allgather_backward(dout, q, k, v, out, lse, cfg: RingConfig):
     ``allgather_forward`` and dout."""
     plan, r = cfg.plan, cfg.mesh.ring_rank
     acc = accumulation_dtype(q.dtype)
-    dims, g = (k.shape[-1], v.shape[-1]), q.shape[2] // k.shape[2]
+    dims, g, heads, mask, live = _shapes(plan, r, q, k, v)
     rows = RowFlags.of(q, out, lse, dout)
     q, out, lse, dout = rows.sanitize(q, out, lse, dout)
     kv_mine = pack(k, v)
     dq_acc = torch.zeros(q.shape, dtype=acc, device=q.device)
     dkv_mine = torch.zeros(kv_mine.shape, dtype=acc, device=q.device)
-    heads = plan.head_ranges(k.shape[2])
-    mask = plan.mask(r)
-    live = bool(mask.simplify(q.shape[1], plan.key_len(r)).pieces)
     post = lambda i: start_gather(kv_mine[:, :, :, heads[i][0]:heads[i][1]], plan, cfg.mesh,
                                   _what("all-gather of K/V (backward)", heads[i], len(heads)))
     prof = _start_profile(cfg, "backward")

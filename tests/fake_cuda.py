@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
@@ -75,3 +76,16 @@ def fake_cuda():
     # distattn/kernels/device_cache.py)
     with FakeTensorMode(), _NoDeviceGuard():
         yield
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    """A one-rank SP mesh over a one-process gloo group (the trace tests' fixture: import it
+    as ``from fake_cuda import mesh``)."""
+    import torch.distributed as dist
+
+    import distattn
+    if not dist.is_initialized():
+        store = dist.FileStore(str(tmp_path_factory.mktemp("pg") / "store"), 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield distattn.SPMesh.build(ulysses_degree=1, ring_degree=1)

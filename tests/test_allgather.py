@@ -12,20 +12,9 @@ from distattn.gather_plan import allgather_plan
 from distattn.layout import ring_layout
 from distattn.plan import ring_plan, work
 from spawn import run_world
-from test_plan import assert_exact_cover, expected_pairs
+from test_plan import assert_exact_cover, expected_pairs, random_case
 
 LAYOUTS = ("contiguous", "zigzag", "stripe", "packed", "doc_contiguous", "doc_zigzag")
-
-
-def _random_case(rng, layout):
-    R, U = rng.randint(1, 5), rng.randint(1, 2)
-    seq = rng.randint(1, 31)
-    cu = [0]
-    while cu[-1] < seq:
-        cu.append(min(seq, cu[-1] + rng.choice([1, 2, 3, 7, 13, 30])))
-    causal = rng.random() < 0.6
-    window = rng.choice([None, (3, 0), (2, 5), (-1, 2), (4, -1), (0, 0)])
-    return ring_layout(layout, seq, R, U, cu), seq, cu, causal, window
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -33,7 +22,7 @@ def test_every_visible_pair_exactly_once(layout):
     """Random documents, lengths, windows and U: each visible pair is computed once."""
     rng = random.Random(layout)
     for _ in range(40):
-        lay, seq, cu, causal, window = _random_case(rng, layout)
+        lay, seq, cu, causal, window = random_case(rng, layout)
         assert_exact_cover(allgather_plan(lay, causal, window),
                            expected_pairs(seq, cu, causal, window),
                            (lay.ring_degree, lay.ulysses_degree, cu, causal, window))
@@ -51,7 +40,7 @@ def test_gathers_within_the_ring_payload(layout):
     come from the same block masks), and the compute is the ring's."""
     rng = random.Random("payload" + layout)
     for _ in range(30):
-        lay, seq, cu, causal, window = _random_case(rng, layout)
+        lay, seq, cu, causal, window = random_case(rng, layout)
         gather, ring = allgather_plan(lay, causal, window), ring_plan(lay, causal, window)
         for o in range(lay.ring_degree):
             payload = {j for a, b in ring.payload[o] for j in range(a, b)}

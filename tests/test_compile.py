@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch._dynamo.backends.common import aot_autograd
 
 import distattn
+from fake_cuda import mesh  # noqa: F401  (a fixture: the one-rank mesh)
 
 CASES = {
     "causal_gqa": dict(causal=True),
@@ -28,12 +29,6 @@ KERNELS = {
 }
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory):
-    if not dist.is_initialized():
-        store = dist.FileStore(str(tmp_path_factory.mktemp("pg") / "store"), 1)
-        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield distattn.SPMesh.build(ulysses_degree=1, ring_degree=1)
 
 
 @pytest.mark.parametrize("backend,dtype", [("torch", torch.float32), ("torch", torch.float64),

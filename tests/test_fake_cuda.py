@@ -20,7 +20,7 @@ import distattn.attention
 from distattn.hybrid import USPAttention
 from distattn.kernels import ops, torch_sdpa
 from distattn.kernels.cuda import CudaBackend
-from fake_cuda import fake_cuda
+from fake_cuda import fake_cuda, mesh  # noqa: F401  (mesh: a fixture)
 
 CASES = {   # name: (dist_flash_attn kwargs, (Hq, Hkv), (D, Dv), local length)
     "dense": (dict(), (4, 4), (64, 64), 64),
@@ -34,12 +34,6 @@ CASES = {   # name: (dist_flash_attn kwargs, (Hq, Hkv), (D, Dv), local length)
 }
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory):
-    if not dist.is_initialized():
-        store = dist.FileStore(str(tmp_path_factory.mktemp("pg") / "store"), 1)
-        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield distattn.SPMesh.build(ulysses_degree=1, ring_degree=1)
 
 
 @pytest.fixture

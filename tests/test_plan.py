@@ -25,6 +25,19 @@ def assert_exact_cover(plan, expected, what):
     assert set(counts.values()) <= {1}, what
 
 
+def random_case(rng, layout):
+    """(ring layout, seq, cu_seqlens, causal, window) drawn from ``rng``: R <= 5, U <= 2,
+    up to 31 tokens in documents of 1-30, every window shape."""
+    R, U = rng.randint(1, 5), rng.randint(1, 2)
+    seq = rng.randint(1, 31)
+    cu = [0]
+    while cu[-1] < seq:
+        cu.append(min(seq, cu[-1] + rng.choice([1, 2, 3, 7, 13, 30])))
+    causal = rng.random() < 0.6
+    window = rng.choice([None, (3, 0), (2, 5), (-1, 2), (4, -1), (0, 0)])
+    return ring_layout(layout, seq, R, U, cu), seq, cu, causal, window
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("causal", (False, True))
 def test_every_visible_pair_exactly_once(layout, causal):
@@ -41,14 +54,8 @@ def test_documents_windows_and_any_length(layout):
     visible pair is computed exactly once, by the ring plan and (contiguous) the helper."""
     rng = random.Random(layout)
     for _ in range(40):
-        R, U = rng.randint(1, 5), rng.randint(1, 2)
-        seq = rng.randint(1, 31)
-        cu = [0]
-        while cu[-1] < seq:
-            cu.append(min(seq, cu[-1] + rng.choice([1, 2, 3, 7, 13, 30])))
-        causal = rng.random() < 0.6
-        window = rng.choice([None, (3, 0), (2, 5), (-1, 2), (4, -1), (0, 0)])
-        lay = ring_layout(layout, seq, R, U, cu)
+        lay, seq, cu, causal, window = random_case(rng, layout)
+        R, U = lay.ring_degree, lay.ulysses_degree
         assert lay.part_len % U == 0
         what = (R, U, cu, causal, window)
         expected = expected_pairs(seq, cu, causal, window)

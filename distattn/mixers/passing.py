@@ -177,16 +177,24 @@ def send_to_next(out: torch.Tensor, tensors: Sequence[Optional[torch.Tensor]], m
     return out
 
 
+def _swap(send: torch.Tensor, to: Optional[int], source: Optional[int], what: str):
+    """Send ``send`` to ``to`` while receiving a tensor like it from ``source`` (either may
+    be None: nothing that way); returns the received tensor (uninitialised without a
+    source)."""
+    got = torch.empty_like(send, memory_format=torch.contiguous_format)
+    ops = []
+    if to is not None and send.numel():
+        ops.append(dist.P2POp(dist.isend, send.contiguous(), to))
+    if source is not None and got.numel():
+        ops.append(dist.P2POp(dist.irecv, got, source))
+    _post(ops, what)
+    return got
+
+
 class _Exchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tail, prev, nxt, what):
-        halo = torch.empty_like(tail, memory_format=torch.contiguous_format)
-        ops = []
-        if nxt is not None and tail.numel():
-            ops.append(dist.P2POp(dist.isend, tail.contiguous(), nxt))
-        if prev is not None and halo.numel():
-            ops.append(dist.P2POp(dist.irecv, halo, prev))
-        _post(ops, what)
+        halo = _swap(tail, nxt, prev, what)
         if prev is None:
             halo.zero_()
         ctx.meta = (prev, nxt, what)
@@ -195,13 +203,9 @@ class _Exchange(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_halo):
         prev, nxt, what = ctx.meta
-        grad_tail = torch.zeros_like(grad_halo, memory_format=torch.contiguous_format)
-        ops = []
-        if prev is not None and grad_halo.numel():
-            ops.append(dist.P2POp(dist.isend, grad_halo.contiguous(), prev))
-        if nxt is not None and grad_tail.numel():
-            ops.append(dist.P2POp(dist.irecv, grad_tail, nxt))
-        _post(ops, f"{what} backward")
+        grad_tail = _swap(grad_halo, prev, nxt, f"{what} backward")
+        if nxt is None:
+            grad_tail.zero_()
         return grad_tail, None, None, None
 
 
