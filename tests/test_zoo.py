@@ -524,8 +524,10 @@ def _table(zoo) -> str:
     hybrids = [f for f in FAMILIES if f in zc.EXPECTED_GATHERED
                and "unbuildable" not in zoo[f]["ranks"][0]]
     if hybrids:
-        lines += ["", "Hybrids after `dtf.prepare(model)` (their sequence mixers run gathered "
-                      "over the SP group; refused above without it):", "",
+        lines += ["", "Hybrids after `dtf.prepare(model)` (refused above without it): their "
+                      "sequence mixers run gathered over the SP group on zigzag, by state "
+                      "passing on contiguous with transformers >= 5.24 (Jamba: gathered; "
+                      "`mixers.passing_mode`):", "",
                   "| family | " + " | ".join(meshes) + " |", "|---|" + "---|" * len(meshes)]
         for family in hybrids:
             cells = []
