@@ -32,9 +32,10 @@ MESHES = (("ring4", "zigzag", False), ("ring4", "contiguous", False),
 CASES = [(family, mesh, layout, ckpt) for family in FAMILIES for mesh, layout, ckpt in MESHES]
 # One row packing documents (DataCollatorWithFlattening style): each document's state must
 # reset at its start. Contiguous on ring 4: documents continue across ranks 1, 2 and 3
-# (state passing); zigzag on Ulysses 2 x ring 2 with rematerialization: gathered.
+# (state passing), also on Ulysses 2 x ring 2 with rematerialization; zigzag: gathered.
 DOC_LENS = (5, 1, 12, 3, 11)         # 32 tokens
-PACKED_MESHES = (("ring4", "contiguous", False), ("ulysses2xring2", "zigzag", True))
+PACKED_MESHES = (("ring4", "contiguous", False), ("ulysses2xring2", "contiguous", True),
+                 ("ulysses2xring2", "zigzag", True))
 PACKED = [(family, mesh, layout, ckpt) for family in FAMILIES
           for mesh, layout, ckpt in PACKED_MESHES]
 DTYPES = {"qwen3_next": torch.float64}      # default: float32
