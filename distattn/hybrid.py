@@ -9,7 +9,8 @@ step.
 
 ``usp_forward`` and ``usp_backward`` are plain functions (no autograd) so that callers with
 a saved result, like rematerialization-aware checkpointing, can run the backward alone;
-``USPAttention`` ties them together for autograd.
+``USPAttention`` ties their parts together for autograd, keeping the head-sharded tensors of
+the forward so that its backward sends only dout and the gradients.
 """
 from __future__ import annotations
 
@@ -109,53 +110,47 @@ def _split(q, k, v, mesh):
 
 def usp_forward(q, k, v, cfg: RingConfig):
     """(out [B, n, Hq, D] in q's dtype, lse [B, Hq, n]) for this rank's n tokens."""
+    return _forward(q, k, v, cfg)[:2]
+
+
+def _forward(q, k, v, cfg: RingConfig):
+    """(out, lse, heads): ``usp_forward``'s result and ``heads`` = (q, k, v, out, lse) as
+    the schedule saw them (head-sharded, K/V repeated as sent), kept for ``_heads_backward``."""
     forward, _ = _schedule(cfg)
     U, group = cfg.mesh.ulysses_degree, cfg.mesh.ulysses_group
     if U == 1:
-        return forward(q, k, v, cfg)
+        out, lse = forward(q, k, v, cfg)
+        return out, lse, (q, k, v, out, lse)
     split = _split(q, k, v, cfg.mesh)
     if split is not None:
         qh, kh, vh = _to_heads_v([q, k, v], [False, True, True], split, cfg.mesh, 1, 2,
                                  _a2a("q/K/V", "forward"))
-        out, lse = forward(qh, kh, vh, cfg)
-        out, = _to_seq_v([out], [False], split, cfg.mesh, 1, 2, _a2a("out", "forward"))
-        lse, = _to_seq_v([lse.contiguous()], [False], split, cfg.mesh, 2, 1,
+        oh, lse_h = forward(qh, kh, vh, cfg)
+        out, = _to_seq_v([oh], [False], split, cfg.mesh, 1, 2, _a2a("out", "forward"))
+        lse, = _to_seq_v([lse_h.contiguous()], [False], split, cfg.mesh, 2, 1,
                          _a2a("lse", "forward"))
-        return out, lse
+        return out, lse, (qh, kh, vh, oh, lse_h)
     kv = _kv_to_heads(k, v, cfg.mesh, "forward")
     qh = all_to_all(q, group, U, scatter_dim=2, gather_dim=1, what=_a2a("q", "forward"))
-    out, lse = forward(qh, kv[0], kv[1], cfg)
-    return (all_to_all(out, group, U, scatter_dim=1, gather_dim=2,
-                       what=_a2a("out", "forward")),
-            all_to_all(lse, group, U, scatter_dim=2, gather_dim=1,
-                       what=_a2a("lse", "forward")))
+    oh, lse_h = forward(qh, kv[0], kv[1], cfg)
+    out = all_to_all(oh, group, U, scatter_dim=1, gather_dim=2, what=_a2a("out", "forward"))
+    lse = all_to_all(lse_h, group, U, scatter_dim=2, gather_dim=1,
+                     what=_a2a("lse", "forward"))
+    return out, lse, (qh, kv[0], kv[1], oh, lse_h)
 
 
-def usp_backward(dout, q, k, v, out, lse, cfg: RingConfig):
-    """(dq, dk, dv) of ``usp_forward`` given its result (out, lse) and the gradient dout."""
+def _heads_backward(dh, heads, hkv: int, split, cfg: RingConfig):
+    """(dq, dk, dv) sequence-sharded, from the head-sharded gradient ``dh`` and ``heads``
+    (q, k, v, out, lse head-sharded); ``hkv``: K/V heads of the sequence-sharded k."""
     _, backward = _schedule(cfg)
     U, group = cfg.mesh.ulysses_degree, cfg.mesh.ulysses_group
-    dout = dout.contiguous()
+    qh, kh, vh, oh, lse_h = heads
+    dq, dk, dv = backward(dh, qh, kh, vh, oh, lse_h, cfg)
     if U == 1:
-        return backward(dout, q, k, v, out, lse, cfg)
-    split = _split(q, k, v, cfg.mesh)
+        return dq, dk, dv
     if split is not None:
-        qh, oh, dh, kh, vh = _to_heads_v([q, out, dout, k, v], [False] * 3 + [True] * 2,
-                                         split, cfg.mesh, 1, 2,
-                                         _a2a("q/out/dout/K/V", "backward"))
-        lse_h, = _to_heads_v([lse.contiguous()], [False], split, cfg.mesh, 2, 1,
-                             _a2a("lse", "backward"))
-        dq, dk, dv = backward(dh, qh, kh, vh, oh, lse_h, cfg)
         return tuple(_to_seq_v([dq, dk, dv], [False, True, True], split, cfg.mesh, 1, 2,
                                _a2a("dq/dK/dV", "backward")))
-    hkv = k.shape[2]
-    # q, out and dout share one all-to-all; k and v another (repeated heads as in forward).
-    qod = all_to_all(torch.stack([q, out, dout]), group, U, scatter_dim=3, gather_dim=2,
-                     what=_a2a("q/out/dout", "backward"))
-    kv = _kv_to_heads(k, v, cfg.mesh, "backward")
-    lse_h = all_to_all(lse.contiguous(), group, U, scatter_dim=1, gather_dim=2,
-                       what=_a2a("lse", "backward"))
-    dq, dk, dv = backward(qod[2], qod[0], kv[0], kv[1], qod[1], lse_h, cfg)
     dq = all_to_all(dq, group, U, scatter_dim=1, gather_dim=2, what=_a2a("dq", "backward"))
     dkv = all_to_all(torch.stack([dk, dv]), group, U, scatter_dim=2, gather_dim=3,
                      what=_a2a("dK/dV", "backward"))
@@ -164,22 +159,69 @@ def usp_backward(dout, q, k, v, out, lse, cfg: RingConfig):
     return dq, dkv[0], dkv[1]
 
 
+def _dout_to_heads(dout, split, cfg: RingConfig):
+    """dout [B, n, Hq, D] -> this rank's heads [B, U*n, Hq_u, D] (as q went forward)."""
+    U = cfg.mesh.ulysses_degree
+    if U == 1:
+        return dout
+    if split is not None:
+        return _to_heads_v([dout], [False], split, cfg.mesh, 1, 2,
+                           _a2a("dout", "backward"))[0]
+    return all_to_all(dout, cfg.mesh.ulysses_group, U, scatter_dim=2, gather_dim=1,
+                      what=_a2a("dout", "backward"))
+
+
+def usp_backward(dout, q, k, v, out, lse, cfg: RingConfig):
+    """(dq, dk, dv) of ``usp_forward`` given its result (out, lse) and the gradient dout, all
+    sequence-sharded: so q, out, dout, K/V and lse go to the head-sharded side first (the
+    autograd path, which kept them from the forward, sends dout only)."""
+    U, group = cfg.mesh.ulysses_degree, cfg.mesh.ulysses_group
+    dout = dout.contiguous()
+    if U == 1:
+        return _heads_backward(dout, (q, k, v, out, lse), k.shape[2], None, cfg)
+    split = _split(q, k, v, cfg.mesh)
+    if split is not None:
+        qh, oh, dh, kh, vh = _to_heads_v([q, out, dout, k, v], [False] * 3 + [True] * 2,
+                                         split, cfg.mesh, 1, 2,
+                                         _a2a("q/out/dout/K/V", "backward"))
+        lse_h, = _to_heads_v([lse.contiguous()], [False], split, cfg.mesh, 2, 1,
+                             _a2a("lse", "backward"))
+        return _heads_backward(dh, (qh, kh, vh, oh, lse_h), k.shape[2], split, cfg)
+    # q, out and dout share one all-to-all; k and v another (repeated heads as in forward).
+    qod = all_to_all(torch.stack([q, out, dout]), group, U, scatter_dim=3, gather_dim=2,
+                     what=_a2a("q/out/dout", "backward"))
+    kv = _kv_to_heads(k, v, cfg.mesh, "backward")
+    lse_h = all_to_all(lse.contiguous(), group, U, scatter_dim=1, gather_dim=2,
+                       what=_a2a("lse", "backward"))
+    return _heads_backward(qod[2], (qod[0], kv[0], kv[1], qod[1], lse_h), k.shape[2], None,
+                           cfg)
+
+
 class USPAttention(torch.autograd.Function):
-    """(q, k, v, sinks) -> (out, lse); ``sinks`` [Hq] or None; lse is not differentiable."""
+    """(q, k, v, sinks) -> (out, lse); ``sinks`` [Hq] or None; lse is not differentiable.
+
+    Saves q, k, v, out and lse head-sharded, as the forward's schedule had them, so the
+    backward all-to-alls only dout (sequence -> heads) and dq, dk, dv (heads -> sequence)."""
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, cfg: RingConfig):
-        out, lse = usp_forward(q, k, v, cfg)
-        ctx.save_for_backward(q, k, v, out, lse, sinks)
-        ctx.cfg = cfg
+        out, lse, heads = _forward(q, k, v, cfg)
+        # dsinks is computed sequence-sharded (this rank's tokens): keep the returned out/lse
+        seq = (out, lse) if sinks is not None else ()
+        ctx.save_for_backward(*heads, sinks, *seq)
+        ctx.cfg, ctx.hkv = cfg, k.shape[2]
+        ctx.split = _split(q, k, v, cfg.mesh) if cfg.mesh.ulysses_degree > 1 else None
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, sinks = ctx.saved_tensors
-        check_agreement(ctx.cfg.mesh, "the backward of dist_flash_attn", {"dout": dout})
-        with failure_marks(ctx.cfg.mesh, "the backward of dist_flash_attn"):
-            dq, dk, dv = usp_backward(dout, q, k, v, out, lse, ctx.cfg)
-        dsinks = None if sinks is None else sinks_grad(dout, out, lse, sinks)
+        saved = ctx.saved_tensors
+        heads, sinks = saved[:5], saved[5]
+        cfg = ctx.cfg
+        check_agreement(cfg.mesh, "the backward of dist_flash_attn", {"dout": dout})
+        with failure_marks(cfg.mesh, "the backward of dist_flash_attn"):
+            dh = _dout_to_heads(dout.contiguous(), ctx.split, cfg)
+            dq, dk, dv = _heads_backward(dh, heads, ctx.hkv, ctx.split, cfg)
+        dsinks = None if sinks is None else sinks_grad(dout, *saved[6:], sinks)
         return dq, dk, dv, dsinks, None

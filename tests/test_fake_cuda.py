@@ -81,7 +81,11 @@ def _run(mesh, backend, case, dtype):
         if case == "sinks":
             assert len(grads) == 4 and tuple(grads[3].shape) == (hq,)
         # autograd's backward (the Function's own code; .backward() itself cannot run here)
-        ctx = types.SimpleNamespace(saved_tensors=(q, k, v, out, lse, kw.get("sinks")),
+        # (one rank: the head-sharded tensors it saves are the sequence-sharded ones)
+        sinks = kw.get("sinks")
+        ctx = types.SimpleNamespace(saved_tensors=(q, k, v, out, lse, sinks)
+                                    + ((out, lse) if sinks is not None else ()),
+                                    hkv=hkv, split=None,
                                     cfg=distattn.attention.prepare(q, k, v, mesh=mesh,
                                                                    backend=backend, **kw))
         agrads = USPAttention.backward(ctx, dout, None)
