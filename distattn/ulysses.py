@@ -9,8 +9,8 @@ backward of each is the other), for users who put their own attention between th
 
 GQA/MQA: K/V heads must split over U too. When U > Hkv and U is a multiple of Hkv, each K/V
 head is repeated U/Hkv times (``repeat_kv_heads``, just enough for one head per rank) before
-the all-to-all; ``hybrid._heads_backward`` (both backward paths) sums the copies' gradients back. Query head h of rank u then still
-reads the K/V head it reads on one device.
+the all-to-all; ``hybrid._heads_backward`` (both backward paths) sums the copies' gradients
+back. Query head h of rank u then still reads the K/V head it reads on one device.
 """
 from __future__ import annotations
 
