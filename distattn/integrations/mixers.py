@@ -277,13 +277,13 @@ def _anchor(module, hidden: torch.Tensor) -> torch.Tensor:
     return next((p for p in module.parameters() if p.requires_grad), hidden)
 
 
-def _by_token(value, length: int, piece: slice):
-    """``value`` with its token dim (dim 1 of length ``length``) cut to ``piece``; other
-    values (and tuples of them) as they are."""
+def _per_token(value, length: int, fn):
+    """``fn`` applied to ``value`` if it is a tensor along the tokens (dim 1 of length
+    ``length``), and to such tensors inside a tuple or list; anything else as it is."""
     if isinstance(value, (tuple, list)):
-        return type(value)(_by_token(v, length, piece) for v in value)
+        return type(value)(_per_token(v, length, fn) for v in value)
     if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == length:
-        return value[:, piece]
+        return fn(value)
     return value
 
 
@@ -293,7 +293,7 @@ def _run_pieces(original, hidden, args, kwargs, pieces, caches):
     outs, rest = [], ()
     length = hidden.shape[1]
     for piece, cache in zip(pieces, caches):
-        kw = {k: _by_token(v, length, piece) for k, v in kwargs.items()}
+        kw = {k: _per_token(v, length, lambda t: t[:, piece]) for k, v in kwargs.items()}
         if cache is not None:       # (transformers 4.x mixers take no `cache` argument)
             kw["cache"] = cache
         out = original(hidden[:, piece], *args, **kw)
@@ -349,14 +349,8 @@ def _sp_forward(model, model_type, module_name: str, module, state: _Forward):
                                [slice(g0 - start, g1 - start) for g0, g1 in pieces], caches)
         state.forms[module_name] = "gathered"
         full = gather_sequence(hidden, mesh, layout, state.cu)
-        kwargs = {k: gather_sequence(v, mesh, layout, state.cu)
-                  if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == length
-                  else v for k, v in kwargs.items()}
-        for key in ("position_embeddings",):
-            if isinstance(kwargs.get(key), (tuple, list)):
-                kwargs[key] = type(kwargs[key])(
-                    gather_sequence(t, mesh, layout, state.cu) if isinstance(t, torch.Tensor)
-                    and t.dim() >= 2 and t.shape[1] == length else t for t in kwargs[key])
+        gather = lambda t: gather_sequence(t, mesh, layout, state.cu)
+        kwargs = {k: _per_token(v, length, gather) for k, v in kwargs.items()}
         if isinstance(kwargs.get("cache_position"), torch.Tensor):
             kwargs["cache_position"] = torch.arange(full.shape[1],
                                                     device=kwargs["cache_position"].device)
