@@ -103,13 +103,16 @@ class RingPlan:
 
 @functools.lru_cache(maxsize=1024)
 def _payload_segments(plan: RingPlan, owner: int) -> tuple:
+    segs = plan.layout.parts[owner]            # sorted by start, disjoint
+    stops = [sg.stop for sg in segs]
     out, base = [], 0
     for a, b in plan.payload[owner]:
-        for sg in plan.layout.parts[owner]:
+        for sg in segs[bisect.bisect_right(stops, a):]:
+            if sg.start >= b:
+                break
             lo, hi = max(a, sg.start), min(b, sg.stop)
-            if lo < hi:
-                out.append(Segment(base + lo - a, hi - lo, sg.g0 + sg.stride * (lo - sg.start),
-                                   sg.stride, sg.doc))
+            out.append(Segment(base + lo - a, hi - lo, sg.g0 + sg.stride * (lo - sg.start),
+                               sg.stride, sg.doc))
         base += b - a
     return tuple(out)
 

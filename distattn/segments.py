@@ -90,6 +90,12 @@ def _ceil_div(a: int, b: int) -> int:
     return -((-a) // b)
 
 
+def _token_range(sg) -> tuple:
+    """The smallest and largest global token of a run."""
+    last = sg.g0 + sg.stride * (sg.length - 1)
+    return min(sg.g0, last), max(sg.g0, last)
+
+
 def block_mask(q_segs, k_segs, bounds: tuple, rows: Optional[slice] = None,
                cols: Optional[slice] = None) -> Mask:
     """The mask where the query runs ``q_segs`` meet the key runs ``k_segs``, in the
@@ -105,9 +111,16 @@ def block_mask(q_segs, k_segs, bounds: tuple, rows: Optional[slice] = None,
     for qs in q_segs:
         if rows is not None and (qs.stop <= rows.start or qs.start >= rows.stop):
             continue
+        q_min, q_max = _token_range(qs)
         for ks in by_doc.get(qs.doc, ()):
             if ks.stride != qs.stride:
                 raise ValueError("segments of one document must share a stride")
+            # Whole runs out of reach (key - query outside [lo_g, hi_g] for every pair): the
+            # common case under causality, decided before any piece is built.
+            k_min, k_max = _token_range(ks)
+            if (hi_g is not None and k_min - q_max > hi_g) or \
+                    (lo_g is not None and k_max - q_min < lo_g):
+                continue
             s, delta = qs.stride, ks.g0 - qs.g0
             shift = (ks.start - c0) - (qs.start - r0)   # block j - i = run j' - i' + shift
             lo = None if lo_g is None else _ceil_div(lo_g - delta, s) + shift

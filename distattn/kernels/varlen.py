@@ -108,8 +108,12 @@ class Band:
                      None if self.lo is None else self.lo + shift,
                      None if self.hi is None else self.hi + shift)
 
-    def pairs(self) -> int:
+    @functools.cached_property   # merging asks each band many times
+    def _pairs(self) -> int:
         return self.as_piece().pairs(self.q1, self.k1)
+
+    def pairs(self) -> int:
+        return self._pairs
 
     def diagonals(self) -> tuple[int, int]:
         """The smallest and largest j - i (block coordinates) of a visible pair."""
@@ -148,6 +152,9 @@ def _merged(a: Band, b: Band) -> Optional[Band]:
         return None
     q0, q1 = min(a.q0, b.q0), max(a.q1, b.q1)
     k0, k1 = min(a.k0, b.k0), max(a.k1, b.k1)
+    full = lambda x: x.lo is None and x.hi is None
+    if full(a) and full(b) and ((a.q0, a.q1) == (b.q0, b.q1) or (a.k0, a.k1) == (b.k0, b.k1)):
+        return Band(q0, q1, k0, k1, None, None)   # two rectangles side by side: no counting
     (alo, ahi), (blo, bhi) = a.diagonals(), b.diagonals()
     union = _band(q0, q1, k0, k1, min(alo, blo), max(ahi, bhi))
     # The candidate holds both bands; it is their union iff it holds no other pair.
