@@ -13,7 +13,7 @@ import torch
 from .agree import check_agreement, fail_everywhere, failure_marks
 from .documents import check_cu_seqlens
 from .hybrid import USPAttention, usp_backward
-from .kernels import BACKENDS, get_backend
+from .kernels import backend_key, check_backend, get_backend
 from .layout import RingLayout, check_layout, ring_layout, seq_multiple
 from .gather_plan import allgather_plan
 from .mesh import SPMesh, as_mesh
@@ -180,8 +180,7 @@ def prepare(q, k, v, *, mesh=None, causal=False, softmax_scale=None, layout="con
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     check_layout(layout)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     elif (not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool)
@@ -257,7 +256,9 @@ def dist_flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mesh=N
     computes in one launch and reduce-scatters dK/dV back; any layout) or "auto" (helper
     where it applies, else ring; never allgather).
     ``backend``: "auto", "cuda", "torch", "reference" or "emulate" (this project's CUDA
-    kernels built for the CPU, for testing; see ``distattn.kernels``).
+    kernels built for the CPU, for testing; see ``distattn.kernels``), or a
+    ``distattn.kernels.BlockAttention`` object the caller keeps across calls (e.g.
+    ``TorchBackend(pick="measure")``: what it measured on the first call per shape is reused).
     ``profiler``: a ``distattn.profile.StepProfiler`` to record per-step compute and
     communication-wait times.
     """
@@ -325,7 +326,7 @@ def _dist_flash_attn(q, k, v, *, mesh, causal, softmax_scale, layout, schedule, 
         fail_everywhere(mesh, "dist_flash_attn", exc)
     check_agreement(cfg.mesh, "dist_flash_attn", dict(
         q=q, k=k, v=v, causal=causal, softmax_scale=cfg.scale, layout=layout,
-        schedule=schedule, backend=backend, cu_seqlens=check_cu_seqlens(cu_seqlens),
+        schedule=schedule, backend=backend_key(backend), cu_seqlens=check_cu_seqlens(cu_seqlens),
         window=window, softcap=softcap, sinks=sinks, chunk_size=chunk_size,
         chunk_origin=chunk_origin, requires_grad=torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, sinks))))
@@ -347,7 +348,8 @@ def dist_flash_attn_backward(dout, q, k, v, out, lse, **kwargs):
     check_agreement(cfg.mesh, "dist_flash_attn_backward", dict(
         dout=dout, q=q, k=k, v=v, out=out, lse=lse, softmax_scale=cfg.scale,
         **{name: value for name, value in kwargs.items()
-           if name not in ("mesh", "profiler", "softmax_scale", "cu_seqlens")},
+           if name not in ("mesh", "profiler", "softmax_scale", "cu_seqlens", "backend")},
+        backend=backend_key(kwargs.get("backend", "auto")),
         cu_seqlens=check_cu_seqlens(kwargs.get("cu_seqlens"))))
     with failure_marks(cfg.mesh, "dist_flash_attn_backward"):
         grads = usp_backward(dout, q, k, v, out, lse, cfg)

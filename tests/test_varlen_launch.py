@@ -24,6 +24,7 @@ from distattn.kernels.torch_sdpa import FlashVarlenOps
 from distattn.kernels.varlen import MAX_SEQUENCES, arrays, launches
 from distattn.layout import ring_layout
 from distattn.plan import ring_plan
+from fake_cuda import mesh  # noqa: F401  (a one-rank gloo mesh)
 
 
 # -- FlashAttention-2's varlen semantics, written out -----------------------------------------
@@ -477,3 +478,29 @@ def test_launch_metadata_is_built_before_the_ring_steps(standin, monkeypatch):
                 kk, vv = k[:, :plan.key_len(1, t)], v[:, :plan.key_len(1, t)]
                 tb.forward_into(q, kk, vv, out, lse, scale=0.5, mask=mask)
     assert copies == [] and varlen_mod.launch_tensors.cache_info().misses == built
+
+
+# -- a backend object the caller keeps ------------------------------------------------------
+def test_a_backend_object_keeps_its_measured_pick_across_calls(standin, mesh):
+    """``backend=TorchBackend(pick="measure")``: the first call measures (varlen launches vs
+    per-piece calls, timer mocked), later calls reuse the choice; both exact to fp64."""
+    import distattn
+    timed = []
+
+    def timer(fn, repeats):
+        fn()
+        timed.append(1)
+        return float(len(timed))          # the first candidate timed is the fastest
+
+    be = TorchBackend(pick="measure", timer=timer)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 24, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    want = distattn.dist_flash_attn(q, k, v, mesh=mesh, causal=True, backend="reference")
+    first = None
+    for _ in range(2):
+        out = distattn.dist_flash_attn(q, k, v, mesh=mesh, causal=True, backend=be)
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+        first = len(timed) if first is None else first
+    assert first > 0 and be.picker.choice and len(timed) == first
+    with pytest.raises(ValueError, match="BlockAttention"):
+        distattn.dist_flash_attn(q, k, v, mesh=mesh, causal=True, backend=object())

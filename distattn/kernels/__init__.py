@@ -34,11 +34,18 @@ def _features_ok(backend: BlockAttention, window: bool, softcap: bool) -> bool:
     return (backend.supports_bands or not window) and (backend.supports_softcap or not softcap)
 
 
-def get_backend(name: str, q, k, v, window: bool = False, softcap: bool = False) -> BlockAttention:
+def get_backend(name, q, k, v, window: bool = False, softcap: bool = False) -> BlockAttention:
     """The backend ``name`` for these inputs. ``window`` / ``softcap``: the call needs bands
     with a lower bound / soft-capping; a backend without them is refused by name (and skipped
-    by "auto")."""
-    backend = _get_backend(name, q, k, v, window, softcap)
+    by "auto"). ``name`` may also be a ``BlockAttention`` the caller keeps (e.g.
+    ``TorchBackend(pick="measure")``, whose measurements then last across calls): it is
+    checked against these inputs and returned as it is."""
+    if isinstance(name, BlockAttention):
+        backend = name
+        backend.check(q, k, v)
+        name = backend.name
+    else:
+        backend = _get_backend(name, q, k, v, window, softcap)
     if not _features_ok(backend, window, softcap):
         what = " and ".join(w for w, on in (("sliding windows", window), ("softcap", softcap))
                             if on)
@@ -47,9 +54,24 @@ def get_backend(name: str, q, k, v, window: bool = False, softcap: bool = False)
     return backend
 
 
+def check_backend(backend) -> None:
+    """A backend argument is one of ``BACKENDS`` or a ``BlockAttention`` object."""
+    if not isinstance(backend, BlockAttention) and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or a "
+                         f"distattn.kernels.BlockAttention, got {backend!r}")
+
+
+def backend_key(backend) -> str:
+    """What ranks agree on for a backend argument: the name, or for an object its class,
+    name and pick mode (its measurements may differ between ranks; its kind may not)."""
+    if isinstance(backend, str):
+        return backend
+    pick = getattr(backend, "pick", None)
+    return f"{type(backend).__qualname__}({backend.name}{'' if pick is None else ', ' + pick})"
+
+
 def _get_backend(name: str, q, k, v, window: bool, softcap: bool) -> BlockAttention:
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    check_backend(name)
     if name == "reference":
         return ReferenceBackend()
     if name == "torch":
@@ -82,4 +104,5 @@ def _get_backend(name: str, q, k, v, window: bool, softcap: bool) -> BlockAttent
 
 
 __all__ = ["BACKENDS", "BlockAttention", "Mask", "ReferenceBackend", "TorchBackend",
-           "accumulation_dtype", "get_backend", "reference_attention"]
+           "accumulation_dtype", "backend_key", "check_backend", "get_backend",
+           "reference_attention"]
