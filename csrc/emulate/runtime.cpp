@@ -1020,6 +1020,7 @@ std::set<const void*>& sm90_kernels() {
 }
 std::atomic<int> g_num_threads{1};
 std::atomic<long> g_launches{0};
+std::atomic<const void*> g_last_kernel{nullptr};
 
 }  // namespace
 
@@ -1336,6 +1337,10 @@ int set_max_dynamic_smem(const void* kernel, int bytes) {
 
 void set_num_threads(int n) { g_num_threads = n < 1 ? 1 : n; }
 long launch_count() { return g_launches; }
+std::string last_kernel() {
+  const void* k = g_last_kernel;
+  return k ? kernel_name(k) : std::string();
+}
 int num_threads() { return g_num_threads; }
 
 int run_grid(const void* kernel, dim3 grid, dim3 block, std::size_t smem_bytes,
@@ -1364,6 +1369,7 @@ int run_grid(const void* kernel, dim3 grid, dim3 block, std::size_t smem_bytes,
                         "attribute allows");
 
   ++g_launches;
+  g_last_kernel = kernel;
   const long total = long(grid.x) * grid.y * grid.z;
   std::atomic<long> next{0};
   std::atomic<bool> failed{false};

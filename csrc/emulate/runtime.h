@@ -133,6 +133,8 @@ int run_grid(const void* kernel, dim3 grid, dim3 block, std::size_t smem_bytes,
 const std::string& last_error_message();
 // Grids run so far in this process (tests count launches: "one varlen launch").
 long launch_count();
+// The (demangled) name of the kernel of the most recent grid in this process ("" before any).
+std::string last_kernel();
 // OS threads that run CTAs in parallel (>= 1; the calling thread is one of them).
 void set_num_threads(int n);
 int num_threads();
