@@ -22,6 +22,7 @@
 #include "emulate/float16.h"
 #include "emulate/sm90_async.h"
 #include "emulate/sm90_gmma.h"
+#include <array>
 #include <map>
 #include <set>
 #include <memory>
@@ -155,6 +156,16 @@ struct Fiber {
   Wait wait = Wait::kNone;
   const void* wait_obj = nullptr;
   uint64_t wait_val = 0;
+  // known[w]: the newest wgmma commit group of warpgroup w this thread knows retired (its own
+  // wait_group, or learnt through an mbarrier phase / __syncthreads that came after one).
+  int known[8] = {};
+};
+
+// What the arrivals of an mbarrier's phases knew (Fiber::known, joined): a thread that waits
+// on a phase learns it.
+struct BarKnowledge {
+  int pending[8] = {};
+  std::map<int, std::array<int, 8>> done;  // by phase
 };
 
 namespace sm90 = ::emu::sm90;
@@ -249,6 +260,7 @@ struct Runner {
 
   // sm_90 state of the CTA being run (reset by run_cta).
   std::map<uint32_t, sm90::MBarrier> mbars;  // by shared address
+  std::map<const sm90::MBarrier*, BarKnowledge> bar_known;
   std::unique_ptr<sm90::AsyncSmem> async;    // created by the first sm_90 instruction
   Warpgroup wgs[kMaxThreads / 128];
   NamedBar named[16];
@@ -671,7 +683,10 @@ struct Runner {
 
   void reset_sm90() {
     mbars.clear();
+    bar_known.clear();
     async.reset();
+    for (int i = 0; i < nthreads; ++i)
+      for (int& k : fibers[i].known) k = 0;
     const int def = std::min(255, 65536 / std::max(1, nthreads)) / 8 * 8;
     for (Warpgroup& wg : wgs) {
       wg.arrived = 0;
@@ -731,6 +746,28 @@ struct Runner {
   uint32_t smem_off(const void* p, std::size_t bytes, const char* what, int tid) {
     const std::size_t off = offset_of(p, bytes, what, tid);
     return uint32_t(off);
+  }
+
+  // After an arrive or complete_tx on b (phase `before` then): a completed phase keeps what
+  // its arrivals knew.
+  void phase_knowledge(const sm90::MBarrier& b, int before) {
+    if (b.phase() == before) return;
+    BarKnowledge& k = bar_known[&b];
+    std::array<int, 8> done;
+    std::copy(k.pending, k.pending + 8, done.begin());
+    k.done[before] = done;
+    for (int& x : k.pending) x = 0;
+  }
+  // May thread `tid` overwrite bytes a read of (wg, group) covers? Only if it knows it retired.
+  bool knows_retired(int tid, const sm90::WgmmaOrder* order, int group) const {
+    for (int w = 0; w < 8; ++w)
+      if (&wgs[w].order == order) return fibers[tid].known[w] >= group;
+    return false;
+  }
+  bool all_know_retired(const sm90::WgmmaOrder* order, int group) const {
+    for (int i = 0; i < nthreads; ++i)
+      if (fibers[i].state != State::kExited && !knows_retired(i, order, group)) return false;
+    return true;
   }
 
   sm90::MBarrier& mbar_at(const void* bar, int tid, const char* what) {
@@ -837,6 +874,9 @@ struct Runner {
       }
     }
     wg.pending = std::move(still);
+    const int w = int(&wg - wgs);
+    for (int t = 128 * w; t < 128 * w + 128; ++t)
+      fibers[t].known[w] = std::max(fibers[t].known[w], last_retired);
     (void)wg.order.touch(-1, true);  // threads may write registers now: the next wgmma needs a fence
   }
 
@@ -917,6 +957,10 @@ struct Runner {
         continue;
       }
       pass_start = resumes;
+      int joined[8] = {};  // __syncthreads: every thread learns what any thread knew
+      for (int i = 0; i < nthreads; ++i)
+        for (int w = 0; w < 8; ++w) joined[w] = std::max(joined[w], fibers[i].known[w]);
+      for (int i = 0; i < nthreads; ++i) std::memcpy(fibers[i].known, joined, sizeof joined);
       ++clock;
       for (int w = 0; w < warps; ++w) warp_synced[w] = clock;
       for (int i = 0; i < nthreads; ++i)
@@ -1187,7 +1231,11 @@ void mbar_arrive(void* bar, int expect_tx_bytes) {
   Fiber& f = *self();
   Runner& r = *f.runner;
   sm90::MBarrier& b = r.mbar_at(bar, f.id, "mbarrier.arrive");
+  BarKnowledge& k = r.bar_known[&b];
+  for (int w = 0; w < 8; ++w) k.pending[w] = std::max(k.pending[w], f.known[w]);
+  const int before = b.phase();
   if (std::string e = b.arrive(expect_tx_bytes); !e.empty()) r.fail(r.who(f.id) + ": " + e);
+  r.phase_knowledge(b, before);
 }
 
 void mbar_wait(void* bar, int parity) {
@@ -1196,8 +1244,15 @@ void mbar_wait(void* bar, int parity) {
   sm90::MBarrier& b = r.mbar_at(bar, f.id, "mbarrier.try_wait");
   for (;;) {
     bool done = false;
+    const int phase = b.seen(f.id);  // the phase this wait observes
     if (std::string e = b.try_wait(f.id, parity, &done); !e.empty()) r.fail(e);
-    if (done) return;
+    if (done) {
+      const auto& kd = r.bar_known[&b].done;
+      const auto it = kd.find(phase);
+      if (it != kd.end())
+        for (int w = 0; w < 8; ++w) f.known[w] = std::max(f.known[w], it->second[w]);
+      return;
+    }
     r.block(f, Wait::kMbar, &b, uint64_t(b.phase()));
   }
 }
@@ -1223,7 +1278,13 @@ void tma_load(const TmaDesc* d, void* bar, void* smem_dst, const int32_t* crd) {
   if (dst % align != 0) bad("shared destination not aligned to " + std::to_string(align) + " bytes");
   sm90::MBarrier& b = r.mbar_at(bar, f.id, "TMA complete_tx");
   sm90::AsyncSmem& as = r.async_smem();
-  if (std::string e = as.tma_write(dst, bytes, &b, nullptr); !e.empty()) bad(e);
+  const int tid = f.id;
+  if (std::string e = as.tma_write_from(
+          dst, bytes, &b,
+          [&](const sm90::WgmmaOrder* o, int g) { return r.knows_retired(tid, o, g); },
+          [&](const sm90::WgmmaOrder* o, int g) { return r.all_know_retired(o, g); });
+      !e.empty())
+    bad(e);
   const sm90::Swizzle sw = d->swizzle_bytes == 128 ? sm90::Swizzle::B128
                            : d->swizzle_bytes == 64 ? sm90::Swizzle::B64
                            : d->swizzle_bytes == 32 ? sm90::Swizzle::B32
@@ -1244,7 +1305,9 @@ void tma_load(const TmaDesc* d, void* bar, void* smem_dst, const int32_t* crd) {
     if (in) std::memcpy(r.smem + to, src, std::size_t(eb));
     else std::memset(r.smem + to, 0, std::size_t(eb));
   }
+  const int before = b.phase();
   if (std::string e = b.complete_tx(int(bytes)); !e.empty()) bad(e);
+  r.phase_knowledge(b, before);
 }
 
 void named_barrier_sync(int id, int threads) {

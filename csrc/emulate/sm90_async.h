@@ -199,6 +199,31 @@ class AsyncSmem {
     for (uint32_t i = addr; i < addr + n; ++i) bytes_[i] = Byte{Byte::Tma, bar, bar->phase(), -1};
     return {};
   }
+  // tma_write as seen by the thread that issues it (the emulator's form): a wgmma read still
+  // counts as in flight unless `known(wg, group)` says the issuing thread knows the group
+  // retired -- through wait_group in its own warpgroup, or an mbarrier phase it waited on
+  // whose arrivals happened after the retirement. A consumer that releases a stage before its
+  // wgmma retired is caught whatever order the threads happen to run in. `prunable(wg, group)`:
+  // a read every thread knows retired, dropped from the list.
+  template <class Known, class Prunable>
+  std::string tma_write_from(uint32_t addr, uint32_t n, const MBarrier* bar, Known known,
+                             Prunable prunable) {
+    std::size_t kept = 0;
+    std::string report;
+    for (std::size_t i = 0; i < reads_.size(); ++i) {
+      const Read& r = reads_[i];
+      if (r.wg->retired_group(r.group) && prunable(r.wg, r.group)) continue;
+      reads_[kept++] = r;
+      if (report.empty() && addr < r.addr + r.n && r.addr < addr + n && !known(r.wg, r.group))
+        report = "TMA write into shared memory [" + std::to_string(addr) + ", " +
+                 std::to_string(addr + n) + ") that a wgmma still reads, as far as the issuing "
+                 "thread knows (no wait_group, then mbarrier arrive, before the stage's release)";
+    }
+    reads_.resize(kept);
+    if (!report.empty()) return report;
+    for (uint32_t i = addr; i < addr + n; ++i) bytes_[i] = Byte{Byte::Tma, bar, bar->phase(), -1};
+    return {};
+  }
   // A thread's st.shared of [addr, addr + n).
   std::string thread_write(int thread, uint32_t addr, uint32_t n, const WgmmaOrder* wg) {
     if (std::string r = check_war(addr, n, wg, "store by thread " + std::to_string(thread));

@@ -175,12 +175,73 @@ void test_wgmma() {
   r = run_gemm(true, Bug::kNoWait, &d, &err);
   CHECK(contains(r, "before the thread waited on that phase")) << r;
   r = run_gemm(false, Bug::kRefillInFlight, &d, &err);
-  CHECK(contains(r, "in-flight wgmma still reads")) << r;
+  CHECK(contains(r, "that a wgmma still reads")) << r;
   r = run_gemm(false, Bug::kReadBeforeWait, &d, &err);
   CHECK(r.empty()) << r;
   CHECK(err > 1.0) << "results read before wgmma.wait_group must not be there yet";
   r = run_gemm(false, Bug::kNoFence, &d, &err);
   CHECK(contains(r, "without wgmma.fence")) << r;
+}
+
+// ---- releasing a stage before the wgmma that reads it retired ------------------------------
+// Warpgroup 1 consumes a TMA-loaded B with one wgmma and releases the stage on `empty`;
+// warpgroup 0's thread 0 waits for the release and refills the stage. Correct: wait_group,
+// then arrive. The bug (arrive, then wait_group) must be reported whichever thread runs first:
+// the refill is checked against what the producer knows through the barrier, not against the
+// order the emulator happened to run the threads in.
+struct ReleaseArgs {
+  emu::TmaDesc tb;
+  bool early;
+};
+__global__ void release_kernel(const ReleaseArgs p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint16_t* sB = reinterpret_cast<uint16_t*>(smem_raw);  // 8 KiB at 0
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem_raw + 8192);
+  uint64_t* empty = full + 1;
+  if (threadIdx.x == 0) {
+    cute::initialize_barrier(*full, 1);
+    cute::initialize_barrier(*empty, 128);
+  }
+  __syncthreads();
+  if (threadIdx.x < 128) {
+    if (threadIdx.x == 0) {
+      cute::set_barrier_transaction_bytes(*full, 8192);
+      cute::SM90_TMA_LOAD_2D::copy(&p.tb, full, 0, sB, 0, 0);
+      cute::wait_barrier(*empty, 0);
+      cute::set_barrier_transaction_bytes(*full, 8192);  // refill the stage
+      cute::SM90_TMA_LOAD_2D::copy(&p.tb, full, 0, sB, 0, 0);
+    }
+    return;
+  }
+  cute::wait_barrier(*full, 0);
+  float d[32];
+  const uint32_t b0 = uint32_t(__cvta_generic_to_shared(sB));
+  const uint32_t a[4] = {0, 0, 0, 0};
+  using Major = cute::SM90::GMMA::Major;
+  cute::warpgroup_arrive();
+  cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_RS<Major::K, Major::MN>::fma(
+      a[0], a[1], a[2], a[3], desc_sw128(b0, 8192, 1024), d[0], d[1], d[2], d[3], d[4], d[5],
+      d[6], d[7], d[8], d[9], d[10], d[11], d[12], d[13], d[14], d[15], d[16], d[17], d[18],
+      d[19], d[20], d[21], d[22], d[23], d[24], d[25], d[26], d[27], d[28], d[29], d[30], d[31],
+      cute::SM90::GMMA::ScaleOut::Zero);
+  cute::warpgroup_commit_batch();
+  if (p.early) cute::arrive_barrier(*empty);
+  cute::warpgroup_wait<0>();
+  if (!p.early) cute::arrive_barrier(*empty);
+  cute::wait_barrier(*full, 1);  // the refill landed before the CTA ends
+}
+
+void test_release_order() {
+  std::vector<uint16_t> B(64 * 64, bf(1.f));
+  for (bool early : {false, true}) {
+    ReleaseArgs p{desc2d(B.data(), 64, 64, 64), early};
+    DISTATTN_LAUNCH(release_kernel, dim3(1), dim3(256), 8192 + 16, nullptr, p);
+    const std::string r = launch_result();
+    if (early)
+      CHECK(contains(r, "that a wgmma still reads")) << "early release: " << r;
+    else
+      CHECK(r.empty()) << r;
+  }
 }
 
 // ---- TMA box with out-of-bounds fill, swizzle placement ----------------------------------------
@@ -262,6 +323,7 @@ void test_blocking() {
 
 int main() {
   distattn::kern::test_wgmma();
+  distattn::kern::test_release_order();
   distattn::kern::test_tma_box();
   distattn::kern::test_blocking();
   return harness::finish("test_sm90_emulator");
