@@ -28,6 +28,7 @@
 // emulator's sm_90a models (csrc/emulate/sm90_*.h) and compiled with ptxas (docs/KERNELS.md).
 #pragma once
 
+#include <cstdlib>
 #include <type_traits>
 #include <utility>
 
@@ -422,12 +423,19 @@ inline bool make_tma_4d(cute::TmaDescriptor* desc, const void* base, const SeqSt
 }
 
 // Whether this build and device run the Hopper kernel: the emulator when asked
-// (set_emulated_arch(90)); on CUDA an sm_90 device with sm_90a code for the kernel.
+// (set_emulated_arch(90)); on CUDA an sm_90 device with sm_90a code for the kernel (UNVERIFIED:
+// no GPU has run this path), unless DISTATTN_DISABLE_SM90=1.
 template <typename T, int D, int Dv>
 inline bool fwd_sm90_available() {
 #if defined(DISTATTN_EMULATE)
   return emulated_arch() == 90;
 #else
+  // DISTATTN_DISABLE_SM90=1 keeps the mma.sync kernel on Hopper too (to compare the two).
+  static const bool disabled = [] {
+    const char* e = std::getenv("DISTATTN_DISABLE_SM90");
+    return e != nullptr && e[0] == '1';
+  }();
+  if (disabled) return false;
   int device = 0, major = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return false;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
