@@ -1369,6 +1369,11 @@ void setmaxnreg(int regs, bool increase) {
   r.wg_release(wg);
 }
 
+void report_misuse(const std::string& what) {
+  Fiber& f = *self();
+  f.runner->fail(f.runner->who(f.id) + ": " + what);
+}
+
 void fence_proxy_async() {
   Fiber& f = *self();
   f.runner->async_smem().fence_proxy_async(f.id);

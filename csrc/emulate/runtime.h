@@ -116,6 +116,8 @@ void named_barrier_arrive(int id, int threads);
 // must ask for the same count; an increase waits until the CTA's registers allow it (65536
 // per CTA, starting from 65536 / threads rounded down to 8); the CTA's total never exceeds it.
 void setmaxnreg(int regs, bool increase);
+// Fails the launch from the calling thread with `what` (a misuse a stand-in found).
+[[noreturn]] void report_misuse(const std::string& what);
 // fence.proxy.async.shared::cta by this thread.
 void fence_proxy_async();
 // Kernels allowed sm_90's 227 KiB of dynamic shared memory instead of sm_80's 163 KiB.

@@ -126,25 +126,48 @@ DISTATTN_EMU_GMMA(MMA_64x128x16_F32F16F16_RS, kF16, 128, EmulatedRS)
 }  // namespace SM90
 
 // ---- TMA ------------------------------------------------------------------------------------
+namespace TMA {
+enum class CacheHintSm90 : uint64_t {
+  EVICT_NORMAL = 0x1000000000000000,
+  EVICT_FIRST = 0x12F0000000000000,
+  EVICT_LAST = 0x14F0000000000000,
+};
+}  // namespace TMA
+
+namespace detail {
+// The L2 cache-policy operand of the TMA load must be a policy (createpolicy / CuTe's
+// CacheHintSm90 values); 0 is not one.
+inline void check_cache_hint(uint64_t hint) {
+  if (hint != uint64_t(TMA::CacheHintSm90::EVICT_NORMAL) &&
+      hint != uint64_t(TMA::CacheHintSm90::EVICT_FIRST) &&
+      hint != uint64_t(TMA::CacheHintSm90::EVICT_LAST))
+    distattn::emu::report_misuse("TMA load with an L2 cache hint that is not a cache policy "
+                                 "(use cute::TMA::CacheHintSm90)");
+}
+}  // namespace detail
+
 struct SM90_TMA_LOAD_2D {
-  static void copy(void const* desc_ptr, uint64_t* mbar_ptr, uint64_t /*cache_hint*/,
+  static void copy(void const* desc_ptr, uint64_t* mbar_ptr, uint64_t cache_hint,
                    void* smem_ptr, int32_t const& crd0, int32_t const& crd1) {
+    detail::check_cache_hint(cache_hint);
     const int32_t crd[2] = {crd0, crd1};
     distattn::emu::tma_load(static_cast<const TmaDescriptor*>(desc_ptr), mbar_ptr, smem_ptr, crd);
   }
 };
 struct SM90_TMA_LOAD_3D {
-  static void copy(void const* desc_ptr, uint64_t* mbar_ptr, uint64_t /*cache_hint*/,
+  static void copy(void const* desc_ptr, uint64_t* mbar_ptr, uint64_t cache_hint,
                    void* smem_ptr, int32_t const& crd0, int32_t const& crd1,
                    int32_t const& crd2) {
+    detail::check_cache_hint(cache_hint);
     const int32_t crd[3] = {crd0, crd1, crd2};
     distattn::emu::tma_load(static_cast<const TmaDescriptor*>(desc_ptr), mbar_ptr, smem_ptr, crd);
   }
 };
 struct SM90_TMA_LOAD_4D {
-  static void copy(void const* desc_ptr, uint64_t* mbar_ptr, uint64_t /*cache_hint*/,
+  static void copy(void const* desc_ptr, uint64_t* mbar_ptr, uint64_t cache_hint,
                    void* smem_ptr, int32_t const& crd0, int32_t const& crd1,
                    int32_t const& crd2, int32_t const& crd3) {
+    detail::check_cache_hint(cache_hint);
     const int32_t crd[4] = {crd0, crd1, crd2, crd3};
     distattn::emu::tma_load(static_cast<const TmaDescriptor*>(desc_ptr), mbar_ptr, smem_ptr, crd);
   }

@@ -62,6 +62,7 @@ constexpr int kThreads = 128 * (1 + kConsumers);
 constexpr int kBlockM = 64 * kConsumers;
 constexpr int kBlockN = 128;
 constexpr int kStages = 2;
+constexpr uint64_t kEvictNormal = uint64_t(cute::TMA::CacheHintSm90::EVICT_NORMAL);  // L2 policy
 constexpr int kProducerRegs = 24, kConsumerRegs = 240;  // 24 + 2 * 240 = 504 <= 65536 / 128
 static_assert(kProducerRegs + kConsumers * kConsumerRegs <= 512, "setmaxnreg budget");
 
@@ -172,7 +173,7 @@ __global__ void __launch_bounds__(sm90::kThreads, 1)
       for (int c = 0; c < kConsumers; ++c)
 #pragma unroll
         for (int kb = 0; kb < D / 64; ++kb)
-          cute::SM90_TMA_LOAD_4D::copy(&args.tma_q, &q_full, 0,
+          cute::SM90_TMA_LOAD_4D::copy(&args.tma_q, &q_full, kEvictNormal,
                                        sQ + (c * (D / 64) + kb) * 64 * 64, 64 * kb, h,
                                        int(pc.q0 + m0 + 64 * c), b);
       for (index_t it = keys.first; it < keys.last; ++it) {
@@ -182,12 +183,12 @@ __global__ void __launch_bounds__(sm90::kThreads, 1)
         cute::set_barrier_transaction_bytes(k_full[s], uint32_t(BN * D * sizeof(T)));
 #pragma unroll
         for (int kb = 0; kb < D / 64; ++kb)
-          cute::SM90_TMA_LOAD_4D::copy(&args.tma_k, &k_full[s], 0,
+          cute::SM90_TMA_LOAD_4D::copy(&args.tma_k, &k_full[s], kEvictNormal,
                                        sK + (s * (D / 64) + kb) * BN * 64, 64 * kb, hk, row, b);
         cute::set_barrier_transaction_bytes(v_full[s], uint32_t(BN * Dv * sizeof(T)));
 #pragma unroll
         for (int kb = 0; kb < Dv / 64; ++kb)
-          cute::SM90_TMA_LOAD_4D::copy(&args.tma_v, &v_full[s], 0,
+          cute::SM90_TMA_LOAD_4D::copy(&args.tma_v, &v_full[s], kEvictNormal,
                                        sV + (s * (Dv / 64) + kb) * BN * 64, 64 * kb, hk, row, b);
       }
     }

@@ -27,6 +27,7 @@ std::string launch_result() {
 bool contains(const std::string& s, const char* what) { return s.find(what) != std::string::npos; }
 
 uint16_t bf(float x) { return emu::float_to_bf16(x); }
+constexpr uint64_t kEvictNormal = uint64_t(cute::TMA::CacheHintSm90::EVICT_NORMAL);
 
 // A [rows][cols] bf16 row-major global matrix as a 2D TMA tensor (cols contiguous), box
 // (64, rows_box), 128-byte swizzle.
@@ -72,8 +73,8 @@ __global__ void gemm_kernel(const GemmArgs p) {
   __syncthreads();
   if (tid == 0) {
     cute::set_barrier_transaction_bytes(*bar, p.rs ? 8192 : 16384);
-    if (!p.rs) cute::SM90_TMA_LOAD_2D::copy(&p.ta, bar, 0, sA, 0, 0);
-    cute::SM90_TMA_LOAD_2D::copy(&p.tb, bar, 0, sB, 0, 0);
+    if (!p.rs) cute::SM90_TMA_LOAD_2D::copy(&p.ta, bar, kEvictNormal, sA, 0, 0);
+    cute::SM90_TMA_LOAD_2D::copy(&p.tb, bar, kEvictNormal, sB, 0, 0);
   }
   if (p.bug != Bug::kNoWait) cute::wait_barrier(*bar, 0);
   float d[32];
@@ -111,7 +112,7 @@ __global__ void gemm_kernel(const GemmArgs p) {
   cute::warpgroup_commit_batch();
   if (p.bug == Bug::kRefillInFlight && tid == 0) {
     cute::set_barrier_transaction_bytes(*bar, 8192);
-    cute::SM90_TMA_LOAD_2D::copy(&p.tb, bar, 0, sB, 0, 0);
+    cute::SM90_TMA_LOAD_2D::copy(&p.tb, bar, kEvictNormal, sB, 0, 0);
   }
   if (p.bug == Bug::kReadBeforeWait) {
     for (int v = 0; v < 32; ++v) {
@@ -206,10 +207,10 @@ __global__ void release_kernel(const ReleaseArgs p) {
   if (threadIdx.x < 128) {
     if (threadIdx.x == 0) {
       cute::set_barrier_transaction_bytes(*full, 8192);
-      cute::SM90_TMA_LOAD_2D::copy(&p.tb, full, 0, sB, 0, 0);
+      cute::SM90_TMA_LOAD_2D::copy(&p.tb, full, kEvictNormal, sB, 0, 0);
       cute::wait_barrier(*empty, 0);
       cute::set_barrier_transaction_bytes(*full, 8192);  // refill the stage
-      cute::SM90_TMA_LOAD_2D::copy(&p.tb, full, 0, sB, 0, 0);
+      cute::SM90_TMA_LOAD_2D::copy(&p.tb, full, kEvictNormal, sB, 0, 0);
     }
     return;
   }
@@ -248,7 +249,8 @@ void test_release_order() {
 struct BoxArgs {
   emu::TmaDesc t;
   int c0, c1;
-  unsigned char* dump;  // the 64 x 64 box as it lies in shared memory (8 KiB)
+  unsigned char* dump;
+  uint64_t hint;  // the 64 x 64 box as it lies in shared memory (8 KiB)
 };
 __global__ void box_kernel(const BoxArgs p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -256,7 +258,7 @@ __global__ void box_kernel(const BoxArgs p) {
   if (threadIdx.x == 0) {
     cute::initialize_barrier(*bar, 1);
     cute::set_barrier_transaction_bytes(*bar, 8192);
-    cute::SM90_TMA_LOAD_2D::copy(&p.t, bar, 0, smem_raw, p.c0, p.c1);
+    cute::SM90_TMA_LOAD_2D::copy(&p.t, bar, p.hint, smem_raw, p.c0, p.c1);
     cute::wait_barrier(*bar, 0);
     std::memcpy(p.dump, smem_raw, 8192);  // the raw bytes (the test's view, not a kernel's)
   }
@@ -268,7 +270,7 @@ void test_tma_box() {
   for (int i = 0; i < rows * cols; ++i) g[i] = uint16_t(i + 1);
   std::vector<unsigned char> dump(8192);
   for (auto [c0, c1] : {std::pair<int, int>{0, 0}, {40, 70}, {-8, -3}}) {
-    BoxArgs p{desc2d(g.data(), rows, cols, 64), c0, c1, dump.data()};
+    BoxArgs p{desc2d(g.data(), rows, cols, 64), c0, c1, dump.data(), kEvictNormal};
     DISTATTN_LAUNCH(box_kernel, dim3(1), dim3(32), 8192 + 8, nullptr, p);
     const std::string r = launch_result();
     CHECK(r.empty()) << r;
@@ -286,6 +288,10 @@ void test_tma_box() {
       }
     CHECK(bad == 0) << "box at (" << c0 << ", " << c1 << "): " << bad << " elements wrong";
   }
+  BoxArgs p{desc2d(g.data(), rows, cols, 64), 0, 0, dump.data(), 0};  // 0 is no cache policy
+  DISTATTN_LAUNCH(box_kernel, dim3(1), dim3(32), 8192 + 8, nullptr, p);
+  const std::string r = launch_result();
+  CHECK(contains(r, "not a cache policy")) << r;
 }
 
 // ---- waits that never complete; setmaxnreg --------------------------------------------------
