@@ -37,6 +37,16 @@ def report(arch="80", spill=None, stack=None, extra=""):
                           f"    {f} bytes stack frame, {s} bytes spill stores, {s} bytes spill "
                           f"loads",
                           "ptxas info    : Used 168 registers, used 1 barriers, 480 bytes cmem[0]"]
+    if arch == "90a":  # the Hopper forward, D = Dv = 64 and 128
+        for dtype, t in TYPES.items():
+            for d in (64, 128):
+                name = f"_ZN8distattn4kern15fwd_sm90_kernelI{t}Li{d}ELi{d}EEEvNS0_11FwdSm90ArgsE"
+                s = 8 if f"fwd_sm90_kernel<{dtype} hd{d}>" == spill else 0
+                lines += [f"ptxas info    : Compiling entry function '{name}' for 'sm_{arch}'",
+                          f"ptxas info    : Function properties for {name}",
+                          f"    0 bytes stack frame, {s} bytes spill stores, {s} bytes spill "
+                          f"loads",
+                          "ptxas info    : Used 168 registers, used 16 barriers"]
     lines += ["ptxas info    : Compiling entry function "
               "'_ZN8distattn4kern12delta_kernelI6__halffEEvNS_9BwdParamsE' for 'sm_" + arch + "'",
               "ptxas info    : Function properties for "
@@ -53,13 +63,15 @@ def check(text, archs=("80",)):
 def test_clean_report_passes_and_is_parsed():
     entries, bad = check(report("80") + "\n" + report("90a"), archs=("80", "90a"))
     assert bad == []
-    assert len(entries) == 2 * 19
+    assert len(entries) == 2 * 19 + 4
     fwd = [e for e in entries if e.label == "sm_90a fwd_kernel<bf16 hd128>"]
     assert len(fwd) == 1 and fwd[0].registers == 168 and fwd[0].stack == 0
     mla = [e for e in entries if e.label == "sm_80 bwd_kv_kernel<fp16 hd192x128>"]
     assert len(mla) == 1 and mla[0].dims == (192, 128)
     assert {e.kind for e in entries} == {"fwd_kernel", "bwd_kv_kernel", "bwd_q_kernel",
-                                         "delta_kernel"}
+                                         "delta_kernel", "fwd_sm90_kernel"}
+    hop = [e for e in entries if e.label == "sm_90a fwd_sm90_kernel<fp16 hd64>"]
+    assert len(hop) == 1 and hop[0].registers == 168
 
 
 def test_spill_stack_c7510_and_missing_kernels_fail():
@@ -72,7 +84,10 @@ def test_spill_stack_c7510_and_missing_kernels_fail():
     _, bad = check(report(extra="\nptxas warning : (C7510) Potential Performance Loss: wgmma"))
     assert len(bad) == 1 and "C7510" in bad[0]
     _, bad = check(report("80"), archs=("80", "90a"))
-    assert len(bad) == 18 and all("sm_90a" in b and "no ptxas report" in b for b in bad)
+    assert len(bad) == 22 and all("sm_90a" in b and "no ptxas report" in b for b in bad)
+    assert sum("fwd_sm90_kernel" in b for b in bad) == 4
+    _, bad = check(report("90a", spill="fwd_sm90_kernel<bf16 hd128>"), archs=("90a",))
+    assert len(bad) == 1 and "sm_90a fwd_sm90_kernel<bf16 hd128>: 0 bytes stack" in bad[0]
     _, bad = check("")
     assert len(bad) == 18
     assert any("fwd_kernel<fp16 hd192x128>: no ptxas report" in b for b in bad)
@@ -104,3 +119,24 @@ def test_old_single_head_dim_names_and_dim_specs_parse():
     entries, _ = gate.parse(f"ptxas info    : Compiling entry function '{name}' for 'sm_80'")
     assert entries[0].dims == (64, 64) and entries[0].label == "sm_80 fwd_kernel<fp16 hd64>"
     assert gate.parse_dims("192x128") == (192, 128) and gate.parse_dims(64) == (64, 64)
+
+
+def test_sass_gate_parses_functions_and_counts_hopper_instructions():
+    spec = importlib.util.spec_from_file_location(
+        "sass_gate", pathlib.Path(__file__).parent / "cpp" / "sass_gate.py")
+    sass = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sass)
+    listing = "\n".join([
+        "\tcode for sm_90a",
+        "\t\tFunction : _ZN8distattn4kern15fwd_sm90_kernelI6__halfLi64ELi64EEEvNS0_11FwdSm90ArgsE",
+        "        /*0100*/   UTMALDG.4D [UR8], [UR4] ;",
+        "        /*0110*/   SYNCS.ARRIVE.TRANS64.RED.A1T0 RZ, [UR4], RZ ;",
+        "        /*0120*/   HGMMA.64x128x16.F32 R24, gdesc[UR8], RZ, !UPT ;",
+        "        /*0130*/   USETMAXREG.DEALLOC.CTAPOOL 0x18 ;",
+        "\tcode for sm_80",
+        "\t\tFunction : _ZN8distattn4kern15fwd_sm90_kernelI6__halfLi64ELi64EEEvNS0_11FwdSm90ArgsE",
+        "        /*0000*/   EXIT ;",
+    ])
+    funcs = sass.parse_sass(listing)
+    assert [(a, c) for a, _, c in funcs] == [
+        ("sm_90a", {"UTMALDG": 1, "SYNCS": 1, "HGMMA": 1, "USETMAXREG": 1}), ("sm_80", {})]

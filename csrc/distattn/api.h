@@ -33,5 +33,17 @@ template <typename T, int D, int Dv>
 cudaError_t run_fwd(const FwdParams& params, cudaStream_t stream);
 template <typename T, int D, int Dv>
 cudaError_t run_bwd(const BwdParams& params, cudaStream_t stream);
+// The Hopper forward (csrc/kernels/fwd_sm90_kernel.cuh, D = Dv = 64 and 128): launches it and
+// sets *ran when this device and build run it (see fwd_sm90_available), else leaves *ran false
+// and launches nothing, and launch_fwd runs run_fwd's mma.sync kernel instead.
+template <typename T, int D, int Dv>
+cudaError_t run_fwd_sm90(const FwdParams& params, cudaStream_t stream, bool* ran);
+
+#if defined(DISTATTN_EMULATE)
+// Which kernels the emulator's launch_fwd runs: 80 (default: the mma.sync kernels) or 90 (the
+// Hopper forward where one exists). Per process; distattn/kernels/emulate.py sets it.
+void set_emulated_arch(int arch);
+int emulated_arch();
+#endif
 
 }  // namespace distattn

@@ -20,6 +20,12 @@
 
 #include "emulate/cuda_runtime.h"
 #include "emulate/float16.h"
+#include "emulate/sm90_async.h"
+#include "emulate/sm90_gmma.h"
+#include <array>
+#include <map>
+#include <set>
+#include <memory>
 
 #if defined(__x86_64__) && defined(__ELF__) && !defined(DISTATTN_EMULATE_UCONTEXT)
 #define DISTATTN_EMU_ASM_SWITCH 1
@@ -62,7 +68,7 @@ extern "C" void distattn_emu_switch(void** save, void* to);
 
 namespace distattn {
 namespace kern {
-__thread __attribute__((aligned(16))) unsigned char smem_raw[emu::kMaxSmemBytes];
+__thread __attribute__((aligned(1024))) unsigned char smem_raw[emu::kMaxSmemBytesSm90];
 }  // namespace kern
 
 namespace emu {
@@ -79,7 +85,10 @@ constexpr std::size_t kGuardBytes = 4096;
 constexpr std::size_t kHeaderBytes = 64;
 constexpr std::size_t kStackBytes = kSpanBytes - kGuardBytes - kHeaderBytes;
 
-enum class State : uint8_t { kRunnable, kAtWarpOp, kAtBarrier, kExited };
+// kBlocked: waiting for an sm_90 event (mbarrier phase, the rest of its warpgroup at a
+// warpgroup-wide instruction, a named barrier, registers for setmaxnreg); see Runner::ready.
+enum class State : uint8_t { kRunnable, kAtWarpOp, kAtBarrier, kExited, kBlocked };
+enum class Wait : uint8_t { kNone, kMbar, kWarpgroup, kNamed, kRegs };
 enum class Op : uint8_t { kNone, kMma, kLdsm, kShfl, kSyncwarp };
 enum class Kind : uint8_t { kNone, kCpAsync, kLdmatrix, kLdShared, kStShared };
 
@@ -143,6 +152,47 @@ struct Fiber {
   std::vector<AsyncCopy> copies;
   long committed = 0;
   uint64_t cta_synced = 0;  // clock of the last __syncthreads it passed (or the CTA start)
+  // What a kBlocked fiber waits for: the object and the value it had when the fiber blocked.
+  Wait wait = Wait::kNone;
+  const void* wait_obj = nullptr;
+  uint64_t wait_val = 0;
+  // known[w]: the newest wgmma commit group of warpgroup w this thread knows retired (its own
+  // wait_group, or learnt through an mbarrier phase / __syncthreads that came after one).
+  int known[8] = {};
+};
+
+// What the arrivals of an mbarrier's phases knew (Fiber::known, joined): a thread that waits
+// on a phase learns it.
+struct BarKnowledge {
+  int pending[8] = {};
+  std::map<int, std::array<int, 8>> done;  // by phase
+};
+
+namespace sm90 = ::emu::sm90;
+
+// A wgmma whose result has not yet reached the threads' registers (until wait_group).
+struct PendingMma {
+  int group = -1;             // commit group, -1 while open
+  std::vector<float*> ptrs;   // 128 threads x n/2 registers
+  std::vector<float> vals;
+};
+
+// One warpgroup's state for the warpgroup-wide instructions.
+enum class WgOp : int { kNone, kWgmma, kFence, kCommit, kWait, kRegs };
+struct Warpgroup {
+  int arrived = 0;
+  uint64_t gen = 0;
+  WgOp op[128] = {};
+  long arg[128] = {};
+  WgmmaIssue issue[128];
+  sm90::WgmmaOrder order;
+  std::vector<PendingMma> pending;
+  int regs = 0;  // setmaxnreg's current count per thread
+};
+
+struct NamedBar {
+  int arrived = 0, threads = 0;
+  uint64_t gen = 0;
 };
 
 // One access in the shadow of a 4-byte granule of shared memory.
@@ -207,6 +257,15 @@ struct Runner {
   unsigned char* smem = nullptr;
   bool failed = false;
   std::string error;
+
+  // sm_90 state of the CTA being run (reset by run_cta).
+  std::map<uint32_t, sm90::MBarrier> mbars;  // by shared address
+  std::map<const sm90::MBarrier*, BarKnowledge> bar_known;
+  std::unique_ptr<sm90::AsyncSmem> async;    // created by the first sm_90 instruction
+  Warpgroup wgs[kMaxThreads / 128];
+  NamedBar named[16];
+  Warpgroup regs_changed;  // only its gen: bumped by every setmaxnreg
+  long resumes = 0;
 
   Runner() : fibers(kMaxThreads) {
     mapped_bytes = kSpanBytes * (kMaxThreads + 1);  // one more span to align them
@@ -273,8 +332,11 @@ struct Runner {
   // exit, divergence), back to the scheduler. Returns when f runs again.
   void next_lane(Fiber& f) {
     const int lo = f.id / kWarpSize * kWarpSize, hi = std::min(nthreads, lo + kWarpSize);
-    for (int i = f.id + 1; i < hi; ++i)
+    for (int i = f.id + 1; i < hi; ++i) {
+      if (fibers[i].state == State::kBlocked && ready(fibers[i]))
+        fibers[i].state = State::kRunnable;
       if (fibers[i].state == State::kRunnable) return switch_to(f, fibers[i]);
+    }
     bool all_at_op = hi - lo == kWarpSize;
     for (int i = lo; i < hi && all_at_op; ++i) all_at_op = fibers[i].state == State::kAtWarpOp;
     if (!all_at_op) return yield(f);
@@ -570,6 +632,254 @@ struct Runner {
       lanes[l].io.u[0] = in[(l ^ lanes[l].io.lane_mask) & (kWarpSize - 1)];
   }
 
+  // -- sm_90a: blocking, warpgroups, mbarriers, TMA, wgmma -------------------------------------
+  bool ready(const Fiber& f) const {
+    switch (f.wait) {
+      case Wait::kMbar: return static_cast<const sm90::MBarrier*>(f.wait_obj)->phase() != int(f.wait_val);
+      case Wait::kWarpgroup:
+      case Wait::kRegs: return static_cast<const Warpgroup*>(f.wait_obj)->gen != f.wait_val;
+      case Wait::kNamed: return static_cast<const NamedBar*>(f.wait_obj)->gen != f.wait_val;
+      default: return true;
+    }
+  }
+
+  // From fiber f: stop until `ready` holds (the scheduler runs the others meanwhile).
+  void block(Fiber& f, Wait what, const void* obj, uint64_t val) {
+    f.wait = what;
+    f.wait_obj = obj;
+    f.wait_val = val;
+    f.state = State::kBlocked;
+    next_lane(f);
+    f.wait = Wait::kNone;
+  }
+
+  std::string deadlock_message() const {
+    std::ostringstream s;
+    s << "deadlock: no thread can make progress;";
+    int shown = 0;
+    // The threads that wait for something other than their own warpgroup first: they say why.
+    for (int k = 0; k < 2 * nthreads && shown < 4; ++k) {
+      const int i = k % nthreads;
+      const Fiber& f = fibers[i];
+      const bool wg_wait = f.state == State::kBlocked && f.wait == Wait::kWarpgroup;
+      if (f.state == State::kExited || wg_wait != (k >= nthreads)) continue;
+      ++shown;
+      s << " " << who(i) << " ";
+      switch (f.state) {
+        case State::kAtBarrier: s << "waits at __syncthreads()"; break;
+        case State::kAtWarpOp: s << "waits at " << op_name(f.io.op); break;
+        case State::kBlocked:
+          s << (f.wait == Wait::kMbar        ? "waits on an mbarrier phase that never completes"
+                : f.wait == Wait::kWarpgroup ? "waits for the rest of its warpgroup"
+                : f.wait == Wait::kNamed     ? "waits at a named barrier"
+                                             : "waits for registers (setmaxnreg.inc)");
+          break;
+        default: s << "is runnable"; break;
+      }
+      s << ";";
+    }
+    return s.str();
+  }
+
+  void reset_sm90() {
+    mbars.clear();
+    bar_known.clear();
+    async.reset();
+    for (int i = 0; i < nthreads; ++i)
+      for (int& k : fibers[i].known) k = 0;
+    const int def = std::min(255, 65536 / std::max(1, nthreads)) / 8 * 8;
+    for (Warpgroup& wg : wgs) {
+      wg.arrived = 0;
+      wg.gen = 0;
+      wg.order = sm90::WgmmaOrder();
+      wg.pending.clear();
+      wg.regs = def;
+    }
+    for (NamedBar& b : named) b = NamedBar();
+  }
+
+  // End of a CTA whose threads all exited: nothing asynchronous may be left behind.
+  bool finish_cta() {
+    for (int w = 0; w < (nthreads + 127) / 128; ++w)
+      if (!wgs[w].pending.empty()) {
+        std::ostringstream s;
+        s << "warpgroup " << w << " exits with " << wgs[w].pending.size()
+          << " wgmma results never waited for (missing wgmma.wait_group)";
+        set_error(s.str());
+        return false;
+      }
+    return true;
+  }
+
+  sm90::AsyncSmem& async_smem() {
+    if (!async) async = std::make_unique<sm90::AsyncSmem>(uint32_t(smem_bytes));
+    return *async;
+  }
+
+  // A warpgroup-wide instruction: every thread of the warpgroup must reach the same one. The
+  // last to arrive gets `true` and performs it, then calls wg_release; the others block.
+  bool wg_arrive(Fiber& f, WgOp op, long arg) {
+    if (nthreads % 128 != 0) fail(who(f.id) + ": a warpgroup instruction in a block of " +
+                                  std::to_string(nthreads) + " threads (not a multiple of 128)");
+    Warpgroup& wg = wgs[f.id / 128];
+    wg.op[f.id % 128] = op;
+    wg.arg[f.id % 128] = arg;
+    if (++wg.arrived < 128) {
+      block(f, Wait::kWarpgroup, &wg, wg.gen);
+      return false;
+    }
+    for (int t = 1; t < 128; ++t)
+      if (wg.op[t] != wg.op[0] || wg.arg[t] != wg.arg[0]) {
+        std::ostringstream s;
+        s << "warpgroup " << f.id / 128 << " diverged at a warpgroup instruction: thread "
+          << (f.id / 128) * 128 << " and thread " << (f.id / 128) * 128 + t
+          << " are at different ones (or with different operands)";
+        fail(s.str());
+      }
+    return true;
+  }
+  void wg_release(Warpgroup& wg) {
+    wg.arrived = 0;
+    ++wg.gen;
+  }
+
+  uint32_t smem_off(const void* p, std::size_t bytes, const char* what, int tid) {
+    const std::size_t off = offset_of(p, bytes, what, tid);
+    return uint32_t(off);
+  }
+
+  // After an arrive or complete_tx on b (phase `before` then): a completed phase keeps what
+  // its arrivals knew.
+  void phase_knowledge(const sm90::MBarrier& b, int before) {
+    if (b.phase() == before) return;
+    BarKnowledge& k = bar_known[&b];
+    std::array<int, 8> done;
+    std::copy(k.pending, k.pending + 8, done.begin());
+    k.done[before] = done;
+    for (int& x : k.pending) x = 0;
+  }
+  // May thread `tid` overwrite bytes a read of (wg, group) covers? Only if it knows it retired.
+  bool knows_retired(int tid, const sm90::WgmmaOrder* order, int group) const {
+    for (int w = 0; w < 8; ++w)
+      if (&wgs[w].order == order) return fibers[tid].known[w] >= group;
+    return false;
+  }
+  bool all_know_retired(const sm90::WgmmaOrder* order, int group) const {
+    for (int i = 0; i < nthreads; ++i)
+      if (fibers[i].state != State::kExited && !knows_retired(i, order, group)) return false;
+    return true;
+  }
+
+  sm90::MBarrier& mbar_at(const void* bar, int tid, const char* what) {
+    const uint32_t off = smem_off(bar, 8, what, tid);
+    if (off % 8 != 0) fail(who(tid) + ": " + what + " at a shared address not 8-byte aligned");
+    auto it = mbars.find(off);
+    if (it == mbars.end()) fail(who(tid) + ": " + what + " on an mbarrier never initialised");
+    return it->second;
+  }
+
+  // The last thread of the warpgroup runs the wgmma for all 128.
+  void exec_wgmma(Warpgroup& wg, int wg_index) {
+    const WgmmaIssue& i0 = wg.issue[0];
+    for (int t = 1; t < 128; ++t) {
+      const WgmmaIssue& it = wg.issue[t];
+      if (it.type != i0.type || it.n != i0.n || it.a_mn_major != i0.a_mn_major ||
+          it.b_mn_major != i0.b_mn_major || it.scale_d != i0.scale_d ||
+          it.a_from_regs != i0.a_from_regs || it.desc_b != i0.desc_b ||
+          (!i0.a_from_regs && it.desc_a != i0.desc_a))
+        fail("warpgroup " + std::to_string(wg_index) + ": threads 0 and " + std::to_string(t) +
+             " issue different wgmma instructions (operands, shape or descriptors differ)");
+    }
+    if (std::string r = wg.order.mma(0); !r.empty()) fail("warpgroup " + std::to_string(wg_index) + ": " + r);
+    const int N = i0.n;
+    const bool bf16 = i0.type == MmaType::kBF16;
+    const float* half_table = half_to_float_table();
+    auto cvt = [bf16, half_table](uint16_t h) { return bf16 ? bf16_to_float(h) : half_table[h]; };
+    std::vector<uint32_t> chunks;
+    auto smem_elem = [&](uint64_t desc, bool mn_major, int mn, int k) {
+      const uint32_t a = sm90::operand_address(desc, mn_major ? sm90::Major::MN : sm90::Major::K,
+                                               mn, k, 2);
+      if (a == ~0u || a + 2 > smem_bytes)
+        fail("warpgroup " + std::to_string(wg_index) + ": wgmma operand address " +
+             std::to_string(a) + " outside the block's " + std::to_string(smem_bytes) +
+             " bytes of dynamic shared memory (descriptor or layout not modelled)");
+      chunks.push_back(a & ~15u);
+      uint16_t h;
+      std::memcpy(&h, smem + a, 2);
+      return cvt(h);
+    };
+    static thread_local std::vector<float> A, B;
+    A.assign(64 * 16, 0.f);
+    B.assign(size_t(N) * 16, 0.f);
+    for (int m = 0; m < 64; ++m)
+      if (!i0.a_from_regs)
+        for (int k = 0; k < 16; ++k) A[m * 16 + k] = smem_elem(i0.desc_a, i0.a_mn_major, m, k);
+    if (i0.a_from_regs)
+      for (int t = 0; t < 128; ++t)
+        for (int v = 0; v < 8; ++v) {
+          const sm90::Coord c = sm90::a_coord(t, v);
+          const uint32_t reg = wg.issue[t].a_regs[v / 2];
+          A[c.row * 16 + c.col] = cvt(uint16_t(v % 2 == 0 ? reg & 0xffffu : reg >> 16));
+        }
+    for (int n = 0; n < N; ++n)
+      for (int k = 0; k < 16; ++k) B[k * N + n] = smem_elem(i0.desc_b, i0.b_mn_major, n, k);
+    // The async-proxy check for every thread, then one record of the warpgroup's reads.
+    std::sort(chunks.begin(), chunks.end());
+    chunks.erase(std::unique(chunks.begin(), chunks.end()), chunks.end());
+    sm90::AsyncSmem& as = async_smem();
+    for (int t = 0; t < 128; ++t)
+      for (uint32_t c : chunks)
+        if (std::string r = as.wgmma_check(wg_index * 128 + t, c, 16, 16); !r.empty())
+          fail("warpgroup " + std::to_string(wg_index) + ": " + r);
+    for (std::size_t i = 0; i < chunks.size();) {
+      std::size_t j = i + 1;
+      while (j < chunks.size() && chunks[j] == chunks[j - 1] + 16) ++j;
+      as.wgmma_record(chunks[i], uint32_t(16 * (j - i)), &wg.order);
+      i = j;
+    }
+    // D = A B in k order (float), + C: the registers, or the pending result of the wgmma
+    // this one chains onto (same accumulator registers, not yet retired).
+    std::vector<float> D(size_t(64) * N, 0.f);
+    for (int k = 0; k < 16; ++k)
+      for (int m = 0; m < 64; ++m)
+        for (int n = 0; n < N; ++n) D[m * N + n] += A[m * 16 + k] * B[k * N + n];
+    PendingMma pm;
+    pm.ptrs.resize(size_t(128) * (N / 2));
+    for (int t = 0; t < 128; ++t)
+      for (int v = 0; v < N / 2; ++v) pm.ptrs[t * (N / 2) + v] = wg.issue[t].d[v];
+    const PendingMma* chain = nullptr;
+    for (auto it = wg.pending.rbegin(); it != wg.pending.rend() && !chain; ++it)
+      if (it->ptrs == pm.ptrs) chain = &*it;
+    pm.vals.resize(pm.ptrs.size());
+    for (int t = 0; t < 128; ++t)
+      for (int v = 0; v < N / 2; ++v) {
+        const sm90::Coord c = sm90::acc_coord(t, v);
+        const std::size_t i = t * (N / 2) + v;
+        const float old = !i0.scale_d ? 0.f : chain ? chain->vals[i] : *pm.ptrs[i];
+        pm.vals[i] = old + D[c.row * N + c.col];
+      }
+    wg.pending.push_back(std::move(pm));
+  }
+
+  // wait_group(n): the results of every committed group but the newest n reach the registers.
+  void exec_wgmma_wait(Warpgroup& wg, int n) {
+    wg.order.wait(n);
+    const int last_retired = wg.order.groups() - n;
+    std::vector<PendingMma> still;
+    for (PendingMma& pm : wg.pending) {
+      if (pm.group >= 0 && pm.group <= last_retired) {
+        for (std::size_t i = 0; i < pm.ptrs.size(); ++i) *pm.ptrs[i] = pm.vals[i];
+      } else {
+        still.push_back(std::move(pm));
+      }
+    }
+    wg.pending = std::move(still);
+    const int w = int(&wg - wgs);
+    for (int t = 128 * w; t < 128 * w + 128; ++t)
+      fibers[t].known[w] = std::max(fibers[t].known[w], last_retired);
+    (void)wg.order.touch(-1, true);  // threads may write registers now: the next wgmma needs a fence
+  }
+
   // -- the scheduler --------------------------------------------------------------------------
   // Runs one CTA; false (with `error` set) when the kernel broke a rule the emulator checks.
   bool run_cta(dim3 idx) {
@@ -592,24 +902,32 @@ struct Runner {
       f.cta_synced = cta_start;
       prepare(f);
     }
+    reset_sm90();
+    long pass_start = resumes - 1;
     for (;;) {
       for (int w = 0; w < warps; ++w) {
         const int lo = w * kWarpSize, hi = std::min(nthreads, lo + kWarpSize);
         // The warp's lanes hand over to each other (next_lane) until it is stuck.
         for (int i = lo; i < hi; ++i)
+          if (fibers[i].state == State::kBlocked && ready(fibers[i]))
+            fibers[i].state = State::kRunnable;
+        for (int i = lo; i < hi; ++i)
           if (fibers[i].state == State::kRunnable) {
+            ++resumes;
             resume(fibers[i]);
             break;
           }
         if (failed) return false;
         int at_op = -1, other = -1;  // a lane at a warp operation, and one that is not
+        bool blocked = false;        // a lane that may still come (sm_90 waits)
         for (int i = lo; i < hi; ++i) {
+          blocked |= fibers[i].state == State::kBlocked || fibers[i].state == State::kRunnable;
           if (fibers[i].state == State::kAtWarpOp)
             at_op = at_op < 0 ? i : at_op;
           else
             other = other < 0 ? i : other;
         }
-        if (at_op >= 0) {  // it would have run had the whole warp been there
+        if (at_op >= 0 && !blocked) {  // it would have run had the whole warp been there
           std::ostringstream s;
           s << "warp " << w << ": " << who(at_op) << " waits at the full-warp "
             << op_name(fibers[at_op].io.op) << " while ";
@@ -623,10 +941,26 @@ struct Runner {
           return false;
         }
       }
-      // Every warp is at __syncthreads() or has exited.
-      int live = 0;
-      for (int i = 0; i < nthreads; ++i) live += fibers[i].state != State::kExited;
-      if (live == 0) return true;
+      // Every warp is at __syncthreads(), has exited, or waits for an sm_90 event.
+      int live = 0, at_barrier = 0;
+      for (int i = 0; i < nthreads; ++i) {
+        live += fibers[i].state != State::kExited;
+        at_barrier += fibers[i].state == State::kAtBarrier;
+      }
+      if (live == 0) return finish_cta();
+      if (at_barrier != live) {
+        if (resumes == pass_start) {  // nothing ran in a whole pass: nothing ever will
+          set_error(deadlock_message());
+          return false;
+        }
+        pass_start = resumes;
+        continue;
+      }
+      pass_start = resumes;
+      int joined[8] = {};  // __syncthreads: every thread learns what any thread knew
+      for (int i = 0; i < nthreads; ++i)
+        for (int w = 0; w < 8; ++w) joined[w] = std::max(joined[w], fibers[i].known[w]);
+      for (int i = 0; i < nthreads; ++i) std::memcpy(fibers[i].known, joined, sizeof joined);
       ++clock;
       for (int w = 0; w < warps; ++w) warp_synced[w] = clock;
       for (int i = 0; i < nthreads; ++i)
@@ -724,8 +1058,13 @@ std::unordered_map<const void*, int>& max_smem_attr() {
   static std::unordered_map<const void*, int> m;
   return m;
 }
+std::set<const void*>& sm90_kernels() {
+  static std::set<const void*> s;
+  return s;
+}
 std::atomic<int> g_num_threads{1};
 std::atomic<long> g_launches{0};
+std::atomic<const void*> g_last_kernel{nullptr};
 
 }  // namespace
 
@@ -826,8 +1165,232 @@ void shared_write(void* p, std::size_t bytes) {
   r.shadow_write(q, r.offset_of(p, bytes, "st.shared", q), bytes, Kind::kStShared, false);
 }
 
+// -- sm_90a ------------------------------------------------------------------------------------
+uint32_t smem_address(const void* p) {
+  Fiber& f = *self();
+  Runner& r = *f.runner;
+  const auto* c = static_cast<const unsigned char*>(p);
+  if (c < r.smem || c > r.smem + kMaxSmemBytesSm90)
+    r.fail(r.who(f.id) + ": __cvta_generic_to_shared of a pointer outside shared memory");
+  return uint32_t(c - r.smem);
+}
+
+void wgmma(const WgmmaIssue& issue) {
+  Fiber& f = *self();
+  Runner& r = *f.runner;
+  if (issue.n < 8 || issue.n > 256 || issue.n % 8 != 0)
+    r.fail(r.who(f.id) + ": wgmma with N = " + std::to_string(issue.n));
+  Warpgroup& wg = r.wgs[f.id / 128];
+  wg.issue[f.id % 128] = issue;
+  // The operands are compared by exec_wgmma; the arrival key is the instruction itself.
+  if (!r.wg_arrive(f, WgOp::kWgmma, issue.n)) return;
+  r.exec_wgmma(wg, f.id / 128);
+  r.wg_release(wg);
+}
+
+void wgmma_fence() {
+  Fiber& f = *self();
+  Runner& r = *f.runner;
+  if (!r.wg_arrive(f, WgOp::kFence, 0)) return;
+  Warpgroup& wg = r.wgs[f.id / 128];
+  wg.order.fence();
+  r.wg_release(wg);
+}
+
+void wgmma_commit() {
+  Fiber& f = *self();
+  Runner& r = *f.runner;
+  if (!r.wg_arrive(f, WgOp::kCommit, 0)) return;
+  Warpgroup& wg = r.wgs[f.id / 128];
+  wg.order.commit();
+  for (PendingMma& pm : wg.pending)
+    if (pm.group < 0) pm.group = wg.order.groups();
+  r.wg_release(wg);
+}
+
+void wgmma_wait(int n) {
+  Fiber& f = *self();
+  Runner& r = *f.runner;
+  if (!r.wg_arrive(f, WgOp::kWait, n)) return;
+  Warpgroup& wg = r.wgs[f.id / 128];
+  r.exec_wgmma_wait(wg, n);
+  r.wg_release(wg);
+}
+
+void mbar_init(void* bar, int count) {
+  Fiber& f = *self();
+  Runner& r = *f.runner;
+  const uint32_t off = r.smem_off(bar, 8, "mbarrier.init", f.id);
+  if (off % 8 != 0) r.fail(r.who(f.id) + ": mbarrier.init at an address not 8-byte aligned");
+  sm90::MBarrier b;
+  if (std::string e = b.init(count); !e.empty()) r.fail(r.who(f.id) + ": " + e);
+  r.mbars[off] = b;
+}
+
+void mbar_arrive(void* bar, int expect_tx_bytes) {
+  Fiber& f = *self();
+  Runner& r = *f.runner;
+  sm90::MBarrier& b = r.mbar_at(bar, f.id, "mbarrier.arrive");
+  BarKnowledge& k = r.bar_known[&b];
+  for (int w = 0; w < 8; ++w) k.pending[w] = std::max(k.pending[w], f.known[w]);
+  const int before = b.phase();
+  if (std::string e = b.arrive(expect_tx_bytes); !e.empty()) r.fail(r.who(f.id) + ": " + e);
+  r.phase_knowledge(b, before);
+}
+
+void mbar_wait(void* bar, int parity) {
+  Fiber& f = *self();
+  Runner& r = *f.runner;
+  sm90::MBarrier& b = r.mbar_at(bar, f.id, "mbarrier.try_wait");
+  for (;;) {
+    bool done = false;
+    const int phase = b.seen(f.id);  // the phase this wait observes
+    if (std::string e = b.try_wait(f.id, parity, &done); !e.empty()) r.fail(e);
+    if (done) {
+      const auto& kd = r.bar_known[&b].done;
+      const auto it = kd.find(phase);
+      if (it != kd.end())
+        for (int w = 0; w < 8; ++w) f.known[w] = std::max(f.known[w], it->second[w]);
+      return;
+    }
+    r.block(f, Wait::kMbar, &b, uint64_t(b.phase()));
+  }
+}
+
+void tma_load(const TmaDesc* d, void* bar, void* smem_dst, const int32_t* crd) {
+  Fiber& f = *self();
+  Runner& r = *f.runner;
+  auto bad = [&](const std::string& what) { r.fail(r.who(f.id) + ": TMA load: " + what); };
+  if (d == nullptr || d->rank < 1 || d->rank > 5 || d->base == nullptr) bad("invalid descriptor");
+  const int eb = d->elem_bytes;
+  uint64_t elems = 1;
+  for (int i = 0; i < d->rank; ++i) {
+    if (d->box[i] < 1 || d->box[i] > 256) bad("box dimension out of 1..256");
+    elems *= d->box[i];
+  }
+  const uint32_t inner = d->box[0] * uint32_t(eb);
+  if (inner % 16 != 0) bad("inner box extent not a multiple of 16 bytes");
+  if (d->swizzle_bytes != 0 && inner > uint32_t(d->swizzle_bytes))
+    bad("inner box extent wider than the swizzle span");
+  const uint32_t bytes = uint32_t(elems) * uint32_t(eb);
+  const uint32_t dst = r.smem_off(smem_dst, bytes, "TMA destination", f.id);
+  const uint32_t align = d->swizzle_bytes == 128 ? 1024 : d->swizzle_bytes ? 8u * d->swizzle_bytes : 128;
+  if (dst % align != 0) bad("shared destination not aligned to " + std::to_string(align) + " bytes");
+  sm90::MBarrier& b = r.mbar_at(bar, f.id, "TMA complete_tx");
+  sm90::AsyncSmem& as = r.async_smem();
+  const int tid = f.id;
+  if (std::string e = as.tma_write_from(
+          dst, bytes, &b,
+          [&](const sm90::WgmmaOrder* o, int g) { return r.knows_retired(tid, o, g); },
+          [&](const sm90::WgmmaOrder* o, int g) { return r.all_know_retired(o, g); });
+      !e.empty())
+    bad(e);
+  const sm90::Swizzle sw = d->swizzle_bytes == 128 ? sm90::Swizzle::B128
+                           : d->swizzle_bytes == 64 ? sm90::Swizzle::B64
+                           : d->swizzle_bytes == 32 ? sm90::Swizzle::B32
+                                                    : sm90::Swizzle::None;
+  uint32_t idx[5] = {0, 0, 0, 0, 0};
+  for (uint64_t e = 0; e < elems; ++e) {
+    uint64_t rest = e;
+    bool in = true;
+    const unsigned char* src = static_cast<const unsigned char*>(d->base);
+    for (int i = 0; i < d->rank; ++i) {
+      idx[i] = uint32_t(rest % d->box[i]);
+      rest /= d->box[i];
+      const int64_t g = int64_t(crd[i]) + idx[i];
+      if (g < 0 || uint64_t(g) >= d->dims[i]) in = false;
+      else src += uint64_t(g) * (i == 0 ? uint64_t(eb) : d->strides[i]);
+    }
+    const uint32_t to = sm90::swizzle_address(sw, dst + uint32_t(e) * uint32_t(eb));
+    if (in) std::memcpy(r.smem + to, src, std::size_t(eb));
+    else std::memset(r.smem + to, 0, std::size_t(eb));
+  }
+  const int before = b.phase();
+  if (std::string e = b.complete_tx(int(bytes)); !e.empty()) bad(e);
+  r.phase_knowledge(b, before);
+}
+
+void named_barrier_sync(int id, int threads) {
+  Fiber& f = *self();
+  Runner& r = *f.runner;
+  if (id < 0 || id >= 16 || threads % 32 != 0 || threads < 32 || threads > r.nthreads)
+    r.fail(r.who(f.id) + ": bar.sync " + std::to_string(id) + ", " + std::to_string(threads));
+  NamedBar& b = r.named[id];
+  if (b.arrived > 0 && b.threads != threads)
+    r.fail(r.who(f.id) + ": named barrier " + std::to_string(id) + " used with " +
+           std::to_string(threads) + " and " + std::to_string(b.threads) + " threads");
+  b.threads = threads;
+  if (++b.arrived == threads) {
+    b.arrived = 0;
+    ++b.gen;
+    return;
+  }
+  r.block(f, Wait::kNamed, &b, b.gen);
+}
+
+void named_barrier_arrive(int id, int threads) {
+  Fiber& f = *self();
+  Runner& r = *f.runner;
+  if (id < 0 || id >= 16 || threads % 32 != 0 || threads < 32 || threads > r.nthreads)
+    r.fail(r.who(f.id) + ": bar.arrive " + std::to_string(id) + ", " + std::to_string(threads));
+  NamedBar& b = r.named[id];
+  if (b.arrived > 0 && b.threads != threads)
+    r.fail(r.who(f.id) + ": named barrier " + std::to_string(id) + " used with " +
+           std::to_string(threads) + " and " + std::to_string(b.threads) + " threads");
+  b.threads = threads;
+  if (++b.arrived == threads) {
+    b.arrived = 0;
+    ++b.gen;
+  }
+}
+
+void setmaxnreg(int regs, bool increase) {
+  Fiber& f = *self();
+  Runner& r = *f.runner;
+  if (!r.wg_arrive(f, WgOp::kRegs, long(regs) * 2 + (increase ? 1 : 0))) return;
+  const int w = f.id / 128, groups = r.nthreads / 128;
+  Warpgroup& wg = r.wgs[w];
+  if (regs < 24 || regs > 256 || regs % 8 != 0)
+    r.fail("warpgroup " + std::to_string(w) + ": setmaxnreg " + std::to_string(regs) +
+           " (must be a multiple of 8 in 24..256)");
+  if (increase ? regs < wg.regs : regs > wg.regs)
+    r.fail("warpgroup " + std::to_string(w) + ": setmaxnreg." + (increase ? "inc " : "dec ") +
+           std::to_string(regs) + " from " + std::to_string(wg.regs));
+  for (;;) {
+    long total = 0;
+    for (int g = 0; g < groups; ++g) total += long(g == w ? regs : r.wgs[g].regs) * 128;
+    if (total <= 65536 || !increase) break;  // a decrease never grows the total
+    // Wait for another warpgroup to release registers (the hardware blocks the same way);
+    // every setmaxnreg bumps regs_changed.gen.
+    r.block(f, Wait::kRegs, &r.regs_changed, r.regs_changed.gen);
+  }
+  wg.regs = regs;
+  ++r.regs_changed.gen;
+  r.wg_release(wg);
+}
+
+void report_misuse(const std::string& what) {
+  Fiber& f = *self();
+  f.runner->fail(f.runner->who(f.id) + ": " + what);
+}
+
+void fence_proxy_async() {
+  Fiber& f = *self();
+  f.runner->async_smem().fence_proxy_async(f.id);
+}
+
+void allow_sm90_smem(const void* kernel) {
+  std::lock_guard<std::mutex> lock(g_attr_mu);
+  sm90_kernels().insert(kernel);
+}
+
 int set_max_dynamic_smem(const void* kernel, int bytes) {
-  if (bytes < 0 || bytes > kMaxSmemBytes) {
+  bool sm90 = false;
+  {
+    std::lock_guard<std::mutex> lock(g_attr_mu);
+    sm90 = sm90_kernels().count(kernel) > 0;
+  }
+  if (bytes < 0 || bytes > (sm90 ? kMaxSmemBytesSm90 : kMaxSmemBytes)) {
     std::ostringstream s;
     s << "distattn emulator: cudaFuncSetAttribute(MaxDynamicSharedMemorySize, " << bytes
       << ") for " << kernel_name(kernel) << " exceeds the " << kMaxSmemBytes
@@ -842,6 +1405,10 @@ int set_max_dynamic_smem(const void* kernel, int bytes) {
 
 void set_num_threads(int n) { g_num_threads = n < 1 ? 1 : n; }
 long launch_count() { return g_launches; }
+std::string last_kernel() {
+  const void* k = g_last_kernel;
+  return k ? kernel_name(k) : std::string();
+}
 int num_threads() { return g_num_threads; }
 
 int run_grid(const void* kernel, dim3 grid, dim3 block, std::size_t smem_bytes,
@@ -870,6 +1437,7 @@ int run_grid(const void* kernel, dim3 grid, dim3 block, std::size_t smem_bytes,
                         "attribute allows");
 
   ++g_launches;
+  g_last_kernel = kernel;
   const long total = long(grid.x) * grid.y * grid.z;
   std::atomic<long> next{0};
   std::atomic<bool> failed{false};

@@ -65,6 +65,65 @@ void cp_async_wait(int n);
 void shared_read(const void* p, std::size_t bytes);
 void shared_write(void* p, std::size_t bytes);
 
+// -- sm_90a (Hopper) instruction models (csrc/emulate/sm90_device.h calls these) ------------
+// The shared-window address of a shared-memory pointer (__cvta_generic_to_shared): its offset
+// in the CTA's dynamic shared memory.
+uint32_t smem_address(const void* p);
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.{f16,bf16}: one thread's part of a warpgroup-wide
+// instruction. All 128 threads of the warpgroup must issue the same (type, n, majors, scale_d,
+// descriptors); the last to arrive reads A (shared memory through `desc_a`, or the threads'
+// `a_regs`) and B (`desc_b`) through the descriptor model of sm90_gmma.h, checks the reads
+// against the TMA writes each thread has waited for (sm90_async.h AsyncSmem), and computes
+// D = A B (+ C if scale_d). D lands in the threads' registers `d` when the group retires
+// (wgmma.wait_group), not before: a thread that reads them earlier sees the old values.
+struct WgmmaIssue {
+  MmaType type = MmaType::kF16;
+  int n = 0;              // N of m64nNk16
+  bool a_mn_major = false, b_mn_major = false;
+  bool scale_d = true;    // false: D = A B (C ignored)
+  bool a_from_regs = false;
+  uint64_t desc_a = 0, desc_b = 0;
+  uint32_t a_regs[4] = {};
+  float* const* d = nullptr;  // n / 2 pointers to this thread's accumulator registers
+};
+void wgmma(const WgmmaIssue& issue);
+void wgmma_fence();         // wgmma.fence.sync.aligned
+void wgmma_commit();        // wgmma.commit_group.sync.aligned
+void wgmma_wait(int n);     // wgmma.wait_group.sync.aligned n
+// mbarrier.* on the 8-byte barrier at `bar` (shared memory), driving sm90_async.h MBarrier.
+void mbar_init(void* bar, int count);
+void mbar_arrive(void* bar, int expect_tx_bytes);  // arrive, or arrive.expect_tx when > 0
+// try_wait.parity in a loop: the fiber blocks (others run) until the phase completes.
+void mbar_wait(void* bar, int parity);
+// A TMA tiled load (cp.async.bulk.tensor.Nd.shared.global.mbarrier::complete_tx::bytes).
+struct TmaDesc {
+  const void* base = nullptr;
+  int rank = 0;            // 1..5
+  int elem_bytes = 2;
+  uint64_t dims[5] = {};   // elements, innermost first
+  uint64_t strides[5] = {};  // bytes; strides[0] is elem_bytes (dimension 0 is contiguous)
+  uint32_t box[5] = {};    // elements
+  int swizzle_bytes = 0;   // 0 (none), 32, 64 or 128
+};
+// Copies the box at element coordinates `crd` (rank of them; out-of-bounds elements are
+// zero-filled) to `smem` (swizzled by its absolute shared address), records the write as
+// landing in the current phase of `bar`, and completes that many transaction bytes there.
+void tma_load(const TmaDesc* desc, void* bar, void* smem, const int32_t* crd);
+// bar.sync / bar.arrive on named barrier `id` (0..15) for `threads` threads.
+void named_barrier_sync(int id, int threads);
+void named_barrier_arrive(int id, int threads);
+// setmaxnreg.{inc,dec}.sync.aligned.u32 `regs` for this thread's warpgroup: all 128 threads
+// must ask for the same count; an increase waits until the CTA's registers allow it (65536
+// per CTA, starting from 65536 / threads rounded down to 8); the CTA's total never exceeds it.
+void setmaxnreg(int regs, bool increase);
+// Fails the launch from the calling thread with `what` (a misuse a stand-in found).
+[[noreturn]] void report_misuse(const std::string& what);
+// fence.proxy.async.shared::cta by this thread.
+void fence_proxy_async();
+// Kernels allowed sm_90's 227 KiB of dynamic shared memory instead of sm_80's 163 KiB.
+void allow_sm90_smem(const void* kernel);
+constexpr int kMaxSmemBytesSm90 = 227 * 1024;
+
 // -- the runtime API part --------------------------------------------------------------------
 // Maximum dynamic shared memory a kernel may be launched with (cudaFuncSetAttribute).
 int set_max_dynamic_smem(const void* kernel, int bytes);
@@ -76,6 +135,8 @@ int run_grid(const void* kernel, dim3 grid, dim3 block, std::size_t smem_bytes,
 const std::string& last_error_message();
 // Grids run so far in this process (tests count launches: "one varlen launch").
 long launch_count();
+// The (demangled) name of the kernel of the most recent grid in this process ("" before any).
+std::string last_kernel();
 // OS threads that run CTAs in parallel (>= 1; the calling thread is one of them).
 void set_num_threads(int n);
 int num_threads();
@@ -86,6 +147,6 @@ namespace kern {
 // The dynamic shared memory of the CTA this OS thread runs (defined in runtime.cpp): what the
 // kernels' `extern __shared__ __align__(16) unsigned char smem_raw[]` names, as emulate/device.h
 // maps __shared__ to __thread (GNU thread-local storage, never dynamically initialised).
-extern __thread __attribute__((aligned(16))) unsigned char smem_raw[emu::kMaxSmemBytes];
+extern __thread __attribute__((aligned(1024))) unsigned char smem_raw[emu::kMaxSmemBytesSm90];
 }  // namespace kern
 }  // namespace distattn

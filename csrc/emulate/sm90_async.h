@@ -199,6 +199,31 @@ class AsyncSmem {
     for (uint32_t i = addr; i < addr + n; ++i) bytes_[i] = Byte{Byte::Tma, bar, bar->phase(), -1};
     return {};
   }
+  // tma_write as seen by the thread that issues it (the emulator's form): a wgmma read still
+  // counts as in flight unless `known(wg, group)` says the issuing thread knows the group
+  // retired -- through wait_group in its own warpgroup, or an mbarrier phase it waited on
+  // whose arrivals happened after the retirement. A consumer that releases a stage before its
+  // wgmma retired is caught whatever order the threads happen to run in. `prunable(wg, group)`:
+  // a read every thread knows retired, dropped from the list.
+  template <class Known, class Prunable>
+  std::string tma_write_from(uint32_t addr, uint32_t n, const MBarrier* bar, Known known,
+                             Prunable prunable) {
+    std::size_t kept = 0;
+    std::string report;
+    for (std::size_t i = 0; i < reads_.size(); ++i) {
+      const Read& r = reads_[i];
+      if (r.wg->retired_group(r.group) && prunable(r.wg, r.group)) continue;
+      reads_[kept++] = r;
+      if (report.empty() && addr < r.addr + r.n && r.addr < addr + n && !known(r.wg, r.group))
+        report = "TMA write into shared memory [" + std::to_string(addr) + ", " +
+                 std::to_string(addr + n) + ") that a wgmma still reads, as far as the issuing "
+                 "thread knows (no wait_group, then mbarrier arrive, before the stage's release)";
+    }
+    reads_.resize(kept);
+    if (!report.empty()) return report;
+    for (uint32_t i = addr; i < addr + n; ++i) bytes_[i] = Byte{Byte::Tma, bar, bar->phase(), -1};
+    return {};
+  }
   // A thread's st.shared of [addr, addr + n).
   std::string thread_write(int thread, uint32_t addr, uint32_t n, const WgmmaOrder* wg) {
     if (std::string r = check_war(addr, n, wg, "store by thread " + std::to_string(thread));
@@ -213,9 +238,17 @@ class AsyncSmem {
       if (b.kind == Byte::Generic && b.writer == thread) b.kind = Byte::Fenced;
   }
   // A wgmma issued by `thread` (any of the warpgroup) reads [addr, addr + n) until the group
-  // that `wg`'s next commit closes is retired.
+  // that `wg`'s next commit closes is retired: the check for this thread, then the record.
   std::string wgmma_read(int thread, uint32_t addr, uint32_t n, const WgmmaOrder* wg) {
-    for (uint32_t i = addr; i < addr + n; ++i) {
+    if (std::string r = wgmma_check(thread, addr, n); !r.empty()) return r;
+    wgmma_record(addr, n, wg);
+    return {};
+  }
+  // The two halves of wgmma_read, for the emulator (csrc/emulate/runtime.cpp), which checks
+  // every thread of the warpgroup but records the warpgroup's read once. The check reads
+  // the bytes at `step`-byte granularity (TMA writes whole 16-byte chunks; 1 checks all).
+  std::string wgmma_check(int thread, uint32_t addr, uint32_t n, uint32_t step = 1) const {
+    for (uint32_t i = addr; i < addr + n; i += step) {
       const Byte& b = bytes_[i];
       if (b.kind == Byte::Tma && strict_.proxy && b.bar->seen(thread) <= b.phase)
         return "wgmma by thread " + std::to_string(thread) + " reads shared memory [" +
@@ -227,8 +260,10 @@ class AsyncSmem {
       if (b.kind == Byte::Unwritten)
         return "wgmma reads shared memory [" + std::to_string(i) + ", ...) nothing wrote";
     }
-    reads_.push_back({addr, n, wg->groups() + 1});
     return {};
+  }
+  void wgmma_record(uint32_t addr, uint32_t n, const WgmmaOrder* wg) {
+    reads_.push_back({addr, n, wg->groups() + 1, wg});
   }
 
  private:
@@ -240,14 +275,25 @@ class AsyncSmem {
   };
   struct Read {
     uint32_t addr, n;
-    int group;  // the commit group the read belongs to
+    int group;             // the commit group the read belongs to
+    const WgmmaOrder* wg;  // of the warpgroup that issued it
   };
-  std::string check_war(uint32_t addr, uint32_t n, const WgmmaOrder* wg, const std::string& who) {
-    for (const Read& r : reads_)
-      if (addr < r.addr + r.n && r.addr < addr + n && !wg->retired_group(r.group))
-        return who + " into shared memory [" + std::to_string(addr) + ", " +
-               std::to_string(addr + n) + ") that an in-flight wgmma still reads";
-    return {};
+  // Reads whose group has retired are dropped (a retired group stays retired), so the list
+  // holds only the reads still in flight. `wg` is unused: each read knows its warpgroup.
+  std::string check_war(uint32_t addr, uint32_t n, const WgmmaOrder* /*wg*/,
+                        const std::string& who) {
+    std::size_t kept = 0;
+    std::string report;
+    for (std::size_t i = 0; i < reads_.size(); ++i) {
+      const Read& r = reads_[i];
+      if (r.wg->retired_group(r.group)) continue;
+      reads_[kept++] = r;
+      if (report.empty() && addr < r.addr + r.n && r.addr < addr + n)
+        report = who + " into shared memory [" + std::to_string(addr) + ", " +
+                 std::to_string(addr + n) + ") that an in-flight wgmma still reads";
+    }
+    reads_.resize(kept);
+    return report;
   }
   std::vector<Byte> bytes_;
   Strictness strict_;

@@ -7,6 +7,8 @@
 #include <cuda_fp16.h>
 #endif
 
+#include <atomic>
+
 #include "distattn/api.h"
 #include "distattn/checks.h"
 
@@ -53,7 +55,16 @@ cudaError_t by_dtype_and_head_dims(const Params& p, DType dtype, cudaStream_t st
 template <typename T>
 struct RunFwd {
   template <int D, int Dv>
-  static cudaError_t go(const FwdParams& p, cudaStream_t s) { return run_fwd<T, D, Dv>(p, s); }
+  static cudaError_t go(const FwdParams& p, cudaStream_t s) {
+    // The Hopper kernel where it is compiled and runs on this device (or the emulator was
+    // asked for it); the mma.sync kernel everywhere else.
+    if constexpr (D == Dv && (D == 64 || D == 128)) {
+      bool ran = false;
+      const cudaError_t err = run_fwd_sm90<T, D, Dv>(p, s, &ran);
+      if (ran || err != cudaSuccess) return err;
+    }
+    return run_fwd<T, D, Dv>(p, s);
+  }
 };
 template <typename T>
 struct RunBwd {
@@ -62,6 +73,14 @@ struct RunBwd {
 };
 
 }  // namespace
+
+#if defined(DISTATTN_EMULATE)
+namespace {
+std::atomic<int> g_emulated_arch{80};
+}
+void set_emulated_arch(int arch) { g_emulated_arch = arch; }
+int emulated_arch() { return g_emulated_arch; }
+#endif
 
 cudaError_t launch_fwd(const FwdParams& p, DType dtype, cudaStream_t stream) {
   if (!check_fwd(p, dtype).empty()) return cudaErrorInvalidValue;

@@ -23,7 +23,10 @@ Contract (base.py / docs/DESIGN.md, "Backends"), with these specifics:
 
 STATUS: the kernels compile for sm_90a and sm_80 and run, unchanged, on the host CTA emulator
 (backend ``"emulate"``, distattn/kernels/emulate.py, which subclasses this one), but they have
-not yet been run on a GPU; tests/test_cuda_kernels.py is the check to run there.
+not yet been run on a GPU; tests/test_cuda_kernels.py is the check to run there. On an sm_90
+device with sm_90a code the forward at head_dim 64/128 launches the Hopper kernel
+(csrc/kernels/fwd_sm90_kernel.cuh, wgmma + TMA; DISTATTN_DISABLE_SM90=1 keeps mma.sync), an
+equally unverified path (docs/KERNELS.md, "Hopper (sm_90a) forward kernel").
 
 Every launch goes through the ``distattn::`` custom ops of ``kernels/ops.py`` (CUDA kernel:
 ``distattn._C``; CPU kernel: ``distattn._emulate``), whose fake implementations let

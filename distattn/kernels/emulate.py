@@ -14,7 +14,18 @@ a divergent warp-collective) raises RuntimeError naming the kernel, block and th
 """
 from __future__ import annotations
 
+import os
+
 from .cuda import CudaBackend
+
+# Which forward kernels the emulator runs, read once at import: "sm80" (default: the mma.sync
+# kernels) or "sm90" (the Hopper kernel, csrc/kernels/fwd_sm90_kernel.cuh, for D = Dv = 64 and
+# 128; other head dims and the backward keep the mma.sync kernels). EmulateBackend(arch=...)
+# overrides it per backend object.
+ARCHS = {"sm80": 80, "sm90": 90}
+DEFAULT_ARCH = os.environ.get("DISTATTN_EMULATE_ARCH", "sm80") or "sm80"
+if DEFAULT_ARCH not in ARCHS:  # pragma: no cover - a configuration error
+    raise ValueError(f"DISTATTN_EMULATE_ARCH={DEFAULT_ARCH!r}: expected one of {sorted(ARCHS)}")
 
 _IMPORT_ERROR: str | None = None
 try:  # built by setup.py on any torch (a host C++ extension, no CUDA needed)
@@ -37,9 +48,32 @@ class EmulateBackend(CudaBackend):
     name = "emulate"
     device_type = "cpu"
 
+    def __init__(self, arch: str | None = None):
+        super().__init__()
+        arch = DEFAULT_ARCH if arch is None else arch
+        if arch not in ARCHS:
+            raise ValueError(f"EmulateBackend(arch={arch!r}): expected one of {sorted(ARCHS)}")
+        self.arch = arch
+
     @property
     def _ext(self):
+        self._select_arch()
         return _emulate
+
+    def _select_arch(self) -> None:
+        # The extension's switch is per process (launches go through kernels/ops.py, which
+        # calls the module directly): set it before every forward launch, so that backends of
+        # both archs can live side by side in one process.
+        if _emulate is not None and hasattr(_emulate, "set_arch"):
+            _emulate.set_arch(ARCHS[self.arch])
+
+    def forward(self, *args, **kwargs):
+        self._select_arch()
+        return super().forward(*args, **kwargs)
+
+    def forward_into(self, *args, **kwargs):
+        self._select_arch()
+        return super().forward_into(*args, **kwargs)
 
     def unavailable(self) -> str | None:
         return extension_error()

@@ -10,8 +10,10 @@ build directory and fails (exit 1) when
     in the inner loop costs more than the registers it saves),
   * ptxas printed advisory C7510 (tensor-core instructions serialised, e.g. by a device
     assert; the build uses -DNDEBUG),
-  * an expected kernel (fwd, dK/dV, dQ x fp16/bf16 x gated head dims x architecture) has no
-    report at all, so that the gate cannot pass by finding nothing.
+  * an expected kernel (fwd, dK/dV, dQ x fp16/bf16 x gated head dims x architecture, and on
+    sm_90a the Hopper forward fwd_sm90_kernel at D = Dv = 64, 128) has no report at all, so
+    that the gate cannot pass by finding nothing. (tests/cpp/sass_gate.py checks that the
+    Hopper kernel's SASS uses HGMMA, UTMALDG and SYNCS.)
 
 Usage: ptxas_gate.py BUILD_DIR [--archs "90a;80"] [--head-dims 64,128,192x128]
 (a head dim D means the pair (D, D); DxDv names a pair with V's head dim Dv).
@@ -33,6 +35,9 @@ REGS = re.compile(r"Used (\d+) registers")
 KERNEL = re.compile(r"kern\d+(\w+?_kernel)I(6__half|13__nv_bfloat16|f)(?:Li(\d+)E(?:Li(\d+)E)?)?")
 DTYPES = {"6__half": "fp16", "13__nv_bfloat16": "bf16", "f": "fp32"}
 GATED_KINDS = ("fwd_kernel", "bwd_kv_kernel", "bwd_q_kernel")
+# The Hopper forward (fwd_sm90_kernel.cuh): expected on sm_90a at the gated D = Dv in here.
+SM90_KINDS = ("fwd_sm90_kernel",)
+SM90_DIMS = ((64, 64), (128, 128))
 
 
 @dataclass
@@ -121,6 +126,13 @@ def violations(entries: list[Entry], c7510: list[str], archs: list[str],
                        f"stores, {e.spill_loads} bytes spill loads (must all be 0)")
     seen = {(e.arch, e.kind, e.dtype, e.dims) for e in entries}
     for arch in archs:
+        if arch == "90a":
+            for kind in SM90_KINDS:
+                for dtype in ("fp16", "bf16"):
+                    for dims in gated:
+                        if dims in SM90_DIMS and (f"sm_{arch}", kind, dtype, dims) not in seen:
+                            bad.append(f"sm_{arch} {kind}<{dtype}{dims_label(dims)}>: no ptxas "
+                                       f"report found (was the kernel compiled with -Xptxas -v?)")
         for kind in GATED_KINDS:
             for dtype in ("fp16", "bf16"):
                 for dims in gated:

@@ -1,0 +1,17 @@
+// Explicit instantiation of the Hopper forward entry points, one per TU fwd_sm90_<dtype>_hd<D>.cu
+// (a TU whose head dim is switched off in distattn/tiling.h compiles to nothing).
+#pragma once
+
+#include "distattn/api.h"
+#include "fwd_sm90_kernel.cuh"
+
+namespace distattn {
+template <typename T, int D, int Dv>
+cudaError_t run_fwd_sm90(const FwdParams& params, cudaStream_t stream, bool* ran) {
+  return kern::launch_fwd_sm90_kernel<T, D, Dv>(params, stream, ran);
+}
+}  // namespace distattn
+
+#define DISTATTN_INSTANTIATE_FWD_SM90(T, D, Dv)                                           \
+  template cudaError_t distattn::run_fwd_sm90<T, D, Dv>(const distattn::FwdParams&,      \
+                                                        cudaStream_t, bool*);
