@@ -22,7 +22,9 @@ How a prediction is made (docs/KERNELS.md, "Performance model"):
    H100 figures; `mma_sync_fraction` is an assumption, see below).
 4. Two bounds: *overlapped* = the busiest pipe (perfect overlap, the best the schedule could
    do), *serial* = tensor + the sum of the others (nothing overlaps). The first GPU run
-   reads where the kernel lands between them.
+   reads where the kernel lands between them. For the Hopper forward's two ping-pong
+   consumer warpgroups, a third estimate: max(tensor, tensor/2 + softmax/2), softmax being
+   the non-tensor pipes of the tile one after another (wgmma and barrier latencies ignored).
 """
 from __future__ import annotations
 
@@ -31,7 +33,6 @@ import collections
 import glob
 import os
 import re
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ RATES = {
 # microbenchmarks put legacy mma well below the wgmma peak. An assumption until measured.
 MMA_SYNC_FRACTION = 0.625
 
-_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)\s*([^;]*);")
 _MMA_SHAPES = {"HMMA.16816": (16, 8, 16), "HMMA.1688": (16, 8, 8)}   # SASS spells m16n8k16
 _GMMA_SHAPE = re.compile(r"HGMMA\.(\d+)x(\d+)x(\d+)")
 
@@ -63,21 +64,21 @@ class Instr:
     args: str
 
 
-def cuobjdump() -> str | None:
-    found = shutil.which("cuobjdump")
-    if found:
-        return found
-    for base in sys.path:
-        cand = os.path.join(base, "nvidia", "cu13", "bin", "cuobjdump")
-        if os.path.exists(cand):
-            return cand
-    return None
+def cuobjdump() -> tuple[str | None, dict]:
+    """(cuobjdump, its environment) as the SASS gate finds them (tests/cpp/sass_gate.py)."""
+    sys.path.insert(0, os.path.join(_ROOT, "tests", "cpp"))
+    try:
+        import sass_gate
+    finally:
+        sys.path.pop(0)
+    return sass_gate.find_cuobjdump()
 
 
-def sass_functions(obj: str, tool: str, arch: str = "sm_90a") -> dict:
-    """{mangled kernel name: [Instr]} of ``obj``'s ``arch`` cubin."""
-    text = subprocess.run([tool, "-sass", "-arch", arch, obj], capture_output=True, text=True,
-                          check=True).stdout
+def sass_functions(obj: str, tool: tuple, arch: str = "sm_90a") -> dict:
+    """{mangled kernel name: [Instr]} of ``obj``'s ``arch`` cubin (``tool``: cuobjdump())."""
+    exe, env = tool
+    text = subprocess.run([exe, "-sass", "-arch", arch, obj], capture_output=True, text=True,
+                          check=True, env=env).stdout
     funcs, cur = {}, None
     for line in text.splitlines():
         m = re.search(r"Function : (\S+)", line)
@@ -134,6 +135,15 @@ def _math_free(block: list) -> bool:
     return not any(_is_tensor(x.op) or x.op.startswith("MUFU") for x in block)
 
 
+def _key(x: Instr) -> str:
+    """The opcode, and for HGMMA where A comes from: ``.RS`` (registers, ``R24, gdesc[..]``)
+    or ``.SS`` (shared memory: one ``gdesc`` names both operands)."""
+    if x.op.startswith("HGMMA"):
+        ops = [a.strip() for a in x.args.split(",")]
+        return x.op + (".RS" if len(ops) > 1 and re.match(r"R\d", ops[1]) else ".SS")
+    return x.op
+
+
 def fast_path(body: list, lds_bytes_per_tile: float) -> collections.Counter:
     """Opcode counts of one iteration on the fast path (see the module docstring).
     ``lds_bytes_per_tile``: global bytes one thread copies per tile (for inner-loop trips)."""
@@ -155,7 +165,7 @@ def fast_path(body: list, lds_bytes_per_tile: float) -> collections.Counter:
             continue                                     # a softcap-only block
         for x in b:
             if x.op != "MUFU.TANH":                      # softcap merged into a math block
-                counts[x.op] += 1
+                counts[_key(x)] += 1
     return counts
 
 
@@ -188,8 +198,8 @@ def pipes(counts: collections.Counter, threads: int) -> dict:
             w["tensor_flop"] += n * (warps // 4) * 2 * mm * nn * kk
             # operand B (and A for .SS) from shared memory, once per warpgroup
             elem = 2
-            w["smem_bytes"] += n * (warps // 4) * (nn * kk + (mm * kk if "SS" in op or
-                                                               ".RS" not in op else 0)) * elem
+            w["smem_bytes"] += n * (warps // 4) * (nn * kk + (0 if op.endswith(".RS") else
+                                                               mm * kk)) * elem
         elif op.startswith("LDSM"):
             x = 4 if ".4" in op else 2 if ".2" in op else 1
             w["smem_bytes"] += n * warps * 128 * x
@@ -208,21 +218,30 @@ def pipes(counts: collections.Counter, threads: int) -> dict:
     return w
 
 
-def predict(k: Kernel, sms: int, clock_ghz: float, useful_flop_per_tile: float) -> dict:
+def predict(k: Kernel, sms: int, clock_ghz: float, useful_flop_per_tile: float,
+            loop_threads: int | None = None) -> dict:
     """TFLOP/s bounds for a long sequence (every SM busy, fast-path tiles only)."""
+    loop_threads = loop_threads or k.threads
     per_sm = min(65536 // max(k.registers * k.threads, 1), (228 * 1024) // max(k.smem_bytes, 1),
                  2048 // k.threads, 32)
-    w = pipes(k.counts, k.threads)
+    w = pipes(k.counts, loop_threads)
     cycles = {p: w[p] / RATES[p] for p in w}                     # per CTA tile, one SM alone
     cycles["issue_warps"] = w["issue_warps"] / RATES["issue_warps"]
     over = max(cycles.values())
     serial = cycles["tensor_flop"] + sum(c for p, c in cycles.items()
                                          if p not in ("tensor_flop", "issue_warps"))
     serial = max(serial, cycles["issue_warps"])
+    # Two consumer warpgroups in ping-pong (fwd_sm90): one's softmax (its half of the
+    # non-tensor pipes, run one after another) hides under the other's GEMMs (its half of the
+    # tensor work): period = max(tensor, tensor / 2 + softmax / 2). Latencies ignored.
+    softmax = cycles["mufu_lanes"] + cycles["fp32_lanes"] + cycles["int_lanes"]
+    pingpong = max(cycles["tensor_flop"], cycles["tensor_flop"] / 2 + softmax / 2,
+                   cycles["issue_warps"]) if loop_threads == 256 else None
     tflops = lambda c: useful_flop_per_tile / c * sms * clock_ghz * 1e9 / 1e12
     return {"ctas_per_sm": per_sm, "cycles": cycles, "bound": max(cycles, key=cycles.get),
             "serial_cycles": serial,
-            "tflops_overlapped": tflops(over), "tflops_serial": tflops(serial)}
+            "tflops_overlapped": tflops(over), "tflops_serial": tflops(serial),
+            "tflops_pingpong": None if pingpong is None else tflops(pingpong)}
 
 
 @dataclass(frozen=True)
@@ -235,7 +254,8 @@ class Tile:
     flop: float
     load_bytes: float
     smem: int
-    threads: int = 128
+    threads: int = 128          # the CTA's
+    loop_threads: int = 128     # those that run the main loop (the consumers when specialised)
 
     @property
     def pairs(self) -> int:
@@ -267,9 +287,16 @@ def _bwd_q(d, dv):
                 ((64 + bn) * _pitch(d) + (64 + bn) * _pitch(dv)) * 2)
 
 
-TILES = {"fwd": _fwd, "bwd_kv": _bwd_kv, "bwd_q": _bwd_q}
+def _fwd_sm90(d, dv):
+    # fwd_sm90_kernel.cuh: 128 query rows (2 consumer warpgroups x 64) x 128 keys per
+    # iteration; a producer warpgroup loads K/V by TMA (no copy loops in the consumers).
+    smem = 1024 + 2 * (128 * d + 2 * 128 * (d + dv)) + 8 * 7
+    return Tile(128, 128, 2.0 * 128 * 128 * (d + dv), 0.0, smem, threads=384, loop_threads=256)
 
-_NAME = re.compile(r"(fwd_kernel|bwd_kv_kernel|bwd_q_kernel|\w*sm90\w*)I(\w+?)Li(\d+)ELi(\d+)E")
+
+TILES = {"fwd": _fwd, "bwd_kv": _bwd_kv, "bwd_q": _bwd_q, "fwd_sm90": _fwd_sm90}
+
+_NAME = re.compile(r"(fwd_sm90_kernel|fwd_kernel|bwd_kv_kernel|bwd_q_kernel)I(\w+?)Li(\d+)ELi(\d+)E")
 
 
 def _ptxas(log: str) -> dict:
@@ -293,8 +320,8 @@ def kernels(build: str, tool: str) -> list:
             m = _NAME.search(name)
             if not m or not any(_is_tensor(x.op) for x in ins):
                 continue
-            kind = {"fwd_kernel": "fwd", "bwd_kv_kernel": "bwd_kv", "bwd_q_kernel": "bwd_q"}.get(
-                m.group(1), m.group(1))
+            kind = {"fwd_kernel": "fwd", "bwd_kv_kernel": "bwd_kv", "bwd_q_kernel": "bwd_q",
+                    "fwd_sm90_kernel": "fwd_sm90"}.get(m.group(1), m.group(1))
             out.append((obj, name, kind, int(m.group(3)), int(m.group(4)), regs.get(name, 0), ins))
     return out
 
@@ -306,7 +333,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sms", type=int, default=132)
     args = ap.parse_args(argv)
     tool = cuobjdump()
-    if tool is None:
+    if tool[0] is None:
         print("kernel_model: no cuobjdump (CUDA toolkit or `pip install nvidia-cuda-cuobjdump`)"
               "; nothing to model")
         return 0
@@ -326,14 +353,16 @@ def main(argv=None) -> int:
         body = [x for x in ins if lo <= x.addr <= hi]
         tile = TILES[kind](d, dv)
         k = Kernel(name, kind, d, dv, regs or 255, tile.smem, tile.threads,
-                   fast_path(body, tile.load_bytes / tile.threads))
-        p = predict(k, args.sms, args.clock_ghz, tile.flop)
+                   fast_path(body, tile.load_bytes / tile.loop_threads))
+        p = predict(k, args.sms, args.clock_ghz, tile.flop, tile.loop_threads)
         c = p["cycles"]
         print(f"| {kind} {os.path.basename(obj)} | {k.registers} | {p['ctas_per_sm']} | "
               f"{c['tensor_flop']:.0f} | {c['smem_bytes']:.0f} | {c['mufu_lanes']:.0f} | "
               f"{c['fp32_lanes']:.0f} | {c['int_lanes']:.0f} | {c['issue_warps']:.0f} | "
               f"{p['bound'].split('_')[0]} | {p['tflops_overlapped']:.0f} | "
-              f"{p['tflops_serial']:.0f} |")
+              f"{p['tflops_serial']:.0f} |"
+              + ("" if p["tflops_pingpong"] is None else
+                 f" ping-pong (latencies ignored): {p['tflops_pingpong']:.0f}"))
         head_dim = d
         per_pair[kind] = {b: max(c.values()) / tile.pairs if b == "over" else
                           p["serial_cycles"] / tile.pairs for b in ("over", "serial")}

@@ -30,6 +30,13 @@ if ! "$PYTHON" -c "import cutlass_library" >/dev/null 2>&1; then
   "$PYTHON" -m pip install --quiet "nvidia-cutlass==4.2.0"
 fi
 
+# The SASS gate disassembles the Hopper TUs; a toolkit without cuobjdump gets NVIDIA's wheels.
+if ! "$PYTHON" -c "import sys; sys.path.insert(0, '$ROOT/tests/cpp'); import sass_gate; \
+sys.exit(sass_gate.find_cuobjdump()[0] is None)" >/dev/null 2>&1; then
+  echo "ci.sh: installing cuobjdump and nvdisasm (nvidia-cuda-cuobjdump/-nvdisasm) for $PYTHON"
+  "$PYTHON" -m pip install --quiet "nvidia-cuda-cuobjdump==13.2.78" "nvidia-cuda-nvdisasm==13.2.78"
+fi
+
 GENERATOR=()
 if command -v ninja >/dev/null 2>&1; then GENERATOR=(-G Ninja); fi
 
