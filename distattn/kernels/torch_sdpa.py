@@ -10,8 +10,12 @@ The ATen kernels know one mask beyond ``none``: causal on a square block. Every
 ``causal(offset)`` piece is therefore cut into at most three parts (``causal_pieces``): rows
 that see nothing, a rectangle every remaining row sees entirely, and a square causal diagonal.
 Square causal blocks are the same under top-left and bottom-right alignment, so the result does
-not depend on which convention a kernel version uses. GQA runs one call per query-head group
-(``Hq // Hkv`` calls on ``Hkv`` heads each): K/V are never expanded.
+not depend on which convention a kernel version uses. GQA: on CPU one call for all heads (the
+CPU flash kernels take Hq = G * Hkv natively; ``native_gqa_cpu`` checks that once against the
+per-group calls), elsewhere one call per query-head group (``Hq // Hkv`` calls on ``Hkv``
+heads each): K/V are never expanded. In a ring step (``forward_piece_into`` /
+``backward_piece_into``) each call's result is merged, or its gradients added, straight into
+the accumulators' views: no block-sized temporaries, no copies.
 
 What the ATen kernels cannot express -- a band with a lower bound (sliding windows) and
 softcap -- runs on the reference math for that piece only (``ReferenceBackend``).
@@ -27,6 +31,7 @@ Unverified on hardware until ``pytest -m cuda tests/test_varlen_launch.py`` has 
 """
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 from typing import Callable, NamedTuple, Optional
@@ -334,6 +339,40 @@ def _pick_mode(pick: Optional[str]) -> str:
     return mode
 
 
+@functools.lru_cache(maxsize=None)
+def native_gqa_cpu() -> bool:
+    """Whether this PyTorch's CPU flash kernels take GQA natively (q with Hq = G * Hkv heads,
+    query head h reading K/V head h // G), checked once on tiny float64 tensors against one
+    call per query-head group (forward and backward, causal). False (one call per group
+    then) when the kernels refuse it or disagree."""
+    g = torch.Generator().manual_seed(0)
+    q, dout = (torch.randn(1, 4, 6, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(1, 2, 6, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    fwd = aten._scaled_dot_product_flash_attention_for_cpu
+    bwd = aten._scaled_dot_product_flash_attention_for_cpu_backward
+    group = lambda t, i: t.unflatten(1, (2, 2))[:, :, i]
+    try:
+        out, lse = fwd(q, k, v, 0.0, True, scale=0.3)
+        grads = bwd(dout, q, k, v, out, lse, 0.0, True, scale=0.3)
+    except RuntimeError:
+        return False
+    if tuple(out.shape) != tuple(q.shape) or [tuple(t.shape) for t in grads] != \
+            [tuple(t.shape) for t in (q, k, v)]:
+        return False
+    want_dk, want_dv = torch.zeros_like(k), torch.zeros_like(v)
+    for i in range(2):
+        o, l = fwd(group(q, i), k, v, 0.0, True, scale=0.3)
+        gq, gk, gv = bwd(group(dout, i), group(q, i), k, v, o, l, 0.0, True, scale=0.3)
+        if not (torch.allclose(o, group(out, i), rtol=1e-12, atol=1e-12) and
+                torch.allclose(l, lse.unflatten(1, (2, 2))[:, :, i], rtol=1e-12, atol=1e-12)
+                and torch.allclose(gq, group(grads[0], i), rtol=1e-12, atol=1e-12)):
+            return False
+        want_dk += gk
+        want_dv += gv
+    return torch.allclose(want_dk, grads[1], rtol=1e-10, atol=1e-12) and \
+        torch.allclose(want_dv, grads[2], rtol=1e-10, atol=1e-12)
+
+
 class TorchBackend(BlockAttention):
     name = "torch"
     # The varlen kernels and where they run (None: never); tests inject a CPU stand-in.
@@ -507,3 +546,63 @@ class TorchBackend(BlockAttention):
                 dk[:, p.k0:p.k1].add_(gk.transpose(1, 2))
                 dv[:, p.k0:p.k1].add_(gv.transpose(1, 2))
         return dq, dk, dv
+
+    # -- the ring step: each call merged / added straight into the accumulators --------------
+    @staticmethod
+    def _one_call_gqa(q, k) -> bool:
+        """One kernel call for all query heads: equal head counts, or GQA on CPU where the
+        kernels take it natively (``native_gqa_cpu``)."""
+        return q.shape[2] == k.shape[2] or (q.device.type == "cpu" and native_gqa_cpu())
+
+    def forward_piece_into(self, q, k, v, out_acc, lse_acc, *, scale, mask, softcap=0.0):
+        """Per causal piece, one kernel call (one per query-head group where GQA is not
+        native) whose (out, lse) merges into views of (out_acc, lse_acc): no block result
+        is assembled first."""
+        if self._needs_reference(mask, softcap, q, v):
+            return super().forward_piece_into(q, k, v, out_acc, lse_acc, scale=scale,
+                                              mask=mask, softcap=softcap)
+        sq, sk, hkv = q.shape[1], k.shape[1], k.shape[2]
+        if self._one_call_gqa(q, k):
+            groups = [(q, out_acc, lse_acc)]
+        else:
+            g = q.shape[2] // hkv
+            lse_g = lse_acc.unflatten(1, (hkv, g))
+            groups = list(zip(self._group_views(q, hkv), self._group_views(out_acc, hkv),
+                              [lse_g[:, :, i] for i in range(g)]))
+        for p in causal_pieces(mask, sq, sk):
+            kp, vp = _heads_first(k[:, p.k0:p.k1]), _heads_first(v[:, p.k0:p.k1])
+            for qg, og, lg in groups:
+                o, l = self._kernel_fwd(_heads_first(qg[:, p.q0:p.q1]), kp, vp, p.causal, scale)
+                merge_(og[:, p.q0:p.q1], lg[:, :, p.q0:p.q1], o.transpose(1, 2), l)
+
+    def backward_piece_into(self, dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc, *,
+                            scale, mask, softcap=0.0):
+        """Per causal piece, one kernel call (one per query-head group where GQA is not
+        native) whose gradients are added straight into views of the accumulators."""
+        if self._needs_reference(mask, softcap, q, v):
+            return super().backward_piece_into(dout, q, k, v, out, lse, dq_acc, dk_acc,
+                                               dv_acc, scale=scale, mask=mask,
+                                               softcap=softcap)
+        sq, sk, hkv = q.shape[1], k.shape[1], k.shape[2]
+        lse = lse.to(accumulation_dtype(q.dtype))      # the kernels read it in this dtype
+        if self._one_call_gqa(q, k):
+            groups = [(dout, q, out, lse, dq_acc)]
+        else:
+            g = q.shape[2] // hkv
+            lse_g = lse.unflatten(1, (hkv, g))
+            groups = list(zip(*(self._group_views(t, hkv) for t in (dout, q, out)),
+                              [lse_g[:, :, i] for i in range(g)],
+                              self._group_views(dq_acc, hkv)))
+        for p in causal_pieces(mask, sq, sk):
+            rows, keys = slice(p.q0, p.q1), slice(p.k0, p.k1)
+            kp, vp = _heads_first(k[:, keys]), _heads_first(v[:, keys])
+            for dog, qg, og, lg, dqg in groups:
+                lg = lg[:, :, rows]
+                if q.device.type != "cpu":      # CPU kernels read strided lse (as q/k/v)
+                    lg = lg.contiguous()
+                gq, gk, gv = self._kernel_bwd(_heads_first(dog[:, rows]),
+                                              _heads_first(qg[:, rows]), kp, vp,
+                                              _heads_first(og[:, rows]), lg, p.causal, scale)
+                dqg[:, rows].add_(gq.transpose(1, 2))
+                dk_acc[:, keys].add_(gk.transpose(1, 2))
+                dv_acc[:, keys].add_(gv.transpose(1, 2))
