@@ -179,7 +179,9 @@ def _launch_forward(ops: FlashVarlenOps, lt, qr, kr, vr, scale):
             f"(the unpadded varlen lse of FlashAttention >= 2.5)")
     # FlashAttention-2 writes out = 0 and lse = +inf for a row that sees no key; the
     # contract's empty row has lse = -inf (weight 0 in a merge).
-    return out, lse.masked_fill(torch.isposinf(lse), float("-inf"))
+    # (one kernel; NaN stays NaN, -inf stays -inf)
+    inf = float("inf")
+    return out, torch.nan_to_num(lse, nan=float("nan"), posinf=-inf, neginf=-inf)
 
 
 def _varlen_forward_into(ops, units, q, k, out_acc, lse_acc, scale, mask) -> None:
