@@ -279,12 +279,18 @@ def _cuda_backend():
 # (device, backend, heads (Hq, Hkv), head dim, dtype): the rows of the ops table. "fake cuda"
 # traces the CUDA host path on FakeTensorMode tensors (tests/fake_cuda.py): what a GPU would
 # launch, per backend (torch: PyTorch's varlen flash op; cuda: this project's kernels).
+# "fake cuda, finite call" runs the same with the call's finite check forced to "finite" (the
+# path a CPU call with finite inputs takes; on CUDA calls never take it today): the backend's
+# own launches per step on a GPU, without the non-finite path's.
 OPS_RUNS = (("cpu", "null", (2, 2), 16, torch.float32),
             ("cpu", "torch", (2, 2), 16, torch.float32),
             ("cpu", "torch", (4, 2), 16, torch.float32),
             ("fake cuda", "null", (4, 2), 64, torch.bfloat16),
             ("fake cuda", "torch", (4, 2), 64, torch.bfloat16),
-            ("fake cuda", "cuda", (4, 2), 64, torch.bfloat16))
+            ("fake cuda", "cuda", (4, 2), 64, torch.bfloat16),
+            ("fake cuda, finite call", "null", (4, 2), 64, torch.bfloat16),
+            ("fake cuda, finite call", "torch", (4, 2), 64, torch.bfloat16),
+            ("fake cuda, finite call", "cuda", (4, 2), 64, torch.bfloat16))
 
 
 def _backend(name):
@@ -298,8 +304,11 @@ def step_counts(which: str, device: str, backend: str, heads, dim, dtype, P: int
     Deterministic (no timer)."""
     import contextlib
     real, real_payloads = ring.RingExchange, ring._Payloads
+    real_checks = ring.host_readable, ring._nonfinite_call
     ring.RingExchange, ring._Payloads = _NoComm, _ZeroPayloads
-    if device == "fake cuda":
+    if device.endswith("finite call"):
+        ring.host_readable, ring._nonfinite_call = (lambda t: True), (lambda *a: False)
+    if device.startswith("fake cuda"):
         sys.path.insert(0, _TESTS)
         from fake_cuda import fake_cuda
         mode = fake_cuda()
@@ -309,7 +318,7 @@ def step_counts(which: str, device: str, backend: str, heads, dim, dtype, P: int
     # The launch arrays a real GPU run builds once per plan and caches (device_cache) are
     # rebuilt on every call while a dispatch mode is active; for counting, let the caches
     # work under the fake mode (fake CUDA entries only, cleared afterwards).
-    caching = _cache_under_modes() if device == "fake cuda" else contextlib.nullcontext()
+    caching = _cache_under_modes() if device != "cpu" else contextlib.nullcontext()
     try:
         with mode, caching:
             got = []
@@ -319,6 +328,7 @@ def step_counts(which: str, device: str, backend: str, heads, dim, dtype, P: int
                 got.append((steps, _counts(run, which, shape["device"])))
     finally:
         ring.RingExchange, ring._Payloads = real, real_payloads
+        ring.host_readable, ring._nonfinite_call = real_checks
     (s2, c2), (sp, cp) = got
     per = {k: (cp.kinds[k] - c2.kinds[k]) / (sp - s2) for k in cp.kinds}
     per["names"] = {n: (cp.launches[n] - c2.launches[n]) / (sp - s2)
@@ -328,18 +338,21 @@ def step_counts(which: str, device: str, backend: str, heads, dim, dtype, P: int
 
 @__import__("contextlib").contextmanager
 def _cache_under_modes():
-    """nonfinite._pieces and varlen.launch_tensors cached while the fake mode is on (their own
+    """nonfinite._pieces, varlen.launch_tensors (and torch_sdpa._no_rng_state) cached while the fake mode is on (their own
     device_cache bypasses itself then): a fresh lru_cache of each, dropped afterwards."""
     import functools
     from distattn import nonfinite
-    from distattn.kernels import varlen
-    real = nonfinite._pieces, varlen.launch_tensors
-    nonfinite._pieces = functools.lru_cache(None)(real[0].uncached)
-    varlen.launch_tensors = functools.lru_cache(None)(real[1].uncached)
+    from distattn.kernels import torch_sdpa, varlen
+    places = [(nonfinite, "_pieces"), (varlen, "launch_tensors"),
+              (torch_sdpa, "_no_rng_state")]
+    places = [(m, n, getattr(m, n)) for m, n in places if hasattr(m, n)]
+    for m, n, f in places:
+        setattr(m, n, functools.lru_cache(None)(getattr(f, "uncached", f)))
     try:
         yield
     finally:
-        nonfinite._pieces, varlen.launch_tensors = real
+        for m, n, f in places:
+            setattr(m, n, f)
 
 
 def bench_ops(P: int):

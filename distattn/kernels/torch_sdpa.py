@@ -31,7 +31,6 @@ Unverified on hardware until ``pytest -m cuda tests/test_varlen_launch.py`` has 
 """
 from __future__ import annotations
 
-import functools
 import os
 import statistics
 from typing import Callable, NamedTuple, Optional
@@ -40,7 +39,7 @@ import torch
 
 from ..merge import merge_, new_accumulators
 from . import varlen
-from .device_cache import address_aligned, tracing
+from .device_cache import address_aligned, device_cache, tracing
 from .base import BlockAttention, empty_result
 from .mask import Mask, accumulation_dtype
 from .reference import ReferenceBackend
@@ -219,6 +218,13 @@ def varlen_forward_into(ops: FlashVarlenOps, q, k, v, out_acc, lse_acc, scale: f
     _varlen_forward_into(ops, units, q, k, out_acc, lse_acc, scale, mask)
 
 
+@device_cache(maxsize=64)
+def _no_rng_state(device: torch.device) -> torch.Tensor:
+    """The varlen backward's (seed, offset) argument, which it never reads without dropout:
+    one zeros tensor per device, not a fill launch per step."""
+    return torch.zeros(2, dtype=torch.uint64, device=device)
+
+
 def varlen_backward_into(ops: FlashVarlenOps, dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc,
                          scale: float, mask: Mask) -> None:
     """``BlockAttention.backward_into`` with varlen launches. Only band rows and keys of a
@@ -226,7 +232,7 @@ def varlen_backward_into(ops: FlashVarlenOps, dout, q, k, v, out, lse, dq_acc, d
     sq, sk, hq = q.shape[1], k.shape[1], q.shape[2]
     acc = accumulation_dtype(q.dtype)
     out, dout = out.to(q.dtype), dout.to(q.dtype)     # the kernel takes them in q's dtype
-    rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)  # no dropout: never read
+    rng_state = _no_rng_state(q.device)      # no dropout: never read (nor written)
     unused = torch.empty(0, device=q.device)
     for sel, blocks, (qr, kr, vr, dor, outr) in _units(mask, sq, sk, q, k, v, dout, out):
         lse_rows = lse[sel].to(acc).transpose(0, 1).reshape(hq, blocks * sq)
@@ -341,8 +347,14 @@ def _pick_mode(pick: Optional[str]) -> str:
     return mode
 
 
-@functools.lru_cache(maxsize=None)
 def native_gqa_cpu() -> bool:
+    """Whether the CPU flash kernels take GQA natively (``_probe_native_gqa_cpu``, run once at
+    import, outside any trace: run under torch.compile or a fake mode its tensors would be
+    traced ones)."""
+    return _NATIVE_GQA_CPU
+
+
+def _probe_native_gqa_cpu() -> bool:
     """Whether this PyTorch's CPU flash kernels take GQA natively (q with Hq = G * Hkv heads,
     query head h reading K/V head h // G), checked once on tiny float64 tensors against one
     call per query-head group (forward and backward, causal). False (one call per group
@@ -373,6 +385,9 @@ def native_gqa_cpu() -> bool:
         want_dv += gv
     return torch.allclose(want_dk, grads[1], rtol=1e-10, atol=1e-12) and \
         torch.allclose(want_dv, grads[2], rtol=1e-10, atol=1e-12)
+
+
+_NATIVE_GQA_CPU = _probe_native_gqa_cpu()
 
 
 class TorchBackend(BlockAttention):
