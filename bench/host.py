@@ -45,6 +45,10 @@ _ap.add_argument("--smoke", action="store_true", help="small sizes, seconds")
 _ap.add_argument("--out", default=None, help="directory for host_*.csv")
 _ap.add_argument("--distattn", default=None, help="import distattn from this checkout")
 _ap.add_argument("--sections", default="plan,step,ops,memory")
+_ap.add_argument("--stat", choices=("median", "min"), default="median",
+                 help="per-call time of the step section: median or minimum of the repeats "
+                      "(min is steadier on a loaded machine)")
+_ap.add_argument("--repeats", type=int, default=None, help="step section repeats (7)")
 _ap.add_argument("--mem-seq", type=int, default=8192)
 _ap.add_argument("--mem-ranks", type=int, default=4)
 ARGS = _ap.parse_args() if __name__ == "__main__" else None
@@ -76,14 +80,17 @@ from distattn.segments import attention_bounds  # noqa: E402
 _TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
 
 
-def _median_s(fn, repeats: int) -> float:
+STAT = statistics.median   # the step section's statistic (--stat)
+
+
+def _median_s(fn, repeats: int, stat=statistics.median) -> float:
     fn()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return stat(times)
 
 
 def _documents(n: int, seed: int = 0) -> list:
@@ -381,13 +388,13 @@ def bench_step(Ps, repeats: int, count_ops: bool):
             base = {}
             for name, backend in (("python", _NullBackend()), ("torch", TorchBackend())):
                 run, steps = _one_call(2, backend)
-                base[name] = (_median_s(lambda: run(which), repeats), steps,
+                base[name] = (_median_s(lambda: run(which), repeats, STAT), steps,
                               _ops(run, which) if count_ops else (0, 0))
             for P in Ps:
                 row = {"pass": which, "P": P}
                 for name, backend in (("python", _NullBackend()), ("torch", TorchBackend())):
                     run, steps = _one_call(P, backend)
-                    t = _median_s(lambda: run(which), repeats)
+                    t = _median_s(lambda: run(which), repeats, STAT)
                     t2, s2, ops2 = base[name]
                     per_step = (t - t2) / (steps - s2) if steps > s2 else float("nan")
                     row[f"{name} us/step"] = 1e6 * per_step
@@ -552,8 +559,11 @@ def main(args):
                                      (10, 100) if smoke else (10, 100, 1000, 10000),
                                      old_limit=2000 if smoke else 2_000_000)
     if "step" in sections or "ops" in sections:
+        global STAT
+        STAT = min if args.stat == "min" else statistics.median
+        repeats = args.repeats or (3 if smoke else 7)
         results["step"] = bench_step((4, 8) if smoke else (4, 8, 16, 32, 64),
-                                     repeats=3 if smoke else 7, count_ops="ops" in sections)
+                                     repeats=repeats, count_ops="ops" in sections)
     if "ops" in sections:
         results["ops"] = bench_ops(4 if smoke else 8)
     if "memory" in sections:
