@@ -494,10 +494,12 @@ class TorchBackend(BlockAttention):
 
     # -- one query-head group of one piece ----------------------------------------------------
     def _group_views(self, t: torch.Tensor, hkv: int):
-        """[B, S, Hkv*G, X] -> list of G views [B, S, Hkv, X], one per group member."""
+        """[B, S, Hkv*G, X] -> list of G views [B, S, Hkv, X], one per group member (views
+        of any strides: splitting one dim never copies, and ``view`` would raise if it had
+        to -- accumulators are updated through these)."""
         b, s, h, x = t.shape
         g = h // hkv
-        grouped = t.reshape(b, s, hkv, g, x)
+        grouped = t.view(b, s, hkv, g, x)
         return [grouped[:, :, :, i] for i in range(g)]
 
     # PyTorch's flash kernels (CPU, CUDA, varlen) need one head dim for q, k and v: with
