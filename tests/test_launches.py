@@ -51,3 +51,25 @@ def test_op_kinds():
     assert host.op_kind(torch.ops.distattn.merge.default) == "launch"
     assert host.op_kind(aten._scaled_dot_product_flash_attention_for_cpu.default) == \
         "attention"
+
+
+def test_finite_check_on_cuda_is_opt_in(monkeypatch):
+    """DISTATTN_FINITE_CHECK=sync (unverified on a GPU) makes CUDA tensors host-readable: the
+    launches of the "fake cuda, finite call" rows above. Default: only plain CPU tensors.
+    (No CUDA tensor exists here: a meta tensor stands in for the device check.)"""
+    from distattn import nonfinite
+    monkeypatch.delenv("DISTATTN_FINITE_CHECK", raising=False)
+    assert nonfinite._sync_check_devices() == ()
+    monkeypatch.setenv("DISTATTN_FINITE_CHECK", "sync")
+    assert nonfinite._sync_check_devices() == ("cuda",)
+    monkeypatch.setenv("DISTATTN_FINITE_CHECK", "always")
+    with pytest.raises(ValueError, match="DISTATTN_FINITE_CHECK"):
+        nonfinite._sync_check_devices()
+    meta = torch.empty(2, device="meta")
+    assert nonfinite.host_readable(torch.zeros(2)) and not nonfinite.host_readable(meta)
+    monkeypatch.setattr(nonfinite, "SYNC_CHECK_DEVICES", ("meta",))
+    assert nonfinite.host_readable(meta)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():                        # traced tensors never are
+        monkeypatch.setattr(nonfinite, "SYNC_CHECK_DEVICES", ("cpu", "meta"))
+        assert not nonfinite.host_readable(torch.zeros(2))
