@@ -13,8 +13,15 @@ Sections (all in one run, one table each; ``--out DIR`` also writes host_*.csv):
   the torch backend. Per step = (time(P) - time(P=2 plan)) / (steps(P) - 2), so the per-call
   part cancels; per call: the whole call of the P=2 plan (2 steps). Medians of repeats on a
   shared CPU: expect +-30% noise.
-- ``ops``: aten ops dispatched per ring step (TorchDispatchMode), all of them and those
-  outside the attention kernel (the ``*flash_attention*`` ops), same differencing.
+- ``ops``: ops dispatched per ring step (TorchDispatchMode), same differencing (P=8 vs P=2).
+  In the step table, all aten ops and those outside the attention kernel (views included, as
+  before). The ops table splits them by kind (``op_kind``): launches outside the attention
+  kernel (ops that run a device kernel), attention launches, and views / metadata /
+  allocations (no kernel). Its rows: CPU tensors (torch backend, and the null backend:
+  distattn's own), and FAKE CUDA tensors (FakeTensorMode, tests/fake_cuda.py) for the null,
+  torch and cuda backends -- what a GPU would launch per step, where the cuda backend's
+  kernels are the distattn:: custom ops. On CUDA every call takes the non-finite path
+  (nonfinite.py: flags cannot be read on the host), so its launches are included there.
 - ``memory``: S tokens over ``--mem-ranks`` gloo processes vs one process, forward+backward:
   peak live bytes of tensors allocated during the call (a dispatch mode tracks storages),
   plus the caller's q/k/v/dout, in MiB and over the local q/k/v/out bytes.
@@ -26,6 +33,7 @@ Sections (all in one run, one table each; ``--out DIR`` also writes host_*.csv):
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import sys
 import time
@@ -37,6 +45,10 @@ _ap.add_argument("--smoke", action="store_true", help="small sizes, seconds")
 _ap.add_argument("--out", default=None, help="directory for host_*.csv")
 _ap.add_argument("--distattn", default=None, help="import distattn from this checkout")
 _ap.add_argument("--sections", default="plan,step,ops,memory")
+_ap.add_argument("--stat", choices=("median", "min"), default="median",
+                 help="per-call time of the step section: median or minimum of the repeats "
+                      "(min is steadier on a loaded machine)")
+_ap.add_argument("--repeats", type=int, default=None, help="step section repeats (7)")
 _ap.add_argument("--mem-seq", type=int, default=8192)
 _ap.add_argument("--mem-ranks", type=int, default=4)
 ARGS = _ap.parse_args() if __name__ == "__main__" else None
@@ -68,14 +80,17 @@ from distattn.segments import attention_bounds  # noqa: E402
 _TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
 
 
-def _median_s(fn, repeats: int) -> float:
+STAT = statistics.median   # the step section's statistic (--stat)
+
+
+def _median_s(fn, repeats: int, stat=statistics.median) -> float:
     fn()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return stat(times)
 
 
 def _documents(n: int, seed: int = 0) -> list:
@@ -172,16 +187,21 @@ def _cfg(P: int, backend):
     return ring.RingConfig(mesh, plan, backend, 0.35), lay.part_len
 
 
-def _tensors(n: int):
+def _tensors(n: int, heads=(2, 2), dim: int = 16, dtype=torch.float32, device="cpu"):
+    """q, k, v, dout; on "cuda" (fake tensors: their values are never read) no generator."""
+    hq, hkv = heads
+    if device != "cpu":
+        return tuple(torch.randn(1, n, h, dim, device=device, dtype=dtype)
+                     for h in (hq, hkv, hkv, hq))
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, n, 2, 16, generator=g) for _ in range(3))
-    return q, k, v, torch.randn(1, n, 2, 16, generator=g)
+    return tuple(torch.randn(1, n, h, dim, generator=g, dtype=dtype) for h in (hq, hkv, hkv, hq))
 
 
-def _one_call(P: int, backend):
-    """fn(pass) running rank 0's forward or backward of a P-rank plan."""
+def _one_call(P: int, backend, **shape):
+    """fn(pass) running rank 0's forward or backward of a P-rank plan (``shape``: heads,
+    dim, dtype, device of the tensors, see ``_tensors``)."""
     cfg, n = _cfg(P, backend)
-    q, k, v, dout = _tensors(n)
+    q, k, v, dout = _tensors(n, **shape)
     out, lse = ring.ring_forward(q, k, v, _cfg(P, TorchBackend())[0])
 
     def run(which):
@@ -192,24 +212,170 @@ def _one_call(P: int, backend):
     return run, cfg.plan.steps
 
 
-class _CountOps(TorchDispatchMode):
-    KERNEL = ("flash_attention",)
+# What counts as what (``op_kind``): a *launch* is an op that runs a device kernel; views and
+# metadata ops (``OpOverload.is_view``: view, slice, select, transpose, alias, unbind,
+# as_strided, ...), metadata queries (prim.device) and bare allocations (empty*) launch
+# nothing. ``zeros``/``full`` count as
+# one launch (a fill), ``_local_scalar_dense`` as one (a device-to-host copy). The attention
+# kernels (PyTorch's flash/cuDNN ops, this project's distattn::fwd/fwd_acc/bwd) are counted
+# apart; distattn::merge is a launch outside them.
+ATTENTION_OPS = ("flash_attention", "scaled_dot_product", "cudnn_attention", "distattn.fwd",
+                 "distattn.bwd")
+_aten = torch.ops.aten
+ALLOCATIONS = frozenset((_aten.empty.memory_format, _aten.empty_like.default,
+                         _aten.empty_strided.default, _aten.new_empty.default,
+                         _aten.new_empty_strided.default))
 
-    def __init__(self):
+
+def op_kind(func) -> str:
+    """"attention", "launch" or "view" (see the rule above)."""
+    name = str(func)
+    if any(k in name for k in ATTENTION_OPS):
+        return "attention"
+    if func in ALLOCATIONS or getattr(func, "is_view", False) or name.startswith("prim."):
+        return "view"
+    return "launch"
+
+
+class CountOps(TorchDispatchMode):
+    """Ops dispatched while active, by ``op_kind``; ``launches`` names the launches. With
+    ``device`` (a device type), a launch must touch a tensor on that device: an op on host
+    tensors only (a wrapped Python scalar, ``scalar_tensor``) launches nothing there."""
+
+    def __init__(self, device=None):
         super().__init__()
-        self.total = self.kernel = 0
+        self.device = device
+        self.kinds = {"attention": 0, "launch": 0, "view": 0}
+        self.launches = collections.Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.kinds.values())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.total += 1
-        if any(k in func.__name__ for k in self.KERNEL):
-            self.kernel += 1
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        kind = op_kind(func)
+        if kind == "launch" and self.device is not None and not any(
+                isinstance(t, torch.Tensor) and t.device.type == self.device
+                for t in tree_leaves((args, kwargs, out))):
+            kind = "view"
+        self.kinds[kind] += 1
+        if kind == "launch":
+            self.launches[str(func)] += 1
+        return out
+
+
+def _counts(run, which, device=None) -> CountOps:
+    with CountOps(device) as c:
+        run(which)
+    return c
 
 
 def _ops(run, which):
-    with _CountOps() as c:
-        run(which)
-    return c.total, c.total - c.kernel
+    c = _counts(run, which)
+    return c.total, c.total - c.kinds["attention"]
+
+
+def _cuda_backend():
+    """The cuda backend as if distattn._C were built for a GPU here: on fake CUDA tensors its
+    launches go to the distattn:: custom ops' fake implementations (kernels/ops.py)."""
+    from distattn.kernels.cuda import CudaBackend
+    return CudaBackend()
+
+
+# (device, backend, heads (Hq, Hkv), head dim, dtype): the rows of the ops table. "fake cuda"
+# traces the CUDA host path on FakeTensorMode tensors (tests/fake_cuda.py): what a GPU would
+# launch, per backend (torch: PyTorch's varlen flash op; cuda: this project's kernels).
+# "fake cuda, finite call" runs the same with the call's finite check forced to "finite" (the
+# path a CPU call with finite inputs takes; on CUDA calls never take it today): the backend's
+# own launches per step on a GPU, without the non-finite path's.
+OPS_RUNS = (("cpu", "null", (2, 2), 16, torch.float32),
+            ("cpu", "torch", (2, 2), 16, torch.float32),
+            ("cpu", "torch", (4, 2), 16, torch.float32),
+            ("fake cuda", "null", (4, 2), 64, torch.bfloat16),
+            ("fake cuda", "torch", (4, 2), 64, torch.bfloat16),
+            ("fake cuda", "cuda", (4, 2), 64, torch.bfloat16),
+            ("fake cuda, finite call", "null", (4, 2), 64, torch.bfloat16),
+            ("fake cuda, finite call", "torch", (4, 2), 64, torch.bfloat16),
+            ("fake cuda, finite call", "cuda", (4, 2), 64, torch.bfloat16))
+
+
+def _backend(name):
+    return {"null": _NullBackend, "torch": TorchBackend, "cuda": _cuda_backend}[name]()
+
+
+def step_counts(which: str, device: str, backend: str, heads, dim, dtype, P: int = 4):
+    """Per ring step of rank 0 (zigzag causal, communication stubbed): the CountOps
+    difference between a P-rank and a 2-rank plan over the step difference, as
+    {"attention", "launch", "view"} -> ops/step plus "names" -> launches/step by op.
+    Deterministic (no timer)."""
+    import contextlib
+    real, real_payloads = ring.RingExchange, ring._Payloads
+    real_checks = ring.host_readable, ring._nonfinite_call
+    ring.RingExchange, ring._Payloads = _NoComm, _ZeroPayloads
+    if device.endswith("finite call"):
+        ring.host_readable, ring._nonfinite_call = (lambda t: True), (lambda *a: False)
+    if device.startswith("fake cuda"):
+        sys.path.insert(0, _TESTS)
+        from fake_cuda import fake_cuda
+        mode = fake_cuda()
+    else:
+        mode = contextlib.nullcontext()
+    shape = dict(heads=heads, dim=dim, dtype=dtype, device="cuda" if device != "cpu" else "cpu")
+    # The launch arrays a real GPU run builds once per plan and caches (device_cache) are
+    # rebuilt on every call while a dispatch mode is active; for counting, let the caches
+    # work under the fake mode (fake CUDA entries only, cleared afterwards).
+    caching = _cache_under_modes() if device != "cpu" else contextlib.nullcontext()
+    try:
+        with mode, caching:
+            got = []
+            for p in (2, P):
+                run, steps = _one_call(p, _backend(backend), **shape)
+                run(which)                           # warm caches (plans, launch arrays)
+                got.append((steps, _counts(run, which, shape["device"])))
+    finally:
+        ring.RingExchange, ring._Payloads = real, real_payloads
+        ring.host_readable, ring._nonfinite_call = real_checks
+    (s2, c2), (sp, cp) = got
+    per = {k: (cp.kinds[k] - c2.kinds[k]) / (sp - s2) for k in cp.kinds}
+    per["names"] = {n: (cp.launches[n] - c2.launches[n]) / (sp - s2)
+                    for n in cp.launches if cp.launches[n] != c2.launches[n]}
+    return per
+
+
+@__import__("contextlib").contextmanager
+def _cache_under_modes():
+    """nonfinite._pieces, varlen.launch_tensors (and torch_sdpa._no_rng_state) cached while the fake mode is on (their own
+    device_cache bypasses itself then): a fresh lru_cache of each, dropped afterwards."""
+    import functools
+    from distattn import nonfinite
+    from distattn.kernels import torch_sdpa, varlen
+    places = [(nonfinite, "_pieces"), (varlen, "launch_tensors"),
+              (torch_sdpa, "_no_rng_state")]
+    places = [(m, n, getattr(m, n)) for m, n in places if hasattr(m, n)]
+    for m, n, f in places:
+        setattr(m, n, functools.lru_cache(None)(getattr(f, "uncached", f)))
+    try:
+        yield
+    finally:
+        for m, n, f in places:
+            setattr(m, n, f)
+
+
+def bench_ops(P: int):
+    rows = []
+    for which in ("fwd", "bwd"):
+        for device, backend, heads, dim, dtype in OPS_RUNS:
+            per = step_counts(which, device, backend, heads, dim, dtype, P)
+            rows.append({"pass": which, "device": device, "backend": backend,
+                         "Hq/Hkv": f"{heads[0]}/{heads[1]}", "D": dim,
+                         "dtype": str(dtype).replace("torch.", ""),
+                         "launches/step outside attention": per["launch"],
+                         "attention launches/step": per["attention"],
+                         "views, metadata, allocs/step": per["view"],
+                         "launched ops": " ".join(f"{n.replace('aten.', '')}x{c:g}"
+                                                  for n, c in sorted(per["names"].items()))})
+    return rows
 
 
 def bench_step(Ps, repeats: int, count_ops: bool):
@@ -222,13 +388,13 @@ def bench_step(Ps, repeats: int, count_ops: bool):
             base = {}
             for name, backend in (("python", _NullBackend()), ("torch", TorchBackend())):
                 run, steps = _one_call(2, backend)
-                base[name] = (_median_s(lambda: run(which), repeats), steps,
+                base[name] = (_median_s(lambda: run(which), repeats, STAT), steps,
                               _ops(run, which) if count_ops else (0, 0))
             for P in Ps:
                 row = {"pass": which, "P": P}
                 for name, backend in (("python", _NullBackend()), ("torch", TorchBackend())):
                     run, steps = _one_call(P, backend)
-                    t = _median_s(lambda: run(which), repeats)
+                    t = _median_s(lambda: run(which), repeats, STAT)
                     t2, s2, ops2 = base[name]
                     per_step = (t - t2) / (steps - s2) if steps > s2 else float("nan")
                     row[f"{name} us/step"] = 1e6 * per_step
@@ -393,8 +559,13 @@ def main(args):
                                      (10, 100) if smoke else (10, 100, 1000, 10000),
                                      old_limit=2000 if smoke else 2_000_000)
     if "step" in sections or "ops" in sections:
+        global STAT
+        STAT = min if args.stat == "min" else statistics.median
+        repeats = args.repeats or (3 if smoke else 7)
         results["step"] = bench_step((4, 8) if smoke else (4, 8, 16, 32, 64),
-                                     repeats=3 if smoke else 7, count_ops="ops" in sections)
+                                     repeats=repeats, count_ops="ops" in sections)
+    if "ops" in sections:
+        results["ops"] = bench_ops(4 if smoke else 8)
     if "memory" in sections:
         results["memory"] = bench_memory(1024 if smoke else args.mem_seq, args.mem_ranks)
     for name, rows in results.items():

@@ -29,7 +29,8 @@ gradients that are non-finite in one process (a non-finite element of dout count
 whole row, where one process would spoil only that element's column of dV).
 
 Everything here is tensor ops (no host synchronisation). The ring executor skips all of it
-for a call whose inputs are finite, read once per call on CPU (``host_readable``,
+for a call whose inputs are finite, read once per call on CPU (and, opt-in, on CUDA:
+``DISTATTN_FINITE_CHECK=sync``) (``host_readable``,
 ``finite_total``; docs/DESIGN.md, "Non-finite inputs"). K/V travel raw, so every rank that
 computes on them derives the same flags; query rows a helper computes on travel sanitized,
 with their flags (``RowFlags.codes``). Window sums use prefix sums over the block's keys
@@ -37,6 +38,7 @@ with their flags (``RowFlags.codes``). Window sums use prefix sums over the bloc
 """
 from __future__ import annotations
 
+import os
 
 import torch
 
@@ -44,11 +46,29 @@ from .kernels.device_cache import device_cache
 from .kernels.mask import Mask
 
 
+def _sync_check_devices() -> tuple:
+    mode = os.environ.get("DISTATTN_FINITE_CHECK", "device")
+    if mode not in ("device", "sync"):
+        raise ValueError(f"DISTATTN_FINITE_CHECK must be 'device' or 'sync', got {mode!r}")
+    return ("cuda",) if mode == "sync" else ()
+
+
+# Opt-in, UNVERIFIED ON A GPU: DISTATTN_FINITE_CHECK=sync (read at import) lets CUDA calls read
+# the finite flag on the host too -- one device synchronisation per ring call (forward and
+# backward each) -- so that a call with finite inputs skips the sanitized copies and the
+# poisoning there as on CPU (bench/host.py's "fake cuda, finite call" rows: 0 launches per
+# forward step besides the cuda backend's kernel instead of 28). Not under CUDA graph capture
+# (the host read is not capturable). Default "device": CUDA always takes the tensor-op path.
+SYNC_CHECK_DEVICES = _sync_check_devices()
+
+
 def host_readable(t: torch.Tensor) -> bool:
-    """True where reading one flag of ``t``'s device on the host costs no device
-    synchronisation and breaks no trace: a plain CPU tensor outside torch.compile."""
-    return t.device.type == "cpu" and type(t) is torch.Tensor and \
-        not torch.compiler.is_compiling()
+    """True where the executors read one flag of ``t``'s device on the host: a plain CPU
+    tensor outside torch.compile (no device synchronisation, no broken trace), and with
+    ``DISTATTN_FINITE_CHECK=sync`` a plain CUDA tensor outside torch.compile (one
+    synchronisation per call)."""
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling() and \
+        (t.device.type == "cpu" or t.device.type in SYNC_CHECK_DEVICES)
 
 
 def finite_total(*tensors: torch.Tensor) -> torch.Tensor:

@@ -140,3 +140,30 @@ def test_backend_without_windows_or_softcap_is_refused_by_name(monkeypatch):
     with pytest.raises(ValueError, match="sliding windows and softcap.*'torch' or 'reference'"):
         kernels.get_backend("cuda", q, k, v, window=True, softcap=True)
     assert kernels.get_backend("cuda", q, k, v).name == "nobands"
+
+
+@pytest.mark.parametrize("native_gqa", [True, False])
+@pytest.mark.parametrize("mask", [Mask.none(), Mask.causal(0), Mask.causal(-3),
+                                  Mask.causal(2)], ids=repr)
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)])
+def test_torch_ring_step_into_strided_accumulators(monkeypatch, native_gqa, mask, heads):
+    """TorchBackend.forward_into / backward_into (the ring step: each kernel call merged or
+    added straight into the accumulators) on strided accumulator views that already hold a
+    partial result, GQA in one call (CPU native) and per group, vs the reference backend."""
+    from distattn.kernels import torch_sdpa
+    monkeypatch.setattr(torch_sdpa, "_NATIVE_GQA_CPU", native_gqa and torch_sdpa._NATIVE_GQA_CPU)
+    sq, sk = 9, 7
+    q, k, v, dout = _inputs(sq, sk, *heads)
+    out_f, lse_f = ReferenceBackend().forward(q, k, v, scale=0.3, mask=Mask.none())
+    got, want = [], []
+    for backend, sink in ((TorchBackend(), got), (ReferenceBackend(), want)):
+        g = torch.Generator().manual_seed(3)
+        out_acc = torch.randn(2, sq + 2, heads[0], 8, generator=g, dtype=torch.float64)[:, 2:]
+        lse_acc = torch.randn(2, heads[0], sq + 2, generator=g, dtype=torch.float64)[:, :, 2:]
+        backend.forward_into(q, k, v, out_acc, lse_acc, scale=0.3, mask=mask)
+        accs = [torch.randn(2, n + 1, h, 8, generator=g, dtype=torch.float64)[:, 1:]
+                for n, h in ((sq, heads[0]), (sk, heads[1]), (sk, heads[1]))]
+        backend.backward_into(dout, q, k, v, out_f, lse_f, *accs, scale=0.3, mask=mask)
+        sink += [out_acc, lse_acc, *accs]
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11, msg=name)

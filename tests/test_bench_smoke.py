@@ -142,6 +142,11 @@ def test_host_smoke(tmp_path):
         (p, P) for p in ("fwd", "bwd") for P in (4, 8)}
     for r in step:   # counts are exact (no timer): the attention kernel is not counted
         assert float(r["aten ops/step"]) > float(r["outside kernel/step"]) > 0
+    ops = _csv(tmp_path / "host_ops.csv")   # launches by kind, CPU and fake CUDA rows
+    assert {(r["device"], r["backend"]) for r in ops} >= {
+        ("cpu", "torch"), ("fake cuda", "torch"), ("fake cuda", "cuda")}
+    for r in ops:
+        assert float(r["attention launches/step"]) == (r["backend"] != "null")
     memory = _csv(tmp_path / "host_memory.csv")
     assert len(memory) == 3 and all(float(r["peak / local qkvo"]) > 1 for r in memory)
     assert "## memory" in out

@@ -10,8 +10,12 @@ The ATen kernels know one mask beyond ``none``: causal on a square block. Every
 ``causal(offset)`` piece is therefore cut into at most three parts (``causal_pieces``): rows
 that see nothing, a rectangle every remaining row sees entirely, and a square causal diagonal.
 Square causal blocks are the same under top-left and bottom-right alignment, so the result does
-not depend on which convention a kernel version uses. GQA runs one call per query-head group
-(``Hq // Hkv`` calls on ``Hkv`` heads each): K/V are never expanded.
+not depend on which convention a kernel version uses. GQA: on CPU one call for all heads (the
+CPU flash kernels take Hq = G * Hkv natively; ``native_gqa_cpu`` checks that once against the
+per-group calls), elsewhere one call per query-head group (``Hq // Hkv`` calls on ``Hkv``
+heads each): K/V are never expanded. In a ring step (``forward_piece_into`` /
+``backward_piece_into``) each call's result is merged, or its gradients added, straight into
+the accumulators' views: no block-sized temporaries, no copies.
 
 What the ATen kernels cannot express -- a band with a lower bound (sliding windows) and
 softcap -- runs on the reference math for that piece only (``ReferenceBackend``).
@@ -35,7 +39,7 @@ import torch
 
 from ..merge import merge_, new_accumulators
 from . import varlen
-from .device_cache import address_aligned, tracing
+from .device_cache import address_aligned, device_cache, tracing
 from .base import BlockAttention, empty_result
 from .mask import Mask, accumulation_dtype
 from .reference import ReferenceBackend
@@ -174,7 +178,9 @@ def _launch_forward(ops: FlashVarlenOps, lt, qr, kr, vr, scale):
             f"(the unpadded varlen lse of FlashAttention >= 2.5)")
     # FlashAttention-2 writes out = 0 and lse = +inf for a row that sees no key; the
     # contract's empty row has lse = -inf (weight 0 in a merge).
-    return out, lse.masked_fill(torch.isposinf(lse), float("-inf"))
+    # (one kernel; NaN stays NaN, -inf stays -inf)
+    inf = float("inf")
+    return out, torch.nan_to_num(lse, nan=float("nan"), posinf=-inf, neginf=-inf)
 
 
 def _varlen_forward_into(ops, units, q, k, out_acc, lse_acc, scale, mask) -> None:
@@ -212,6 +218,13 @@ def varlen_forward_into(ops: FlashVarlenOps, q, k, v, out_acc, lse_acc, scale: f
     _varlen_forward_into(ops, units, q, k, out_acc, lse_acc, scale, mask)
 
 
+@device_cache(maxsize=64)
+def _no_rng_state(device: torch.device) -> torch.Tensor:
+    """The varlen backward's (seed, offset) argument, which it never reads without dropout:
+    one zeros tensor per device, not a fill launch per step."""
+    return torch.zeros(2, dtype=torch.uint64, device=device)
+
+
 def varlen_backward_into(ops: FlashVarlenOps, dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc,
                          scale: float, mask: Mask) -> None:
     """``BlockAttention.backward_into`` with varlen launches. Only band rows and keys of a
@@ -219,7 +232,7 @@ def varlen_backward_into(ops: FlashVarlenOps, dout, q, k, v, out, lse, dq_acc, d
     sq, sk, hq = q.shape[1], k.shape[1], q.shape[2]
     acc = accumulation_dtype(q.dtype)
     out, dout = out.to(q.dtype), dout.to(q.dtype)     # the kernel takes them in q's dtype
-    rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)  # no dropout: never read
+    rng_state = _no_rng_state(q.device)      # no dropout: never read (nor written)
     unused = torch.empty(0, device=q.device)
     for sel, blocks, (qr, kr, vr, dor, outr) in _units(mask, sq, sk, q, k, v, dout, out):
         lse_rows = lse[sel].to(acc).transpose(0, 1).reshape(hq, blocks * sq)
@@ -334,6 +347,49 @@ def _pick_mode(pick: Optional[str]) -> str:
     return mode
 
 
+def native_gqa_cpu() -> bool:
+    """Whether the CPU flash kernels take GQA natively (``_probe_native_gqa_cpu``, run once at
+    import, outside any trace: run under torch.compile or a fake mode its tensors would be
+    traced ones)."""
+    return _NATIVE_GQA_CPU
+
+
+def _probe_native_gqa_cpu() -> bool:
+    """Whether this PyTorch's CPU flash kernels take GQA natively (q with Hq = G * Hkv heads,
+    query head h reading K/V head h // G), checked once on tiny float64 tensors against one
+    call per query-head group (forward and backward, causal). False (one call per group
+    then) when the kernels refuse it or disagree."""
+    g = torch.Generator().manual_seed(0)
+    q, dout = (torch.randn(1, 4, 6, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(1, 2, 6, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    fwd = aten._scaled_dot_product_flash_attention_for_cpu
+    bwd = aten._scaled_dot_product_flash_attention_for_cpu_backward
+    group = lambda t, i: t.unflatten(1, (2, 2))[:, :, i]
+    try:
+        out, lse = fwd(q, k, v, 0.0, True, scale=0.3)
+        grads = bwd(dout, q, k, v, out, lse, 0.0, True, scale=0.3)
+    except RuntimeError:
+        return False
+    if tuple(out.shape) != tuple(q.shape) or [tuple(t.shape) for t in grads] != \
+            [tuple(t.shape) for t in (q, k, v)]:
+        return False
+    want_dk, want_dv = torch.zeros_like(k), torch.zeros_like(v)
+    for i in range(2):
+        o, l = fwd(group(q, i), k, v, 0.0, True, scale=0.3)
+        gq, gk, gv = bwd(group(dout, i), group(q, i), k, v, o, l, 0.0, True, scale=0.3)
+        if not (torch.allclose(o, group(out, i), rtol=1e-12, atol=1e-12) and
+                torch.allclose(l, lse.unflatten(1, (2, 2))[:, :, i], rtol=1e-12, atol=1e-12)
+                and torch.allclose(gq, group(grads[0], i), rtol=1e-12, atol=1e-12)):
+            return False
+        want_dk += gk
+        want_dv += gv
+    return torch.allclose(want_dk, grads[1], rtol=1e-10, atol=1e-12) and \
+        torch.allclose(want_dv, grads[2], rtol=1e-10, atol=1e-12)
+
+
+_NATIVE_GQA_CPU = _probe_native_gqa_cpu()
+
+
 class TorchBackend(BlockAttention):
     name = "torch"
     # The varlen kernels and where they run (None: never); tests inject a CPU stand-in.
@@ -438,10 +494,12 @@ class TorchBackend(BlockAttention):
 
     # -- one query-head group of one piece ----------------------------------------------------
     def _group_views(self, t: torch.Tensor, hkv: int):
-        """[B, S, Hkv*G, X] -> list of G views [B, S, Hkv, X], one per group member."""
+        """[B, S, Hkv*G, X] -> list of G views [B, S, Hkv, X], one per group member (views
+        of any strides: splitting one dim never copies, and ``view`` would raise if it had
+        to -- accumulators are updated through these)."""
         b, s, h, x = t.shape
         g = h // hkv
-        grouped = t.reshape(b, s, hkv, g, x)
+        grouped = t.view(b, s, hkv, g, x)
         return [grouped[:, :, :, i] for i in range(g)]
 
     # PyTorch's flash kernels (CPU, CUDA, varlen) need one head dim for q, k and v: with
@@ -507,3 +565,63 @@ class TorchBackend(BlockAttention):
                 dk[:, p.k0:p.k1].add_(gk.transpose(1, 2))
                 dv[:, p.k0:p.k1].add_(gv.transpose(1, 2))
         return dq, dk, dv
+
+    # -- the ring step: each call merged / added straight into the accumulators --------------
+    @staticmethod
+    def _one_call_gqa(q, k) -> bool:
+        """One kernel call for all query heads: equal head counts, or GQA on CPU where the
+        kernels take it natively (``native_gqa_cpu``)."""
+        return q.shape[2] == k.shape[2] or (q.device.type == "cpu" and native_gqa_cpu())
+
+    def forward_piece_into(self, q, k, v, out_acc, lse_acc, *, scale, mask, softcap=0.0):
+        """Per causal piece, one kernel call (one per query-head group where GQA is not
+        native) whose (out, lse) merges into views of (out_acc, lse_acc): no block result
+        is assembled first."""
+        if self._needs_reference(mask, softcap, q, v):
+            return super().forward_piece_into(q, k, v, out_acc, lse_acc, scale=scale,
+                                              mask=mask, softcap=softcap)
+        sq, sk, hkv = q.shape[1], k.shape[1], k.shape[2]
+        if self._one_call_gqa(q, k):
+            groups = [(q, out_acc, lse_acc)]
+        else:
+            g = q.shape[2] // hkv
+            lse_g = lse_acc.unflatten(1, (hkv, g))
+            groups = list(zip(self._group_views(q, hkv), self._group_views(out_acc, hkv),
+                              [lse_g[:, :, i] for i in range(g)]))
+        for p in causal_pieces(mask, sq, sk):
+            kp, vp = _heads_first(k[:, p.k0:p.k1]), _heads_first(v[:, p.k0:p.k1])
+            for qg, og, lg in groups:
+                o, l = self._kernel_fwd(_heads_first(qg[:, p.q0:p.q1]), kp, vp, p.causal, scale)
+                merge_(og[:, p.q0:p.q1], lg[:, :, p.q0:p.q1], o.transpose(1, 2), l)
+
+    def backward_piece_into(self, dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc, *,
+                            scale, mask, softcap=0.0):
+        """Per causal piece, one kernel call (one per query-head group where GQA is not
+        native) whose gradients are added straight into views of the accumulators."""
+        if self._needs_reference(mask, softcap, q, v):
+            return super().backward_piece_into(dout, q, k, v, out, lse, dq_acc, dk_acc,
+                                               dv_acc, scale=scale, mask=mask,
+                                               softcap=softcap)
+        sq, sk, hkv = q.shape[1], k.shape[1], k.shape[2]
+        lse = lse.to(accumulation_dtype(q.dtype))      # the kernels read it in this dtype
+        if self._one_call_gqa(q, k):
+            groups = [(dout, q, out, lse, dq_acc)]
+        else:
+            g = q.shape[2] // hkv
+            lse_g = lse.unflatten(1, (hkv, g))
+            groups = list(zip(*(self._group_views(t, hkv) for t in (dout, q, out)),
+                              [lse_g[:, :, i] for i in range(g)],
+                              self._group_views(dq_acc, hkv)))
+        for p in causal_pieces(mask, sq, sk):
+            rows, keys = slice(p.q0, p.q1), slice(p.k0, p.k1)
+            kp, vp = _heads_first(k[:, keys]), _heads_first(v[:, keys])
+            for dog, qg, og, lg, dqg in groups:
+                lg = lg[:, :, rows]
+                if q.device.type != "cpu":      # CPU kernels read strided lse (as q/k/v)
+                    lg = lg.contiguous()
+                gq, gk, gv = self._kernel_bwd(_heads_first(dog[:, rows]),
+                                              _heads_first(qg[:, rows]), kp, vp,
+                                              _heads_first(og[:, rows]), lg, p.causal, scale)
+                dqg[:, rows].add_(gq.transpose(1, 2))
+                dk_acc[:, keys].add_(gk.transpose(1, 2))
+                dv_acc[:, keys].add_(gv.transpose(1, 2))
