@@ -151,10 +151,10 @@ class _ZeroPayloads(ring._Payloads):
     """Travel buffers that start finite (0), as received K/V would be: with nothing sent,
     uninitialised memory could hold NaN and send the next call down the non-finite path."""
 
-    def __init__(self, *args):
-        super().__init__(*args)
-        for buf in self.bufs:
-            buf.zero_()
+    def _buf(self, i):
+        fresh = self.bufs[i] is None
+        buf = super()._buf(i)
+        return buf.zero_() if fresh else buf
 
 
 class _NullBackend(BlockAttention):

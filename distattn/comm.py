@@ -50,10 +50,12 @@ class RingExchange:
     """Send to the ring rank ``hops`` ahead while receiving from the one ``hops`` behind.
 
     ``start(send, recv, hops=1)`` posts both as one ``batch_isend_irecv`` and returns a handle;
-    ``wait(handle, what)`` completes it (``what``, e.g. "ring step 2 forward", names it in
-    errors). Every rank of the ring must post the same sequence of exchanges, and the sizes of
-    each sender and its receiver must agree (plans make them agree). Empty tensors are neither
-    sent nor received.
+    ``send`` and ``recv`` are a tensor or a sequence of tensors (K and V as two tensors: no
+    packed copy), sent and received in order, so the i-th tensor sent pairs with the i-th
+    received. ``wait(handle, what)`` completes it (``what``, e.g. "ring step 2 forward", names
+    it in errors). Every rank of the ring must post the same sequence of exchanges, and the
+    sizes of each sender and its receiver must agree (plans make them agree). Empty tensors
+    are neither sent nor received.
     """
 
     def __init__(self, mesh: SPMesh):
@@ -61,15 +63,14 @@ class RingExchange:
         self.ranks = mesh.ring_ranks
         self.rank = mesh.ring_rank
 
-    def start(self, send: torch.Tensor, recv: torch.Tensor, hops: int = 1):
+    def start(self, send, recv, hops: int = 1):
         R = len(self.ranks)
         ops = []
-        if send.numel():
-            ops.append(dist.P2POp(dist.isend, send, self.ranks[(self.rank + hops) % R],
-                                  self.group))
-        if recv.numel():
-            ops.append(dist.P2POp(dist.irecv, recv, self.ranks[(self.rank - hops) % R],
-                                  self.group))
+        for op, tensors, peer in ((dist.isend, send, self.rank + hops),
+                                  (dist.irecv, recv, self.rank - hops)):
+            for t in (tensors,) if isinstance(tensors, torch.Tensor) else tensors:
+                if t.numel():
+                    ops.append(dist.P2POp(op, t, self.ranks[peer % R], self.group))
         return dist.batch_isend_irecv(ops) if ops else []
 
     def wait(self, handle, what: str = "ring exchange") -> None:
