@@ -129,6 +129,14 @@ def _recv_parts(pair, plan: RingPlan, owner: int) -> list:
     return [part for t in pair for part in t.split(splits, dim=1)]
 
 
+def _contiguous_kv(k, v) -> tuple:
+    """The caller's k and v themselves when contiguous (no copy); else contiguous copies, so
+    that a call on views computes on the same layout as one on contiguous tensors (a
+    kernel's rounding may depend on strides: results stay bitwise those of contiguous
+    inputs) and the first hop sends them without another copy."""
+    return k.contiguous(), v.contiguous()
+
+
 def _prepare_launches(cfg: RingConfig, masks, q, sizes) -> None:
     """Let the backend build its per-mask launch metadata (device index arrays) for every
     step before the ring starts, so no host-to-device copy happens inside a step; cached per
@@ -169,6 +177,7 @@ def ring_forward(q, k, v, cfg: RingConfig):
     out_acc, lse_acc = new_accumulators(q, acc, v.shape[-1])
     masks = plan.masks(r)
     active = plan.active(r)
+    k, v = _contiguous_kv(k, v)
     _prepare_launches(cfg, masks, q, [plan.key_len(r, t) for t in range(T)])
     ring = None
     if T > 1:
@@ -217,6 +226,7 @@ def ring_backward(dout, q, k, v, out, lse, cfg: RingConfig):
     dq_acc = torch.zeros(q.shape, dtype=acc, device=q.device)
     masks = plan.masks(r)
     active = plan.active(r)
+    k, v = _contiguous_kv(k, v)
     _prepare_launches(cfg, masks, q, [plan.key_len(r, t) for t in range(T)])
     dkv_local = torch.zeros(k.numel() + v.numel(), dtype=acc, device=q.device)
     dk_local, dv_local = dkv_local[:k.numel()].view(k.shape), dkv_local[k.numel():].view(v.shape)
