@@ -80,6 +80,17 @@ def _heads_first(x: torch.Tensor) -> torch.Tensor:
     return x if x.device.type == "cpu" and x.stride(-1) == 1 else x.contiguous()
 
 
+def _groups_are_views(t: torch.Tensor, hkv: int) -> bool:
+    """Whether [B, S, Hkv*G, X] splits into its G query-head groups as views (what
+    ``TorchBackend._group_views`` returns), so that adding into a group adds into ``t``."""
+    b, s, h, x = t.shape
+    try:
+        t.view(b, s, hkv, h // hkv, x)
+    except RuntimeError:
+        return False
+    return True
+
+
 class FlashVarlenOps(NamedTuple):
     """The varlen flash kernels the torch backend runs a block's launches with, and where.
 
@@ -482,16 +493,29 @@ class TorchBackend(BlockAttention):
                            o.transpose(1, 2), l)
         return out.to(q.dtype), lse
 
-    def backward_piece(self, dout, q, k, v, out, lse, *, scale, mask, softcap=0.0):
+    def backward_piece_into(self, dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc, *,
+                            scale, mask, softcap=0.0):
+        """Adds each kernel call's gradients straight into the accumulators (no block-sized
+        zeroed gradients added afterwards: three fewer block-sized tensors live) when dq_acc's
+        query-head groups are views of it; else as the base class does."""
+        if self._needs_reference(mask, softcap, q, v) or \
+                not _groups_are_views(dq_acc, k.shape[2]):
+            return super().backward_piece_into(dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc,
+                                               scale=scale, mask=mask, softcap=softcap)
+        self.backward_piece(dout, q, k, v, out, lse, scale=scale, mask=mask, softcap=softcap,
+                            grads=(dq_acc, dk_acc, dv_acc))
+
+    def backward_piece(self, dout, q, k, v, out, lse, *, scale, mask, softcap=0.0, grads=None):
+        """``grads``: (dq, dk, dv) accumulators to add into (and return) instead of new
+        zeros; only from ``backward_piece_into``, which checks that they can be."""
         if self._needs_reference(mask, softcap, q, v):
             return ReferenceBackend().backward_piece(dout, q, k, v, out, lse, scale=scale,
                                                      mask=mask, softcap=softcap)
         acc = accumulation_dtype(q.dtype)
         b, sq, hq, _ = q.shape
         sk, hkv = k.shape[1], k.shape[2]
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        dk = torch.zeros(k.shape, dtype=acc, device=q.device)
-        dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+        dq, dk, dv = grads if grads is not None else (
+            torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v))
         # The kernels read lse in the accumulation dtype and q's layout of heads.
         lse_groups = lse.to(acc).reshape(b, hkv, hq // hkv, sq)
         views = [self._group_views(t, hkv) for t in (q, dout, out, dq)]
