@@ -151,7 +151,13 @@ class _ZeroPayloads(ring._Payloads):
     """Travel buffers that start finite (0), as received K/V would be: with nothing sent,
     uninitialised memory could hold NaN and send the next call down the non-finite path."""
 
-    def _buf(self, i):
+    def __init__(self, *args):      # buffers made up front (revisions before 729ac38)
+        super().__init__(*args)
+        for buf in self.bufs:
+            if buf is not None:
+                buf.zero_()
+
+    def _buf(self, i):              # buffers made when first used
         fresh = self.bufs[i] is None
         buf = super()._buf(i)
         return buf.zero_() if fresh else buf

@@ -86,13 +86,23 @@ class _Payloads:
 
     def pair(self, i: int, owner: int) -> tuple:
         ks, vs = self._shapes(owner)
-        nk, nv = math.prod(ks), math.prod(vs)
         buf = self._buf(i)
-        return buf[:nk].view(ks), buf[nk:nk + nv].view(vs)
+        at = buf.storage_offset()
+        return (buf.as_strided(ks, _strides(ks), at),         # one op per view
+                buf.as_strided(vs, _strides(vs), at + math.prod(ks)))
 
     def flat(self, i: int, owner: int) -> torch.Tensor:
         ks, vs = self._shapes(owner)
         return self._buf(i)[:math.prod(ks) + math.prod(vs)]
+
+
+def _strides(shape) -> tuple:
+    """Contiguous strides of ``shape``."""
+    strides, n = [], 1
+    for size in reversed(shape):
+        strides.append(n)
+        n *= size
+    return tuple(reversed(strides))
 
 
 # A payload of at most this many slot ranges leaves its owner as views of k and v (one send
@@ -258,7 +268,7 @@ def ring_backward(dout, q, k, v, out, lse, cfg: RingConfig):
         if t == 0:
             mine = (dk_local, dv_local)
         else:
-            grads.flat(t % 2, owner).zero_()
+            mine_flat = grads.flat(t % 2, owner).zero_()
             mine = grads.pair(t % 2, owner)
         with span(prof, "compute", t, q.device):
             if active[t]:
@@ -270,7 +280,7 @@ def ring_backward(dout, q, k, v, out, lse, cfg: RingConfig):
         with span(prof, "wait", t, q.device):
             if grad_handle is not None:   # partial sum for the K/V held now, from prev rank
                 ring.wait(grad_handle, f"ring step {t} backward (dK/dV)")
-                grads.flat(t % 2, owner).add_(grads.flat(2, owner))
+                mine_flat.add_(grads.flat(2, owner))
                 grad_handle = None
             if t >= 1 and t + 1 < T:      # pass it on to the next holder
                 grad_handle = ring.start(mine, grads.pair(2, nxt_owner))
