@@ -24,7 +24,10 @@ Sections (all in one run, one table each; ``--out DIR`` also writes host_*.csv):
   (nonfinite.py: flags cannot be read on the host), so its launches are included there.
 - ``memory``: S tokens over ``--mem-ranks`` gloo processes vs one process, forward+backward:
   peak live bytes of tensors allocated during the call (a dispatch mode tracks storages),
-  plus the caller's q/k/v/dout, in MiB and over the local q/k/v/out bytes.
+  plus the caller's q/k/v/dout, in MiB and over the local q/k/v/out bytes. Split by owner:
+  ``caller`` = q/k/v/dout + those of out, q.grad, k.grad, v.grad that were live at the peak
+  (the gradient accumulators become the caller's gradients); ``distattn`` = the rest of the
+  peak (saved head-sharded copies, travel buffers, partial sums, backend temporaries).
 
     python bench/host.py                      # everything (minutes on 2 cores)
     python bench/host.py --smoke --out /tmp/h # small, for tests/test_bench_smoke.py
@@ -163,10 +166,16 @@ class _ZeroPayloads(ring._Payloads):
     """Travel buffers that start finite (0), as received K/V would be: with nothing sent,
     uninitialised memory could hold NaN and send the next call down the non-finite path."""
 
-    def __init__(self, *args):
+    def __init__(self, *args):      # buffers made up front (revisions before 729ac38)
         super().__init__(*args)
         for buf in self.bufs:
-            buf.zero_()
+            if buf is not None:
+                buf.zero_()
+
+    def _buf(self, i):              # buffers made when first used
+        fresh = self.bufs[i] is None
+        buf = super()._buf(i)
+        return buf.zero_() if fresh else buf
 
 
 class _NullBackend(BlockAttention):
@@ -417,18 +426,24 @@ def bench_step(Ps, repeats: int, count_ops: bool):
 class LiveBytes(TorchDispatchMode):
     """Peak bytes of the storages that tensors created inside the mode keep alive (a storage
     counts while any tracked tensor on it lives; storages of tensors from outside are not
-    counted)."""
+    counted). Byte counts, not timers: deterministic for a given program.
+
+    ``owned_at_peak(tensors)``: how many of the peak's bytes were the storages these tensors
+    have now (still the same storage: alive from the peak to now), e.g. the caller's out and
+    gradients; the rest of the peak is the callee's working set. Allocations inside one op
+    (a kernel's own scratch) are not seen, only the tensors ops return."""
 
     def __init__(self, outside=()):
         super().__init__()
         self.outside = {t.untyped_storage().data_ptr() for t in outside}
-        self.refs, self.size, self.live, self.peak = {}, {}, 0, 0
+        self.refs, self.size, self.gen, self.live, self.peak = {}, {}, {}, 0, 0
+        self.at_peak, self._made = {}, 0
 
     def _drop(self, key):
         self.refs[key] -= 1
         if not self.refs[key]:
             self.live -= self.size.pop(key)
-            del self.refs[key]
+            del self.refs[key], self.gen[key]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -439,12 +454,29 @@ class LiveBytes(TorchDispatchMode):
                 if not key or key in self.outside:
                     continue
                 if key not in self.refs:
-                    self.refs[key], self.size[key] = 0, st.nbytes()
+                    self._made += 1
+                    self.refs[key], self.size[key], self.gen[key] = 0, st.nbytes(), self._made
                     self.live += st.nbytes()
                 self.refs[key] += 1
                 weakref.finalize(t, self._drop, key)
-        self.peak = max(self.peak, self.live)
+        if self.live > self.peak:
+            self.peak = self.live
+            self.at_peak = {key: (self.gen[key], self.size[key]) for key in self.size}
         return out
+
+    def owned_at_peak(self, tensors) -> int:
+        seen, total = set(), 0
+        for t in tensors:
+            if t is None:
+                continue
+            key = t.untyped_storage().data_ptr()
+            if key in seen or key not in self.at_peak:
+                continue
+            seen.add(key)
+            gen, size = self.at_peak[key]
+            if self.gen.get(key) == gen:
+                total += size
+        return total
 
 
 def _mem_inputs(S: int, rank: int, world: int):
@@ -474,10 +506,14 @@ def _mem_one(S: int, rank: int, world: int, ulysses: int) -> dict:
         out = call()
         out.backward(dout)
         peak = m.peak
+    mib = lambda x: x / 2**20
     local = 4 * q.numel() * q.element_size()                # q, k, v, out
     inputs = 4 * q.numel() * q.element_size()               # q, k, v, dout
-    return {"peak MiB": (peak + inputs) / 2**20, "local qkvo MiB": local / 2**20,
-            "peak / local qkvo": (peak + inputs) / local}
+    results = m.owned_at_peak((out, q.grad, k.grad, v.grad))  # the caller's, live at the peak
+    work = peak - results
+    return {"peak MiB": mib(peak + inputs), "caller MiB": mib(inputs + results),
+            "distattn MiB": mib(work), "local qkvo MiB": mib(local),
+            "peak / local qkvo": (peak + inputs) / local, "distattn / local qkvo": work / local}
 
 
 def _single(q, k, v):

@@ -50,10 +50,12 @@ class RingExchange:
     """Send to the ring rank ``hops`` ahead while receiving from the one ``hops`` behind.
 
     ``start(send, recv, hops=1)`` posts both as one ``batch_isend_irecv`` and returns a handle;
-    ``wait(handle, what)`` completes it (``what``, e.g. "ring step 2 forward", names it in
-    errors). Every rank of the ring must post the same sequence of exchanges, and the sizes of
-    each sender and its receiver must agree (plans make them agree). Empty tensors are neither
-    sent nor received.
+    ``send`` and ``recv`` are a tensor or a sequence of tensors (K and V as two tensors: no
+    packed copy), sent and received in order, so the i-th tensor sent pairs with the i-th
+    received. ``wait(handle, what)`` completes it (``what``, e.g. "ring step 2 forward", names
+    it in errors). Every rank of the ring must post the same sequence of exchanges, and the
+    sizes of each sender and its receiver must agree (plans make them agree). Empty tensors
+    are neither sent nor received.
     """
 
     def __init__(self, mesh: SPMesh):
@@ -61,15 +63,14 @@ class RingExchange:
         self.ranks = mesh.ring_ranks
         self.rank = mesh.ring_rank
 
-    def start(self, send: torch.Tensor, recv: torch.Tensor, hops: int = 1):
+    def start(self, send, recv, hops: int = 1):
         R = len(self.ranks)
         ops = []
-        if send.numel():
-            ops.append(dist.P2POp(dist.isend, send, self.ranks[(self.rank + hops) % R],
-                                  self.group))
-        if recv.numel():
-            ops.append(dist.P2POp(dist.irecv, recv, self.ranks[(self.rank - hops) % R],
-                                  self.group))
+        for op, tensors, peer in ((dist.isend, send, self.rank + hops),
+                                  (dist.irecv, recv, self.rank - hops)):
+            for t in (tensors,) if isinstance(tensors, torch.Tensor) else tensors:
+                if t.numel():
+                    ops.append(dist.P2POp(op, t, self.ranks[peer % R], self.group))
         return dist.batch_isend_irecv(ops) if ops else []
 
     def wait(self, handle, what: str = "ring exchange") -> None:
@@ -81,28 +82,43 @@ class RingExchange:
                  lambda: f"{what} (ring rank {self.rank} of ranks {list(self.ranks)})")
 
 
-def all_to_all(x: torch.Tensor, group, world: int, scatter_dim: int, gather_dim: int,
+def all_to_all(x, group, world: int, scatter_dim: int, gather_dim: int,
                what: str = "Ulysses all-to-all") -> torch.Tensor:
     """Split ``x`` into ``world`` equal parts along ``scatter_dim``; part i goes to group rank
     i; the parts received are concatenated in rank order along ``gather_dim``. Not
     differentiable (see ``ulysses.seq_to_heads`` for the autograd-aware form). ``what``
-    names it in errors."""
+    names it in errors.
+
+    ``x`` may also be a list of tensors of one shape standing for ``torch.stack(x)`` (the
+    dims are the stacked tensor's, ``scatter_dim`` >= 1): each is copied once, straight into
+    its place in the send buffer (no stacked copy), and the list is emptied then, so that
+    tensors only the list held are freed before the receive buffer is allocated."""
     if world == 1:
-        return x
-    scatter_dim %= x.dim()
-    gather_dim %= x.dim()
-    shape = list(x.shape)
+        return torch.stack(x) if isinstance(x, list) else x
+    parts = x if isinstance(x, list) else None
+    shape = [len(parts)] + list(parts[0].shape) if parts is not None else list(x.shape)
+    scatter_dim %= len(shape)
+    gather_dim %= len(shape)
     if shape[scatter_dim] % world:
         raise ValueError(f"all_to_all: dimension {scatter_dim} of size {shape[scatter_dim]} "
                          f"does not split over {world} ranks")
     # [..., world * n, ...] -> [world, ..., n, ...] so that each destination's part is one
     # contiguous slab, as all_to_all_single sends them.
     split = shape[:scatter_dim] + [world, shape[scatter_dim] // world] + shape[scatter_dim + 1:]
-    send = x.reshape(split).movedim(scatter_dim, 0).contiguous()
+    if parts is None:
+        send = x.reshape(split).movedim(scatter_dim, 0).contiguous()
+    else:
+        if scatter_dim == 0:
+            raise ValueError("all_to_all: a list of tensors cannot scatter its stacking dim")
+        send = parts[0].new_empty([world] + split[:scatter_dim] + split[scatter_dim + 1:])
+        for i, part in enumerate(parts):
+            send[:, i].copy_(part.reshape(split[1:]).movedim(scatter_dim - 1, 0))
+        parts.clear()
     recv = torch.empty_like(send)
     work = dist.all_to_all_single(recv, send, group=group, async_op=True)
-    wait_all([work], lambda: f"{what} of {tuple(x.shape)} over ranks "
+    wait_all([work], lambda: f"{what} of {tuple(shape)} over ranks "
                              f"{dist.get_process_group_ranks(group)}")
+    del send
     # recv[i] is source rank i's part; put the source index right before gather_dim's
     # elements and merge the two.
     recv = recv.movedim(0, gather_dim)

@@ -39,7 +39,7 @@ def _kv_to_heads(k, v, mesh, pass_name: str):
     """K and V in one all-to-all: [2, B, n, Hkv, D] (heads on dim 3, sequence on dim 2) ->
     [2, B, U*n, max(Hkv, U)/U, D], K/V heads repeated first where Hkv < U."""
     U = mesh.ulysses_degree
-    return all_to_all(repeat_kv_heads(torch.stack([k, v]), U, head_dim=3), mesh.ulysses_group,
+    return all_to_all([repeat_kv_heads(k, U), repeat_kv_heads(v, U)], mesh.ulysses_group,
                       U, scatter_dim=3, gather_dim=2, what=_a2a("K/V", pass_name))
 
 
@@ -152,7 +152,9 @@ def _heads_backward(dh, heads, hkv: int, split, cfg: RingConfig):
         return tuple(_to_seq_v([dq, dk, dv], [False, True, True], split, cfg.mesh, 1, 2,
                                _a2a("dq/dK/dV", "backward")))
     dq = all_to_all(dq, group, U, scatter_dim=1, gather_dim=2, what=_a2a("dq", "backward"))
-    dkv = all_to_all(torch.stack([dk, dv]), group, U, scatter_dim=2, gather_dim=3,
+    parts = [dk, dv]   # the list alone holds them: freed once copied into the send buffer
+    del dk, dv
+    dkv = all_to_all(parts, group, U, scatter_dim=2, gather_dim=3,
                      what=_a2a("dK/dV", "backward"))
     if dkv.shape[3] != hkv:   # sum the gradients of repeated K/V heads
         dkv = dkv.unflatten(3, (hkv, dkv.shape[3] // hkv)).sum(4)
@@ -188,7 +190,7 @@ def usp_backward(dout, q, k, v, out, lse, cfg: RingConfig):
                              _a2a("lse", "backward"))
         return _heads_backward(dh, (qh, kh, vh, oh, lse_h), k.shape[2], split, cfg)
     # q, out and dout share one all-to-all; k and v another (repeated heads as in forward).
-    qod = all_to_all(torch.stack([q, out, dout]), group, U, scatter_dim=3, gather_dim=2,
+    qod = all_to_all([q, out, dout], group, U, scatter_dim=3, gather_dim=2,
                      what=_a2a("q/out/dout", "backward"))
     kv = _kv_to_heads(k, v, cfg.mesh, "backward")
     lse_h = all_to_all(lse.contiguous(), group, U, scatter_dim=1, gather_dim=2,

@@ -547,9 +547,7 @@ class TorchBackend(BlockAttention):
         acc = accumulation_dtype(q.dtype)
         b, sq, hq, _ = q.shape
         sk, hkv = k.shape[1], k.shape[2]
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        dk = torch.zeros(k.shape, dtype=acc, device=q.device)
-        dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+        dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v))
         # The kernels read lse in the accumulation dtype and q's layout of heads.
         lse_groups = lse.to(acc).reshape(b, hkv, hq // hkv, sq)
         views = [self._group_views(t, hkv) for t in (q, dout, out, dq)]
