@@ -67,7 +67,7 @@ import statistics  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
 import distattn  # noqa: E402
@@ -175,7 +175,10 @@ class _ZeroPayloads(ring._Payloads):
     def _buf(self, i):              # buffers made when first used
         fresh = self.bufs[i] is None
         buf = super()._buf(i)
-        return buf.zero_() if fresh else buf
+        if fresh:                   # the stub's own work: not counted as distattn's launches
+            with _disable_current_modes():
+                buf.zero_()
+        return buf
 
 
 class _NullBackend(BlockAttention):

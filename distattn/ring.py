@@ -158,10 +158,17 @@ def _prepare_launches(cfg: RingConfig, masks, q, sizes) -> None:
 
 
 def _clean(scratch: Scratch, k, v) -> tuple:
-    """Sanitized copies of the held K and V, side by side in the call's scratch buffer."""
-    nk = k.numel()
+    """Sanitized copies of the held K and V, side by side in the call's scratch buffer: one
+    kernel when they lie side by side in one travel buffer (steps >= 1), else two."""
+    nk, nv = k.numel(), v.numel()
+    base = k._base
+    if base is not None and v._base is base and base.dim() == 1 and k.is_contiguous() and \
+            v.is_contiguous() and v.storage_offset() == k.storage_offset() + nk:
+        start = k.storage_offset() - base.storage_offset()
+        flat = sanitized(base[start:start + nk + nv], out=scratch.buf[:nk + nv])
+        return flat[:nk].view(k.shape), flat[nk:].view(v.shape)
     return (sanitized(k, out=scratch.buf[:nk].view(k.shape)),
-            sanitized(v, out=scratch.buf[nk:nk + v.numel()].view(v.shape)))
+            sanitized(v, out=scratch.buf[nk:nk + nv].view(v.shape)))
 
 
 def _nonfinite_call(ring, what: str, q, *tensors) -> bool:
