@@ -32,7 +32,7 @@
 #include <type_traits>
 #include <utility>
 
-#include "mma.cuh"
+#include "fwd_epilogue.cuh"
 
 #if defined(DISTATTN_EMULATE)
 #include "emulate/sm90_device.h"
@@ -310,53 +310,12 @@ __global__ void __launch_bounds__(sm90::kThreads, 1)
     cute::arrive_barrier(empty[s]);  // this thread is done with stage s
   }
 
-  // ---- epilogue (fwd_kernel's) -------------------------------------------------------------
+  // ---- epilogue (fwd_epilogue.cuh, shared with fwd_kernel) ------------------------------------
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const float l = quad_sum(row_sum[r]);
-    const float lse = l > 0.f ? row_max[r] * kLn2 + logf(l) : -INFINITY;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
     const index_t row_in_piece = m_wg + 16 * warp + g + 8 * r;
-    const bool in_bounds = row_in_piece < sq;
-    const index_t row = pc.q0 + row_in_piece;
-    if (!p.accumulate) {
-      if (in_bounds) {
-        T* out = static_cast<T*>(p.out) + b * p.out_stride.batch + row * p.out_stride.seq +
-                 h * p.out_stride.head;
-#pragma unroll
-        for (int d = 0; d < Dv / 8; ++d)
-          *reinterpret_cast<uint32_t*>(out + 8 * d + 2 * t) =
-              Elem<T>::pack(o[4 * d + 2 * r] * inv, o[4 * d + 2 * r + 1] * inv);
-        if (t == 0)
-          p.lse[b * p.lse_stride.batch + h * p.lse_stride.head + row * p.lse_stride.seq] = lse;
-      }
-    } else {
-      float* lse_acc = nullptr;
-      float old_lse = -INFINITY;
-      if (in_bounds) {
-        lse_acc = p.lse_acc + b * p.lse_acc_stride.batch + h * p.lse_acc_stride.head +
-                  row * p.lse_acc_stride.seq;
-        old_lse = *lse_acc;
-      }
-      __syncwarp();  // the quad has read lse_acc before lane t == 0 overwrites it
-      if (in_bounds && lse != -INFINITY) {
-        float w_old, w_new;
-        const float merged = merge_lse(old_lse, lse, w_old, w_new);
-        float* acc = p.out_acc + b * p.out_acc_stride.batch + row * p.out_acc_stride.seq +
-                     h * p.out_acc_stride.head;
-        w_new *= inv;
-#pragma unroll
-        for (int d = 0; d < Dv / 8; ++d) {
-          float2* a2 = reinterpret_cast<float2*>(acc + 8 * d + 2 * t);
-          float2 cur = make_float2(0.f, 0.f);
-          if (w_old != 0.f) cur = *a2;  // never read a dead accumulator (0 * NaN = NaN)
-          cur.x = cur.x * w_old + o[4 * d + 2 * r] * w_new;
-          cur.y = cur.y * w_old + o[4 * d + 2 * r + 1] * w_new;
-          *a2 = cur;
-        }
-        if (t == 0) *lse_acc = merged;
-      }
-    }
+    store_fwd_row<T, Dv>(p, b, h, t, pc.q0 + row_in_piece, row_in_piece < sq, row_max[r],
+                         row_sum[r], [&](int d, int j) { return o[4 * d + 2 * r + j]; });
   }
 #endif  // DISTATTN_SM90_BODY
 }
