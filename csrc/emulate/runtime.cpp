@@ -1310,38 +1310,34 @@ void tma_load(const TmaDesc* d, void* bar, void* smem_dst, const int32_t* crd) {
   r.phase_knowledge(b, before);
 }
 
-void named_barrier_sync(int id, int threads) {
-  Fiber& f = *self();
-  Runner& r = *f.runner;
+// bar.sync / bar.arrive on named barrier ``id`` for ``threads`` threads: counts this thread's
+// arrival; true when it completed the barrier's generation.
+static bool named_barrier_count(Runner& r, Fiber& f, int id, int threads, const char* what) {
   if (id < 0 || id >= 16 || threads % 32 != 0 || threads < 32 || threads > r.nthreads)
-    r.fail(r.who(f.id) + ": bar.sync " + std::to_string(id) + ", " + std::to_string(threads));
+    r.fail(r.who(f.id) + ": " + what + " " + std::to_string(id) + ", " + std::to_string(threads));
   NamedBar& b = r.named[id];
   if (b.arrived > 0 && b.threads != threads)
     r.fail(r.who(f.id) + ": named barrier " + std::to_string(id) + " used with " +
            std::to_string(threads) + " and " + std::to_string(b.threads) + " threads");
   b.threads = threads;
-  if (++b.arrived == threads) {
-    b.arrived = 0;
-    ++b.gen;
-    return;
+  if (++b.arrived < threads) return false;
+  b.arrived = 0;
+  ++b.gen;
+  return true;
+}
+
+void named_barrier_sync(int id, int threads) {
+  Fiber& f = *self();
+  Runner& r = *f.runner;
+  if (!named_barrier_count(r, f, id, threads, "bar.sync")) {
+    NamedBar& b = r.named[id];
+    r.block(f, Wait::kNamed, &b, b.gen);
   }
-  r.block(f, Wait::kNamed, &b, b.gen);
 }
 
 void named_barrier_arrive(int id, int threads) {
   Fiber& f = *self();
-  Runner& r = *f.runner;
-  if (id < 0 || id >= 16 || threads % 32 != 0 || threads < 32 || threads > r.nthreads)
-    r.fail(r.who(f.id) + ": bar.arrive " + std::to_string(id) + ", " + std::to_string(threads));
-  NamedBar& b = r.named[id];
-  if (b.arrived > 0 && b.threads != threads)
-    r.fail(r.who(f.id) + ": named barrier " + std::to_string(id) + " used with " +
-           std::to_string(threads) + " and " + std::to_string(b.threads) + " threads");
-  b.threads = threads;
-  if (++b.arrived == threads) {
-    b.arrived = 0;
-    ++b.gen;
-  }
+  named_barrier_count(*f.runner, f, id, threads, "bar.arrive");
 }
 
 void setmaxnreg(int regs, bool increase) {

@@ -12,20 +12,14 @@
 
 #include "emulate/device.h"
 #include "harness.h"
-#include "kernels/mma.cuh"  // ld_shared / st_shared, DISTATTN_LAUNCH
+#include "kernels/mma.cuh"
+#include "launch_result.h"  // ld_shared / st_shared, DISTATTN_LAUNCH
 
 // The kernels live in distattn::kern, like the project's: the emulator defines the dynamic
 // shared memory they declare (`extern __shared__ ... smem_raw[]`) in that namespace.
 namespace distattn {
 namespace kern {
 
-// The message of the last launch (empty on success).
-std::string launch_result() {
-  const cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? std::string() : std::string(cudaGetErrorString(e));
-}
-
-bool contains(const std::string& s, const char* what) { return s.find(what) != std::string::npos; }
 
 // ---- instruction models -----------------------------------------------------------------------
 struct MmaArgs {

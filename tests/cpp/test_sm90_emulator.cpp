@@ -16,15 +16,11 @@
 #include "emulate/sm90_gmma.h"
 #include "harness.h"
 #include "kernels/mma.cuh"
+#include "launch_result.h"
 
 namespace distattn {
 namespace kern {
 
-std::string launch_result() {
-  const cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? std::string() : std::string(cudaGetErrorString(e));
-}
-bool contains(const std::string& s, const char* what) { return s.find(what) != std::string::npos; }
 
 uint16_t bf(float x) { return emu::float_to_bf16(x); }
 constexpr uint64_t kEvictNormal = uint64_t(cute::TMA::CacheHintSm90::EVICT_NORMAL);
