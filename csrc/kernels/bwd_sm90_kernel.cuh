@@ -6,9 +6,9 @@
 //   warpgroup 0  producer, setmaxnreg.dec to 32.
 //                thread 0: K and V of the key tile once by TMA (one barrier, kv_full), then
 //                  Q_i and dO_i (BM query rows: 64 at hd64, 32 at hd128) of every work item
-//                  i = (q head of the
-//                  group, query tile that sees the key tile: tiling.h's range) into a kStages
-//                  ring of 128-byte-swizzled buffers, refilling stage s after empty[s].
+//                  i = (q head of the group, query tile that sees the key tile: tiling.h's
+//                  range) into a kStages ring of 128-byte-swizzled buffers, refilling stage s
+//                  after empty[s].
 //                warp 1: lse (as lse_for_exp2, +inf for rows past the piece) and delta of the
 //                  item's BM rows into the stage with plain stores, then arrives on full[s]
 //                  (full[s] = 1 expect-tx arrival + 32 arrivals + the TMA bytes).
