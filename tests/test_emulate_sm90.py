@@ -174,7 +174,7 @@ def test_arch_switch_selects_the_backward_kernel():
 # Key tiles are 128 keys (2 warpgroups x 64), query stages 64 rows: (70, 400) and (200, 260)
 # give several key tiles and several ring rounds; (17, 130) / (130, 17) ragged tails; GQA/MQA.
 BWD_CASES = ([(64, m, s) for m in MASKS for s in SHAPES[1:3]] + [(64, Mask.none(), SHAPES[0])]
-             + [(64, m, (200, 260, 4, 1)) for m in (Mask.none(), Mask.causal(0))]
+             + [(64, m, (200, 260, 2, 1)) for m in (Mask.none(), Mask.causal(0))]
              + [(128, m, s) for m in MASKS[:4] + MASKS[7:8] for s in (SHAPES[1], SHAPES[2])])
 
 
