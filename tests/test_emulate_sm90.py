@@ -1,4 +1,4 @@
-"""The Hopper (sm_90a) forward kernel on the host CPU: backend ``emulate`` with arch ``sm90``.
+"""The Hopper (sm_90a) kernels on the host CPU: backend ``emulate`` with arch ``sm90``.
 
 csrc/kernels/fwd_sm90_kernel.cuh (producer warpgroup issuing TMA loads into an mbarrier ring,
 two ping-pong consumer warpgroups on wgmma) runs on the CTA emulator's sm_90a models
@@ -8,7 +8,10 @@ forward is checked against fp64 with FlashAttention's rule, as tests/test_emulat
 mma.sync kernels: head dims 64 and 128, fp16 and bf16, ragged tails on both sides of the
 128-row / 128-key tiles, MHA/GQA/MQA, causal offsets (rows that see nothing included),
 windows, softcap, documents in one varlen launch, pieces sharing rows (fused epilogue), the
-fused ring step. The backward keeps the mma.sync kernels (not part of the Hopper path).
+fused ring step. The backward's dK/dV kernel (csrc/kernels/bwd_sm90_kernel.cuh: K, V once by
+TMA, Q/dO tiles through an mbarrier ring, wgmma SS for S^T and dP^T, RS for dV and dK) runs the
+same matrix against fp64 (the delta and dQ kernels stay the mma.sync ones); it is launched
+last, so ``last_kernel()`` after ``bwd`` names it.
 
 Nothing here ran on a GPU. Select the path with ``EmulateBackend(arch="sm90")`` or, for a
 whole process, ``DISTATTN_EMULATE_ARCH=sm90``.
@@ -28,6 +31,7 @@ pytestmark = pytest.mark.skipif(EXT_ERROR is not None, reason=f"emulate absent: 
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 SM90 = "fwd_sm90_kernel"
+SM90_BWD = "bwd_kv_sm90_kernel"
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +142,57 @@ def test_pieces_sharing_rows_merge_in_the_fused_epilogue(be, dtype):
 @pytest.mark.parametrize("layout,causal,heads", [("zigzag", True, (2, 2)),
                                                  ("stripe", False, (4, 1))])
 def test_fused_ring_equals_unfused_and_reference(be, layout, causal, heads):
-    """forward_into (the fused ring step) on the Hopper kernel equals forward + merge and fp64
-    over the whole sequence (the ring's backward runs the mma.sync kernels)."""
+    """forward_into and backward_into (the fused ring step) on the Hopper kernels equal
+    forward + merge, backward + add, and fp64 over the whole sequence."""
     kc.check_fused_ring(be, "cpu", layout, causal, heads, world=2, seq=4 * 24, d=64)
+    assert SM90_BWD in be._ext.last_kernel(), be._ext.last_kernel()
+
+
+# ---- the backward: Hopper dK/dV kernel ----------------------------------------------------------
+def check_backward(be, dtype, d, shape, mask, softcap=0.0):
+    """fwd + bwd of the extension against fp64 (FlashAttention's rule, tests/test_emulate.py's
+    check), and that the Hopper dK/dV kernel ran the backward."""
+    kc.check_forward_backward(be, "cpu", dtype, d, shape, mask, softcap)
+    assert SM90_BWD in be._ext.last_kernel(), be._ext.last_kernel()
+
+
+def test_arch_switch_selects_the_backward_kernel():
+    q = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16, requires_grad=True)
+    sm80, sm90 = EmulateBackend(arch="sm80"), EmulateBackend(arch="sm90")
+    g = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16)
+    for backend, name in ((sm90, SM90_BWD), (sm80, "bwd_q_kernel<")):
+        out, lse = backend.forward(q, q, q, scale=0.125, mask=Mask.none())
+        backend.backward(g, q, q, q, out, lse, scale=0.125, mask=Mask.none())
+        assert name in backend._ext.last_kernel(), backend._ext.last_kernel()
+    # MLA's (192, 128): no Hopper kernel, the mma.sync backward runs under arch sm90 too.
+    q2, v2 = torch.randn(1, 8, 2, 192).bfloat16(), torch.randn(1, 8, 2, 128).bfloat16()
+    out, lse = sm90.forward(q2, q2, v2, scale=0.125, mask=Mask.none())
+    sm90.backward(out, q2, q2, v2, out, lse, scale=0.125, mask=Mask.none())
+    assert "bwd_q_kernel<" in sm90._ext.last_kernel()
+
+
+# Key tiles are 128 keys (2 warpgroups x 64), query stages 64 rows: (70, 400) and (200, 260)
+# give several key tiles and several ring rounds; (17, 130) / (130, 17) ragged tails; GQA/MQA.
+BWD_CASES = ([(64, m, s) for m in MASKS for s in SHAPES[1:3]] + [(64, Mask.none(), SHAPES[0])]
+             + [(64, m, (200, 260, 2, 1)) for m in (Mask.none(), Mask.causal(0))]
+             + [(128, m, s) for m in MASKS[:4] + MASKS[7:8] for s in (SHAPES[1], SHAPES[2])])
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("d,mask,shape", BWD_CASES,
+                         ids=[f"d{d}-{m!r}-{'x'.join(map(str, s))}" for d, m, s in BWD_CASES])
+def test_backward_against_fp64(be, dtype, d, mask, shape):
+    check_backward(be, dtype, d, shape, mask)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("d", [64, 128])
+def test_backward_softcap_against_fp64(be, dtype, d):
+    check_backward(be, dtype, d, (130, 97, 4, 2), Mask.causal(-17), softcap=2.0)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_backward_documents_in_one_varlen_launch(be, causal):
+    mask = documents(150, 150, (0, 1, 40, 41, 140, 150), causal)
+    check_backward(be, torch.bfloat16, 64, (150, 150, 4, 2), mask)
+

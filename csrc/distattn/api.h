@@ -38,6 +38,10 @@ cudaError_t run_bwd(const BwdParams& params, cudaStream_t stream);
 // and launches nothing, and launch_fwd runs run_fwd's mma.sync kernel instead.
 template <typename T, int D, int Dv>
 cudaError_t run_fwd_sm90(const FwdParams& params, cudaStream_t stream, bool* ran);
+// The Hopper backward (delta and dQ as run_bwd's, dK/dV by csrc/kernels/bwd_sm90_kernel.cuh,
+// D = Dv = 64 and 128), same *ran rule as run_fwd_sm90.
+template <typename T, int D, int Dv>
+cudaError_t run_bwd_sm90(const BwdParams& params, cudaStream_t stream, bool* ran);
 
 #if defined(DISTATTN_EMULATE)
 // Which kernels the emulator's launch_fwd runs: 80 (default: the mma.sync kernels) or 90 (the

@@ -8,3 +8,7 @@
 #include "../kernels/bwd_fp16_hd192_128.cu"
 #include "../kernels/bwd_fp16_hd256.cu"
 #include "../kernels/bwd_fp16_hd64.cu"
+#include "../kernels/bwd_sm90_bf16_hd128.cu"
+#include "../kernels/bwd_sm90_bf16_hd64.cu"
+#include "../kernels/bwd_sm90_fp16_hd128.cu"
+#include "../kernels/bwd_sm90_fp16_hd64.cu"

@@ -7,6 +7,7 @@
 //   cute::warpgroup_arrive / warpgroup_commit_batch / warpgroup_wait<N>   wgmma.fence / commit / wait
 //   cute::warpgroup_fence_operand                                          (a compiler fence: no-op)
 //   cute::SM90::GMMA::MMA_64x{64,128}x16_F32{BF16BF16,F16F16}_{SS,RS}      wgmma.mma_async ::fma
+//   cute::SM90::GMMA::MMA_64x32x16_F32{BF16BF16,F16F16}_SS                 (the hd128 backward)
 //   cute::SM90_TMA_LOAD_{2D,3D,4D}::copy, cute::TmaDescriptor              TMA tiled loads
 //   cute::initialize_barrier / set_barrier_transaction_bytes / wait_barrier / arrive_barrier
 //   cutlass::arch::NamedBarrier::{sync,arrive}, warpgroup_reg_{alloc,dealloc}, fence_view_async_shared
@@ -112,6 +113,8 @@ struct EmulatedRS {
     static_assert(scaleA == ScaleIn::One && scaleB == ScaleIn::One,                       \
                   "the emulator models scale 1 only");                                     \
   };
+DISTATTN_EMU_GMMA(MMA_64x32x16_F32BF16BF16_SS, kBF16, 32, EmulatedSS)
+DISTATTN_EMU_GMMA(MMA_64x32x16_F32F16F16_SS, kF16, 32, EmulatedSS)
 DISTATTN_EMU_GMMA(MMA_64x64x16_F32BF16BF16_SS, kBF16, 64, EmulatedSS)
 DISTATTN_EMU_GMMA(MMA_64x128x16_F32BF16BF16_SS, kBF16, 128, EmulatedSS)
 DISTATTN_EMU_GMMA(MMA_64x64x16_F32F16F16_SS, kF16, 64, EmulatedSS)

@@ -298,14 +298,19 @@ cudaError_t launch_tiled(const LaunchConfig& cfg, const BwdParams& p, cudaStream
   return cudaGetLastError();
 }
 
-template <typename T, int D, int Dv>
-cudaError_t launch_bwd_kernels(const BwdParams& p, cudaStream_t stream) {
+template <typename T>
+cudaError_t launch_delta(const BwdParams& p, cudaStream_t stream) {
   const Problem& pr = p.prob;
   const LaunchConfig rows =
       row_launch_config(index_t(pr.batch) * pr.heads_q * pr.seqlen_q);
   auto delta_fn = p.out_is_fp32 ? delta_kernel<T, float> : delta_kernel<T, T>;
   DISTATTN_LAUNCH(delta_fn, unsigned(rows.grid_x), rows.threads, 0, stream, p);
-  cudaError_t err = cudaGetLastError();
+  return cudaGetLastError();
+}
+
+template <typename T, int D, int Dv>
+cudaError_t launch_bwd_kernels(const BwdParams& p, cudaStream_t stream) {
+  cudaError_t err = launch_delta<T>(p, stream);
   if (err != cudaSuccess) return err;
   // The dQ kernel's grid runs over query tiles, the dK/dV kernel's over key tiles.
   BwdParams lp = p;
@@ -313,6 +318,17 @@ cudaError_t launch_bwd_kernels(const BwdParams& p, cudaStream_t stream) {
   err = launch_tiled<bwd_kv_kernel<T, D, Dv>>(bwd_kv_launch_config(lp.prob, int(sizeof(T))),
                                               lp, stream);
   if (err != cudaSuccess) return err;
+  return launch_tiled<bwd_q_kernel<T, D, Dv>>(bwd_q_launch_config(lp.prob, int(sizeof(T))),
+                                              lp, stream);
+}
+
+// delta and dQ only (the Hopper backward, bwd_sm90_kernel.cuh, brings its own dK/dV kernel).
+template <typename T, int D, int Dv>
+cudaError_t launch_delta_and_dq(const BwdParams& p, cudaStream_t stream) {
+  const cudaError_t err = launch_delta<T>(p, stream);
+  if (err != cudaSuccess) return err;
+  BwdParams lp = p;
+  assign_tiles(lp.prob, bwd_q_block_m(D, Dv), bwd_kv_block_n(D, Dv));
   return launch_tiled<bwd_q_kernel<T, D, Dv>>(bwd_q_launch_config(lp.prob, int(sizeof(T))),
                                               lp, stream);
 }

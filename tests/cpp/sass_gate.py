@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """SASS gate of the Hopper kernels: their sm_90a machine code really uses the Hopper units.
 
-For every object file of a Hopper TU (csrc/kernels/fwd_sm90_*.cu -> fwd_sm90_*.cu.o) under a
-CMake build directory, disassembles it (cuobjdump -sass) and fails (exit 1) unless each
-sm_90a function of fwd_sm90_kernel<T, D, Dv> contains
+For every object file of a Hopper TU (csrc/kernels/{fwd,bwd}_sm90_*.cu -> *_sm90_*.cu.o) under
+a CMake build directory, disassembles it (cuobjdump -sass) and fails (exit 1) unless each
+sm_90a function of fwd_sm90_kernel<T, D, Dv> and bwd_kv_sm90_kernel<T, D, Dv> contains
 
-  * HGMMA   (wgmma.mma_async: the S = Q K^T and O += P V GEMMs),
-  * UTMALDG (TMA tiled loads of Q, K, V),
+  * HGMMA   (wgmma.mma_async: S = Q K^T and O += P V; S^T, dP^T, dV and dK in the backward),
+  * UTMALDG (TMA tiled loads of Q, K, V (and dO)),
   * SYNCS   (mbarrier arrive / try_wait: the producer/consumer ring),
 
 and every expected kernel (fp16, bf16 x the given head dims) is there. Functions compiled for
@@ -34,7 +34,8 @@ import ptxas_gate  # noqa: E402  (same directory)
 
 FUNC = re.compile(r"Function : (\S+)")
 ARCH = re.compile(r"code for (sm_\w+)")
-KERNEL = re.compile(r"fwd_sm90_kernelI(6__half|13__nv_bfloat16)Li(\d+)ELi(\d+)E")
+KERNEL = re.compile(r"(fwd_sm90_kernel|bwd_kv_sm90_kernel)I(6__half|13__nv_bfloat16)Li(\d+)ELi(\d+)E")
+KINDS = ("fwd_sm90_kernel", "bwd_kv_sm90_kernel")
 REQUIRED = ("HGMMA", "UTMALDG", "SYNCS")
 
 
@@ -95,7 +96,8 @@ def main(argv=None) -> int:
         print("sass gate: FAILED: cuobjdump not found (set CUOBJDUMP, or pip install "
               "nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)", file=sys.stderr)
         return 1
-    objs = sorted(p for p in args.build_dir.rglob("fwd_sm90_*.cu.o"))
+    objs = sorted(p for pat in ("fwd_sm90_*.cu.o", "bwd_sm90_*.cu.o")
+                  for p in args.build_dir.rglob(pat))
     logs = "\n".join(p.with_name(p.name + ".ptxas.log").read_text(errors="replace")
                      for p in objs if p.with_name(p.name + ".ptxas.log").exists())
     regs = {(e.arch, e.mangled): e.registers for e in ptxas_gate.parse(logs)[0]}
@@ -109,22 +111,23 @@ def main(argv=None) -> int:
             k = KERNEL.search(name)
             if not k:
                 continue
-            dtype = ptxas_gate.DTYPES[k.group(1)]
-            label = f"{arch} fwd_sm90_kernel<{dtype} hd{k.group(2)}>"
+            kind, dtype = k.group(1), ptxas_gate.DTYPES[k.group(2)]
+            label = f"{arch} {kind}<{dtype} hd{k.group(3)}>"
             summary = " ".join(f"{op} {counts.get(op, 0)}" for op in REQUIRED + ("USETMAXREG",))
             print(f"  {label:36s} {regs.get((arch, name), -1):4d} regs  {summary}")
             if arch == "sm_90a":
-                seen.add((dtype, int(k.group(2))))
+                seen.add((kind, dtype, int(k.group(3))))
                 missing = [op for op in REQUIRED if counts.get(op, 0) == 0]
                 if missing:
                     bad.append(f"{label}: no {', '.join(missing)} in the SASS")
             elif counts.get("HGMMA", 0):
                 bad.append(f"{label}: HGMMA outside sm_90a")
-    for dtype in ("fp16", "bf16"):
-        for d in dims:
-            if (dtype, d) not in seen:
-                bad.append(f"sm_90a fwd_sm90_kernel<{dtype} hd{d}>: not found in the objects "
-                           f"under {args.build_dir} (was 90a among the archs?)")
+    for kind in KINDS:
+        for dtype in ("fp16", "bf16"):
+            for d in dims:
+                if (kind, dtype, d) not in seen:
+                    bad.append(f"sm_90a {kind}<{dtype} hd{d}>: not found in the objects "
+                               f"under {args.build_dir} (was 90a among the archs?)")
     if bad:
         print("sass gate: FAILED", file=sys.stderr)
         for b in bad:

@@ -1,5 +1,5 @@
 // The sm_90a stand-ins (csrc/emulate/sm90_device.h) wired into the CTA emulator, on small
-// kernels written here: wgmma SS and RS against a plain matmul (operands placed by TMA with the
+// kernels written here: wgmma SS and RS (and SS m64n32k16) against a plain matmul (operands placed by TMA with the
 // 128-byte swizzle, as the Hopper forward kernel does), a TMA box with out-of-bounds zero
 // fill, and the checks that must fire: a wgmma reading TMA data whose mbarrier phase the thread
 // did not wait on, a TMA refilling bytes an in-flight wgmma reads, an mbarrier wait that never
@@ -320,11 +320,76 @@ void test_blocking() {
   CHECK(contains(r, "waits for registers")) << r;  // 24 + 256 + 256 > 512
 }
 
+// m64n32k16 SS (the hd128 backward's S^T = K Q^T over a 32-row Q stage): D[64][32] = A B with
+// B^T [32][64] K-major, placed by TMA with a 32-row box.
+struct Gemm32Args {
+  emu::TmaDesc ta, tb;
+  float* d;  // [64][32]
+};
+__global__ void gemm32_kernel(const Gemm32Args p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint16_t* sA = reinterpret_cast<uint16_t*>(smem_raw);  // [64][64] at 0
+  uint16_t* sB = sA + 64 * 64;                           // [32][64] at 8192
+  uint64_t* bar = reinterpret_cast<uint64_t*>(sB + 32 * 64);
+  const int tid = threadIdx.x;
+  if (tid == 0) cute::initialize_barrier(*bar, 1);
+  __syncthreads();
+  if (tid == 0) {
+    cute::set_barrier_transaction_bytes(*bar, 8192 + 4096);
+    cute::SM90_TMA_LOAD_2D::copy(&p.ta, bar, kEvictNormal, sA, 0, 0);
+    cute::SM90_TMA_LOAD_2D::copy(&p.tb, bar, kEvictNormal, sB, 0, 0);
+  }
+  cute::wait_barrier(*bar, 0);
+  float d[16];
+  const uint32_t a0 = uint32_t(__cvta_generic_to_shared(sA));
+  const uint32_t b0 = uint32_t(__cvta_generic_to_shared(sB));
+  cute::warpgroup_arrive();
+  using Major = cute::SM90::GMMA::Major;
+  for (int kk = 0; kk < 4; ++kk)
+    cute::SM90::GMMA::MMA_64x32x16_F32BF16BF16_SS<Major::K, Major::K>::fma(
+        desc_sw128(a0 + 32 * kk, 16, 1024), desc_sw128(b0 + 32 * kk, 16, 1024), d[0], d[1],
+        d[2], d[3], d[4], d[5], d[6], d[7], d[8], d[9], d[10], d[11], d[12], d[13], d[14], d[15],
+        kk ? cute::SM90::GMMA::ScaleOut::One : cute::SM90::GMMA::ScaleOut::Zero);
+  cute::warpgroup_commit_batch();
+  cute::warpgroup_wait<0>();
+  for (int v = 0; v < 16; ++v) {
+    const ::emu::sm90::Coord c = ::emu::sm90::acc_coord(tid, v);
+    p.d[c.row * 32 + c.col] = d[v];
+  }
+}
+
+void test_wgmma_n32() {
+  std::mt19937 rng(11);
+  std::uniform_int_distribution<int> small(-4, 4);
+  std::vector<uint16_t> A(64 * 64), B(32 * 64);
+  std::vector<float> Af(64 * 64), Bf(32 * 64);
+  for (int i = 0; i < 64 * 64; ++i) A[i] = bf(Af[i] = float(small(rng)) / 4.f);
+  for (int i = 0; i < 32 * 64; ++i) B[i] = bf(Bf[i] = float(small(rng)) / 2.f);
+  std::vector<float> out(64 * 32, -7.f);
+  Gemm32Args p;
+  p.ta = desc2d(A.data(), 64, 64, 64);
+  p.tb = desc2d(B.data(), 32, 64, 32);
+  p.d = out.data();
+  emu::allow_sm90_smem(reinterpret_cast<const void*>(&gemm32_kernel));
+  DISTATTN_LAUNCH(gemm32_kernel, dim3(1), dim3(128), 8192 + 4096 + 64, nullptr, p);
+  const std::string r = launch_result();
+  CHECK(r.empty()) << "SS n32: " << r;
+  double err = 0;
+  for (int m = 0; m < 64; ++m)
+    for (int n = 0; n < 32; ++n) {
+      double ref = 0;
+      for (int k = 0; k < 64; ++k) ref += double(Af[m * 64 + k]) * double(Bf[n * 64 + k]);
+      err = std::fmax(err, std::fabs(ref - out[m * 32 + n]));
+    }
+  CHECK(err == 0.0) << "SS n32 max error " << err;
+}
+
 }  // namespace kern
 }  // namespace distattn
 
 int main() {
   distattn::kern::test_wgmma();
+  distattn::kern::test_wgmma_n32();
   distattn::kern::test_release_order();
   distattn::kern::test_tma_box();
   distattn::kern::test_blocking();
