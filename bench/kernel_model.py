@@ -236,7 +236,7 @@ def predict(k: Kernel, sms: int, clock_ghz: float, useful_flop_per_tile: float,
     # tensor work): period = max(tensor, tensor / 2 + softmax / 2). Latencies ignored.
     softmax = cycles["mufu_lanes"] + cycles["fp32_lanes"] + cycles["int_lanes"]
     pingpong = max(cycles["tensor_flop"], cycles["tensor_flop"] / 2 + softmax / 2,
-                   cycles["issue_warps"]) if loop_threads == 256 else None
+                   cycles["issue_warps"]) if k.kind == "fwd_sm90" else None
     tflops = lambda c: useful_flop_per_tile / c * sms * clock_ghz * 1e9 / 1e12
     return {"ctas_per_sm": per_sm, "cycles": cycles, "bound": max(cycles, key=cycles.get),
             "serial_cycles": serial,
@@ -294,9 +294,19 @@ def _fwd_sm90(d, dv):
     return Tile(128, 128, 2.0 * 128 * 128 * (d + dv), 0.0, smem, threads=384, loop_threads=256)
 
 
-TILES = {"fwd": _fwd, "bwd_kv": _bwd_kv, "bwd_q": _bwd_q, "fwd_sm90": _fwd_sm90}
+def _bwd_kv_sm90(d, dv):
+    # bwd_sm90_kernel.cuh: 128 keys (2 consumer warpgroups x 64) x a staged query tile of
+    # 64 rows (32 at d > 64) per iteration, 4 GEMMs; Q/dO streamed by TMA.
+    bm = 32 if d > 64 else 64
+    smem = 1024 + 2 * (128 * (d + dv) + 2 * bm * (d + dv))
+    return Tile(bm, 128, 2.0 * bm * 128 * (2 * d + 2 * dv), 0.0, smem, threads=384,
+                loop_threads=256)
 
-_NAME = re.compile(r"(fwd_sm90_kernel|fwd_kernel|bwd_kv_kernel|bwd_q_kernel)I(\w+?)Li(\d+)ELi(\d+)E")
+
+TILES = {"fwd": _fwd, "bwd_kv": _bwd_kv, "bwd_q": _bwd_q, "fwd_sm90": _fwd_sm90,
+         "bwd_kv_sm90": _bwd_kv_sm90}
+
+_NAME = re.compile(r"(fwd_sm90_kernel|bwd_kv_sm90_kernel|fwd_kernel|bwd_kv_kernel|bwd_q_kernel)I(\w+?)Li(\d+)ELi(\d+)E")
 
 
 def _ptxas(log: str) -> dict:
@@ -311,17 +321,19 @@ def _ptxas(log: str) -> dict:
     return regs
 
 
-def kernels(build: str, tool: str) -> list:
-    out = []
+def kernels(build: str, tool: tuple) -> list:
+    out, seen = [], set()
     objdir = os.path.join(build, "CMakeFiles", "distattn_kernels.dir", "csrc", "kernels")
     for obj in sorted(glob.glob(os.path.join(objdir, "**", "*bf16_hd128.cu.o"), recursive=True)):
         regs = _ptxas(obj + ".ptxas.log") if os.path.exists(obj + ".ptxas.log") else {}
         for name, ins in sass_functions(obj, tool).items():
             m = _NAME.search(name)
-            if not m or not any(_is_tensor(x.op) for x in ins):
-                continue
+            if not m or name in seen or not any(_is_tensor(x.op) for x in ins):
+                continue              # (a launcher's TU may instantiate another TU's kernel)
+            seen.add(name)
             kind = {"fwd_kernel": "fwd", "bwd_kv_kernel": "bwd_kv", "bwd_q_kernel": "bwd_q",
-                    "fwd_sm90_kernel": "fwd_sm90"}.get(m.group(1), m.group(1))
+                    "fwd_sm90_kernel": "fwd_sm90", "bwd_kv_sm90_kernel": "bwd_kv_sm90"}.get(
+                m.group(1), m.group(1))
             out.append((obj, name, kind, int(m.group(3)), int(m.group(4)), regs.get(name, 0), ins))
     return out
 
@@ -366,10 +378,12 @@ def main(argv=None) -> int:
         head_dim = d
         per_pair[kind] = {b: max(c.values()) / tile.pairs if b == "over" else
                           p["serial_cycles"] / tile.pairs for b in ("over", "serial")}
-    if "bwd_kv" in per_pair and "bwd_q" in per_pair:   # backward = both kernels, 10*D per pair
+    for kv in ("bwd_kv", "bwd_kv_sm90"):   # backward = dK/dV + dQ kernels, 10*D per pair
+        if kv not in per_pair or "bwd_q" not in per_pair:
+            continue
         for b in ("over", "serial"):
-            cyc = per_pair["bwd_kv"][b] + per_pair["bwd_q"][b]
-            print(f"backward (dK/dV + dQ kernels), {b}: "
+            cyc = per_pair[kv][b] + per_pair["bwd_q"][b]
+            print(f"backward ({kv} + bwd_q), {b}: "
                   f"{10 * head_dim / cyc * args.sms * args.clock_ghz * 1e9 / 1e12:.0f} TFLOP/s "
                   f"(FLOPs counted as 2.5x the forward's)")
     return 0
