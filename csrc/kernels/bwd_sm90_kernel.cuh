@@ -324,27 +324,11 @@ __global__ void __launch_bounds__(sm90bwd::kThreads, 1)
 }
 
 // ---- host side ---------------------------------------------------------------------------------
-// Whether this build and device run the Hopper dK/dV kernel (fwd_sm90_available's rule,
+// Whether this build and device run the Hopper dK/dV kernel (sm90_kernel_available's rule,
 // DISTATTN_DISABLE_SM90=1 included). UNVERIFIED on CUDA: no GPU has run this path.
 template <typename T, int D, int Dv>
 inline bool bwd_sm90_available() {
-#if defined(DISTATTN_EMULATE)
-  return emulated_arch() == 90;
-#else
-  static const bool disabled = [] {
-    const char* e = std::getenv("DISTATTN_DISABLE_SM90");
-    return e != nullptr && e[0] == '1';
-  }();
-  if (disabled) return false;
-  int device = 0, major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      major != 9)
-    return false;
-  cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, bwd_kv_sm90_kernel<T, D, Dv>) != cudaSuccess) return false;
-  return attr.binaryVersion == 90;
-#endif
+  return sm90_kernel_available<bwd_kv_sm90_kernel<T, D, Dv>>();
 }
 
 // The whole backward with the Hopper dK/dV kernel: delta, bwd_q_kernel (dQ), then dK/dV (last,

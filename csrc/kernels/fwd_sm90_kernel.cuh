@@ -382,15 +382,15 @@ inline bool make_tma_4d(cute::TmaDescriptor* desc, const void* base, const SeqSt
 #endif
 }
 
-// Whether this build and device run the Hopper kernel: the emulator when asked
+// Whether this build and device run the Hopper kernel ``Kernel``: the emulator when asked
 // (set_emulated_arch(90)); on CUDA an sm_90 device with sm_90a code for the kernel (UNVERIFIED:
-// no GPU has run this path), unless DISTATTN_DISABLE_SM90=1.
-template <typename T, int D, int Dv>
-inline bool fwd_sm90_available() {
+// no GPU has run this path), unless DISTATTN_DISABLE_SM90=1 (which keeps the mma.sync kernels
+// on Hopper too, to compare the two).
+template <auto Kernel>
+inline bool sm90_kernel_available() {
 #if defined(DISTATTN_EMULATE)
   return emulated_arch() == 90;
 #else
-  // DISTATTN_DISABLE_SM90=1 keeps the mma.sync kernel on Hopper too (to compare the two).
   static const bool disabled = [] {
     const char* e = std::getenv("DISTATTN_DISABLE_SM90");
     return e != nullptr && e[0] == '1';
@@ -402,9 +402,14 @@ inline bool fwd_sm90_available() {
       major != 9)
     return false;
   cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, fwd_sm90_kernel<T, D, Dv>) != cudaSuccess) return false;
+  if (cudaFuncGetAttributes(&attr, Kernel) != cudaSuccess) return false;
   return attr.binaryVersion == 90;
 #endif
+}
+
+template <typename T, int D, int Dv>
+inline bool fwd_sm90_available() {
+  return sm90_kernel_available<fwd_sm90_kernel<T, D, Dv>>();
 }
 
 // Runs the Hopper kernel when available; *ran = false (and nothing launched) otherwise.
