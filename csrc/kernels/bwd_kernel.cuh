@@ -64,6 +64,23 @@ __device__ __forceinline__ void store_grad(float* dst, float x, float y, bool ac
   }
 }
 
+// One key row of dK (scaled) and dV, held by a quad of lanes (lane t: columns 8d + 2t and
+// 8d + 2t + 1, ``dk(d, j)`` / ``dv(d, j)``), written or added into the float32 accumulators:
+// the dK/dV epilogue of bwd_kv_kernel and of the Hopper bwd_kv_sm90_kernel.
+template <int D, int Dv, typename DK, typename DV>
+__device__ __forceinline__ void store_dkdv_row(const BwdParams& p, int b, int hk, int t,
+                                               index_t key, DK dk, DV dv) {
+  float* dk_row = p.dk_acc + b * p.dk_stride.batch + key * p.dk_stride.seq + hk * p.dk_stride.head;
+  float* dv_row = p.dv_acc + b * p.dv_stride.batch + key * p.dv_stride.seq + hk * p.dv_stride.head;
+#pragma unroll
+  for (int d = 0; d < D / 8; ++d)
+    store_grad(dk_row + 8 * d + 2 * t, dk(d, 0) * p.prob.scale, dk(d, 1) * p.prob.scale,
+               p.accumulate);
+#pragma unroll
+  for (int d = 0; d < Dv / 8; ++d)
+    store_grad(dv_row + 8 * d + 2 * t, dv(d, 0), dv(d, 1), p.accumulate);
+}
+
 // ---- 2. dK, dV -------------------------------------------------------------------------------
 template <typename T, int D, int Dv>
 __global__ void __launch_bounds__(kThreads) bwd_kv_kernel(const BwdParams p) {
@@ -171,16 +188,9 @@ __global__ void __launch_bounds__(kThreads) bwd_kv_kernel(const BwdParams p) {
   for (int r = 0; r < 2; ++r) {
     const index_t key_in_piece = n0 + 16 * warp + g + 8 * r;
     if (key_in_piece >= sk) continue;
-    const index_t key = pc.k0 + key_in_piece;
-    float* dk_row = p.dk_acc + b * p.dk_stride.batch + key * p.dk_stride.seq + hk * p.dk_stride.head;
-    float* dv_row = p.dv_acc + b * p.dv_stride.batch + key * p.dv_stride.seq + hk * p.dv_stride.head;
-#pragma unroll
-    for (int d = 0; d < DT; ++d)
-      store_grad(dk_row + 8 * d + 2 * t, dk[d][2 * r] * pr.scale, dk[d][2 * r + 1] * pr.scale,
-                 p.accumulate);
-#pragma unroll
-    for (int d = 0; d < DVT; ++d)
-      store_grad(dv_row + 8 * d + 2 * t, dv[d][2 * r], dv[d][2 * r + 1], p.accumulate);
+    store_dkdv_row<D, Dv>(p, b, hk, t, pc.k0 + key_in_piece,
+                          [&](int d, int j) { return dk[d][2 * r + j]; },
+                          [&](int d, int j) { return dv[d][2 * r + j]; });
   }
 }
 

@@ -309,16 +309,9 @@ __global__ void __launch_bounds__(sm90bwd::kThreads, 1)
   for (int r = 0; r < 2; ++r) {
     const index_t key_in_piece = n_wg + 16 * warp + g + 8 * r;
     if (key_in_piece >= sk) continue;
-    const index_t key = pc.k0 + key_in_piece;
-    float* dk_row = p.dk_acc + b * p.dk_stride.batch + key * p.dk_stride.seq + hk * p.dk_stride.head;
-    float* dv_row = p.dv_acc + b * p.dv_stride.batch + key * p.dv_stride.seq + hk * p.dv_stride.head;
-#pragma unroll
-    for (int d = 0; d < D / 8; ++d)
-      store_grad(dk_row + 8 * d + 2 * t, dk[4 * d + 2 * r] * pr.scale,
-                 dk[4 * d + 2 * r + 1] * pr.scale, p.accumulate);
-#pragma unroll
-    for (int d = 0; d < Dv / 8; ++d)
-      store_grad(dv_row + 8 * d + 2 * t, dv[4 * d + 2 * r], dv[4 * d + 2 * r + 1], p.accumulate);
+    store_dkdv_row<D, Dv>(p, b, hk, t, pc.k0 + key_in_piece,
+                          [&](int d, int j) { return dk[4 * d + 2 * r + j]; },
+                          [&](int d, int j) { return dv[4 * d + 2 * r + j]; });
   }
 #endif  // DISTATTN_SM90_BODY
 }
