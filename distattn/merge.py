@@ -27,13 +27,14 @@ def merge_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Tensor,
     """Fold (out_blk, lse_blk) into the accumulators in place. The accumulators may be strided
     views; ``out_blk`` and ``lse_blk`` may have a lower precision than the accumulators.
 
-    Eight elementwise kernels: the two lse side by side ([2, B, H, S], converting the block's
+    Seven elementwise kernels: the two lse side by side ([2, B, H, S], converting the block's
     to the accumulators' dtype on the way), ``logaddexp`` -- the guarded update itself (max +
-    log1p(exp(-|d|)), exact for -inf on either side and -inf when both are) --, the shift
-    (lse clamped to the dtype's lowest finite value, so that where both sides are -inf both
-    weights are exp(-inf) = 0), both weights exp(lse_side - shift) in one kernel (normalised
-    by construction), the two updates of out and the copy of the new lse. NaN propagates (a
-    NaN lse makes the row's out and lse NaN).
+    log1p(exp(-|d|)), exact for -inf on either side and -inf when both are), written straight
+    into ``lse_acc`` --, the shift (lse clamped to the dtype's lowest finite value, so that
+    where both sides are -inf both weights are exp(-inf) = 0), both weights exp(lse_side -
+    shift) in one kernel (normalised by construction) and the two updates of out. NaN
+    propagates (a NaN lse makes the row's out and lse NaN), and an infinite out keeps its
+    sign (positive weights: ``nonfinite.py`` relies on it; a lerp would not).
 
     With ``DISTATTN_FUSED_MERGE=1`` (read at import) an eager call runs ``fused_merge_``
     instead: the same formula compiled by torch.compile (opt-in, see its docstring)."""
@@ -46,17 +47,19 @@ def _merge_math(out_acc, lse_acc, out_blk, lse_blk) -> None:
     if torch.promote_types(lse_acc.dtype, lse_blk.dtype) != lse_acc.dtype:
         lse_blk = lse_blk.to(lse_acc.dtype)           # a wider block lse: as before, cast down
     both = torch.stack((lse_acc, lse_blk))            # [2, B, H, S], the accumulators' dtype
-    new_lse = torch.logaddexp(both[0], both[1])
-    shift = new_lse.clamp_min(torch.finfo(new_lse.dtype).min)
+    if torch.compiler.is_compiling():                 # dynamo refuses a strided out=
+        lse_acc.copy_(torch.logaddexp(both[0], both[1]))
+    else:
+        torch.logaddexp(both[0], both[1], out=lse_acc)
+    shift = lse_acc.clamp_min(torch.finfo(lse_acc.dtype).min)
     w = torch.exp(both - shift).transpose(2, 3).unsqueeze(-1)          # [2, B, S, H, 1]
     out_acc.mul_(w[0]).addcmul_(out_blk, w[1])
-    lse_acc.copy_(new_lse)
 
 
 def _merge_per_side(out_acc, lse_acc, out_blk, lse_blk) -> None:
     """``_merge_math`` with each side's weight computed on its own (the same elementwise ops
     on the same values, so the same results eagerly): the form inductor fuses into 2 kernels
-    (one over the lse rows, one over out), where the stacked one gives 5."""
+    (one over the lse rows, one over out), where the stacked one gives 5. Compiled only."""
     lse_blk = lse_blk.to(lse_acc.dtype)
     new_lse = torch.logaddexp(lse_acc, lse_blk)
     shift = new_lse.clamp_min(torch.finfo(new_lse.dtype).min)
