@@ -4,10 +4,12 @@ inside it, results asserted in the pytest process.
 """
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 import traceback
 
+import torch
 import torch.multiprocessing as mp
 
 
@@ -20,7 +22,11 @@ def _worker(rank: int, world: int, init_file: str, fn, args, queue) -> None:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                 world_size=world)
         result = fn(rank, world, *args)
-        queue.put((rank, True, result))
+        # as bytes: a tensor put on the queue as itself travels by a file descriptor that
+        # this process must still serve when the parent unpickles it -- it may have exited
+        buf = io.BytesIO()
+        torch.save(result, buf)
+        queue.put((rank, True, buf.getvalue()))
     except BaseException:  # report every failure to the parent, whatever it is
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -45,7 +51,7 @@ def run_world(world: int, fn, *args, timeout: float = 600.0) -> list:
         for _ in range(world):
             rank, ok, payload = queue.get(timeout=timeout)
             if ok:
-                results[rank] = payload
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors.append(f"rank {rank}:\n{payload}")
                 break  # other ranks may now hang in a collective; stop waiting for them
