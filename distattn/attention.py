@@ -17,6 +17,7 @@ from .kernels import backend_key, check_backend, get_backend
 from .layout import RingLayout, check_layout, ring_layout, seq_multiple
 from .gather_plan import allgather_plan
 from .mesh import SPMesh, as_mesh
+from .nonfinite import host_readable
 from .plan import helper_plan, ring_plan
 from .ring import RingConfig
 from .segments import check_chunk_origin, check_chunk_size, chunked_layout
@@ -329,7 +330,8 @@ def _dist_flash_attn(q, k, v, *, mesh, causal, softmax_scale, layout, schedule, 
         schedule=schedule, backend=backend_key(backend), cu_seqlens=check_cu_seqlens(cu_seqlens),
         window=window, softcap=softcap, sinks=sinks, chunk_size=chunk_size,
         chunk_origin=chunk_origin, requires_grad=torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, sinks))))
+            t is not None and t.requires_grad for t in (q, k, v, sinks)),
+        finite_check_on_host=host_readable(q)))
     with failure_marks(cfg.mesh, "dist_flash_attn"):
         out, lse = USPAttention.apply(q, k, v, sinks, cfg)
     return (out, lse) if return_lse else out
@@ -350,7 +352,8 @@ def dist_flash_attn_backward(dout, q, k, v, out, lse, **kwargs):
         **{name: value for name, value in kwargs.items()
            if name not in ("mesh", "profiler", "softmax_scale", "cu_seqlens", "backend")},
         backend=backend_key(kwargs.get("backend", "auto")),
-        cu_seqlens=check_cu_seqlens(kwargs.get("cu_seqlens"))))
+        cu_seqlens=check_cu_seqlens(kwargs.get("cu_seqlens")),
+        finite_check_on_host=host_readable(q)))
     with failure_marks(cfg.mesh, "dist_flash_attn_backward"):
         grads = usp_backward(dout, q, k, v, out, lse, cfg)
     sinks = kwargs.get("sinks")

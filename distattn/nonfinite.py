@@ -29,8 +29,8 @@ gradients that are non-finite in one process (a non-finite element of dout count
 whole row, where one process would spoil only that element's column of dV).
 
 Everything here is tensor ops (no host synchronisation). The ring executor skips all of it
-for a call whose inputs are finite, read once per call on CPU (and, opt-in, on CUDA:
-``DISTATTN_FINITE_CHECK=sync``) (``host_readable``,
+for a call whose inputs are finite, read once per call on the host (CPU; CUDA too unless
+``DISTATTN_FINITE_CHECK=device``, never while compiling or capturing) (``host_readable``,
 ``finite_total``; docs/DESIGN.md, "Non-finite inputs"). K/V travel raw, so every rank that
 computes on them derives the same flags; query rows a helper computes on travel sanitized,
 with their flags (``RowFlags.codes``). Window sums use prefix sums over the block's keys
@@ -47,28 +47,33 @@ from .kernels.mask import Mask
 
 
 def _sync_check_devices() -> tuple:
-    mode = os.environ.get("DISTATTN_FINITE_CHECK", "device")
+    mode = os.environ.get("DISTATTN_FINITE_CHECK", "sync")
     if mode not in ("device", "sync"):
-        raise ValueError(f"DISTATTN_FINITE_CHECK must be 'device' or 'sync', got {mode!r}")
+        raise ValueError(f"DISTATTN_FINITE_CHECK must be 'sync' or 'device', got {mode!r}")
     return ("cuda",) if mode == "sync" else ()
 
 
-# Opt-in, UNVERIFIED ON A GPU: DISTATTN_FINITE_CHECK=sync (read at import) lets CUDA calls read
-# the finite flag on the host too -- one device synchronisation per ring call (forward and
-# backward each) -- so that a call with finite inputs skips the sanitized copies and the
-# poisoning there as on CPU (bench/host.py's "fake cuda, finite call" rows: 0 launches per
-# forward step besides the cuda backend's kernel instead of 28). Not under CUDA graph capture
-# (the host read is not capturable). Default "device": CUDA always takes the tensor-op path.
+# UNVERIFIED ON A GPU. DISTATTN_FINITE_CHECK (read at import): "sync" (default) reads the
+# call's finite flag on the host for CUDA tensors too -- one device synchronisation per ring
+# call (forward and backward each), before the first hop -- so that a call with finite inputs
+# runs the plain path as on CPU (tests/test_launches.py: the cuda backend launches nothing per
+# forward step besides its kernel, the torch backend 6; the tensor-op path launches 28).
+# Never under torch.compile or CUDA graph capture, which take the tensor-op path (no host
+# read). "device": CUDA never synchronises and every CUDA call takes the tensor-op path.
 SYNC_CHECK_DEVICES = _sync_check_devices()
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def host_readable(t: torch.Tensor) -> bool:
-    """True where the executors read one flag of ``t``'s device on the host: a plain CPU
-    tensor outside torch.compile (no device synchronisation, no broken trace), and with
-    ``DISTATTN_FINITE_CHECK=sync`` a plain CUDA tensor outside torch.compile (one
-    synchronisation per call)."""
+    """True where the executors read one flag of ``t``'s device on the host: a plain tensor
+    outside torch.compile, on the CPU (no device synchronisation) or, with
+    ``DISTATTN_FINITE_CHECK=sync`` (the default), on CUDA outside CUDA graph capture (one
+    synchronisation per call). Fake and traced tensors never are."""
     return type(t) is torch.Tensor and not torch.compiler.is_compiling() and \
-        (t.device.type == "cpu" or t.device.type in SYNC_CHECK_DEVICES)
+        (t.device.type == "cpu" or t.device.type in SYNC_CHECK_DEVICES) and not _capturing(t)
 
 
 def finite_total(*tensors: torch.Tensor) -> torch.Tensor:

@@ -90,3 +90,33 @@ def test_one_process_finite_check():
         k2[0, 1, 2, 3] = bad
         assert not torch.isfinite(finite_total(q, k2))
     assert not torch.isfinite(finite_total(finite_lse(torch.tensor([float("inf")]))))
+
+
+def _mixed_modes(rank, world):
+    """Rank 1 would not read the finite flag on the host (as with DISTATTN_FINITE_CHECK=device
+    there): both ranks must raise the same ValueError before any collective, and the next
+    call, with the modes agreeing again, must run."""
+    import distattn
+    import distattn.attention as attention
+    from distattn.attention import dist_flash_attn
+    mesh = distattn.SPMesh.build()
+    q, k, v, _ = (distattn.shard(t, mesh, dim=1, layout="zigzag") for t in _inputs())
+    real = attention.host_readable
+    if rank == 1:
+        attention.host_readable = lambda t: False
+    try:
+        dist_flash_attn(q, k, v, mesh=mesh, causal=True, layout="zigzag", schedule="ring",
+                        backend="torch")
+        error = None
+    except ValueError as exc:
+        error = str(exc)
+    attention.host_readable = real
+    out = dist_flash_attn(q, k, v, mesh=mesh, causal=True, layout="zigzag", schedule="ring",
+                          backend="torch")
+    return error, bool(torch.isfinite(out).all())
+
+
+def test_ranks_that_read_the_finite_flag_differently_all_raise():
+    for error, finite in run_world(2, _mixed_modes):
+        assert error is not None and "finite_check_on_host" in error
+        assert finite
