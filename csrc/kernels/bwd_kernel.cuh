@@ -65,8 +65,12 @@ __device__ __forceinline__ void store_grad(float* dst, float x, float y, bool ac
 }
 
 // lse (as lse_for_exp2) and delta of query row `row` (of piece pc, q head h): the per-row inputs
-// of P and dS in every backward kernel. A row at or past the piece's end gets lse = +inf
-// (probability exactly 0) and delta 0.
+// of P and dS, for the Hopper backward kernels (bwd_sm90_kernel.cuh). A row at or past the
+// piece's end gets lse = +inf (probability exactly 0) and delta 0. The mma.sync kernels keep
+// their own copy of these loads, because this call changed ptxas's allocation there (measured,
+// nvcc 13.0): in bwd_kv_kernel's query-tile loop the MLA (192, 128) sm_80 build spilled 16 bytes
+// at 255 registers; in bwd_q_kernel hd64 went from 128 to 168 registers on sm_90a (158 to 167 on
+// sm_80), which costs the sm_90a fallback a CTA per SM.
 __device__ __forceinline__ void load_row_stats(const BwdParams& p, const PieceParams& pc, int b,
                                                int h, index_t row, float& lse, float& delta) {
   const bool in_bounds = row < pc.seqlen_q;
@@ -170,6 +174,9 @@ __global__ void __launch_bounds__(kThreads) bwd_kv_kernel(const BwdParams p) {
                    pc.q0 * p.q_stride.seq;
       const T* dout = static_cast<const T*>(p.dout) + b * p.dout_stride.batch +
                       h * p.dout_stride.head + pc.q0 * p.dout_stride.seq;
+      const float* lse =
+          p.lse + b * p.lse_stride.batch + h * p.lse_stride.head + pc.q0 * p.lse_stride.seq;
+      const float* delta = p.delta + (index_t(b) * pr.heads_q + h) * pr.seqlen_q + pc.q0;
 
       for (index_t mt = range.first; mt < range.last; ++mt) {
         const index_t m0 = mt * BM;
@@ -177,10 +184,11 @@ __global__ void __launch_bounds__(kThreads) bwd_kv_kernel(const BwdParams p) {
         load_tile_async<T, Dv, BM>(sdO, dout, p.dout_stride.seq, m0, sq);
         cp_async_commit();
         if (threadIdx.x < BM) {
-          float row_lse, row_delta;
-          load_row_stats(p, pc, b, h, m0 + threadIdx.x, row_lse, row_delta);
-          st_shared(sLse + threadIdx.x, row_lse);
-          st_shared(sDelta + threadIdx.x, row_delta);
+          const index_t row = m0 + threadIdx.x;
+          const bool in_bounds = row < sq;
+          st_shared(sLse + threadIdx.x,
+                    in_bounds ? lse_for_exp2(lse[row * p.lse_stride.seq]) : INFINITY);
+          st_shared(sDelta + threadIdx.x, in_bounds ? delta[row] : 0.f);
         }
         cp_async_wait_all();
         __syncthreads();  // K, V, Q, dO, lse, delta are in shared memory
@@ -259,8 +267,14 @@ __global__ void __launch_bounds__(kThreads) bwd_q_kernel(const BwdParams p) {
 
   float row_lse[2], row_delta[2];  // rows g and g + 8 of this warp
 #pragma unroll
-  for (int r = 0; r < 2; ++r)
-    load_row_stats(p, pc, b, h, m0 + 16 * warp + g + 8 * r, row_lse[r], row_delta[r]);
+  for (int r = 0; r < 2; ++r) {
+    const index_t row = pc.q0 + m0 + 16 * warp + g + 8 * r;  // in the call's tensors
+    const bool in_bounds = m0 + 16 * warp + g + 8 * r < sq;
+    row_lse[r] = in_bounds ? lse_for_exp2(p.lse[b * p.lse_stride.batch + h * p.lse_stride.head +
+                                                row * p.lse_stride.seq])
+                           : INFINITY;
+    row_delta[r] = in_bounds ? p.delta[(index_t(b) * pr.heads_q + h) * pr.seqlen_q + row] : 0.f;
+  }
 
   float dq[DT][4];
   zero(dq);
