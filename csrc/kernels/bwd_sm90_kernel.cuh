@@ -1,7 +1,10 @@
-// Hopper (sm_90a) dK/dV kernel: the contract of bwd_kv_kernel (bwd_kernel.cuh: same BwdParams,
-// pieces/bands, softcap slope, GQA groups, plain or accumulating epilogue), with warp
-// specialisation, TMA, mbarriers and wgmma. The delta and dQ kernels stay bwd_kernel.cuh's.
+// The Hopper (sm_90a) backward: bwd_kv_sm90_kernel (dK/dV, the contract of bwd_kv_kernel) and
+// bwd_q_sm90_kernel (dQ, the contract of bwd_q_kernel; below), both with bwd_kernel.cuh's
+// BwdParams, pieces/bands, softcap slope, GQA groups, P/dS step (grad_of_score) and plain or
+// accumulating epilogues (store_dkdv_row, store_dq_row), with warp specialisation, TMA,
+// mbarriers and wgmma. The delta kernel stays bwd_kernel.cuh's.
 //
+// dK/dV kernel:
 // CTA = 3 warpgroups (384 threads) per (key tile of 128 keys of a piece, kv head, batch):
 //   warpgroup 0  producer, setmaxnreg.dec to 32.
 //                thread 0: K and V of the key tile once by TMA (one barrier, kv_full), then
@@ -315,7 +318,8 @@ constexpr int kBlockM = 64 * kConsumers;  // query rows of a CTA
 // both: a consumer thread keeps dQ (D/2 floats) and S, dP (BN/2 each) live at once).
 DA_HD constexpr int block_n(int d) { return d > 64 ? 64 : 128; }
 constexpr int kStages = 2;
-// One TMA thread in the producer; 32 + 2 * 240 = 512.
+// One TMA thread in the producer: 24 (the forward's) compiles without spills too; 32 is the
+// dK/dV kernel's budget, and 32 + 2 * 240 = 512 uses the whole register file.
 constexpr int kProducerRegs = 32, kConsumerRegs = 240;
 static_assert(kProducerRegs + kConsumers * kConsumerRegs <= 512, "setmaxnreg budget");
 
