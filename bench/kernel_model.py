@@ -303,10 +303,23 @@ def _bwd_kv_sm90(d, dv):
                 loop_threads=256)
 
 
-TILES = {"fwd": _fwd, "bwd_kv": _bwd_kv, "bwd_q": _bwd_q, "fwd_sm90": _fwd_sm90,
-         "bwd_kv_sm90": _bwd_kv_sm90}
+def _bwd_q_sm90(d, dv):
+    # bwd_sm90_kernel.cuh's dQ kernel: 128 query rows (2 consumer warpgroups x 64) x a staged
+    # key tile of 128 keys (64 at d > 64) per iteration, 3 GEMMs; K/V streamed by TMA.
+    bn = 64 if d > 64 else 128
+    smem = 1024 + 2 * (128 * (d + dv) + 2 * bn * (d + dv))
+    return Tile(128, bn, 2.0 * 128 * bn * (2 * d + dv), 0.0, smem, threads=384,
+                loop_threads=256)
 
-_NAME = re.compile(r"(fwd_sm90_kernel|bwd_kv_sm90_kernel|fwd_kernel|bwd_kv_kernel|bwd_q_kernel)I(\w+?)Li(\d+)ELi(\d+)E")
+
+TILES = {"fwd": _fwd, "bwd_kv": _bwd_kv, "bwd_q": _bwd_q, "fwd_sm90": _fwd_sm90,
+         "bwd_kv_sm90": _bwd_kv_sm90, "bwd_q_sm90": _bwd_q_sm90}
+# The backward = a dK/dV kernel + a dQ kernel: mma.sync, the Hopper dK/dV kernel with the
+# mma.sync dQ kernel (the Hopper backward before bwd_q_sm90_kernel), the full Hopper backward.
+BACKWARDS = (("bwd_kv", "bwd_q"), ("bwd_kv_sm90", "bwd_q"), ("bwd_kv_sm90", "bwd_q_sm90"))
+
+_NAME = re.compile(r"(fwd_sm90_kernel|bwd_kv_sm90_kernel|bwd_q_sm90_kernel|fwd_kernel|"
+                   r"bwd_kv_kernel|bwd_q_kernel)I(\w+?)Li(\d+)ELi(\d+)E")
 
 
 def _ptxas(log: str) -> dict:
@@ -332,7 +345,8 @@ def kernels(build: str, tool: tuple) -> list:
                 continue              # (a launcher's TU may instantiate another TU's kernel)
             seen.add(name)
             kind = {"fwd_kernel": "fwd", "bwd_kv_kernel": "bwd_kv", "bwd_q_kernel": "bwd_q",
-                    "fwd_sm90_kernel": "fwd_sm90", "bwd_kv_sm90_kernel": "bwd_kv_sm90"}.get(
+                    "fwd_sm90_kernel": "fwd_sm90", "bwd_kv_sm90_kernel": "bwd_kv_sm90",
+                    "bwd_q_sm90_kernel": "bwd_q_sm90"}.get(
                 m.group(1), m.group(1))
             out.append((obj, name, kind, int(m.group(3)), int(m.group(4)), regs.get(name, 0), ins))
     return out
@@ -378,12 +392,12 @@ def main(argv=None) -> int:
         head_dim = d
         per_pair[kind] = {b: max(c.values()) / tile.pairs if b == "over" else
                           p["serial_cycles"] / tile.pairs for b in ("over", "serial")}
-    for kv in ("bwd_kv", "bwd_kv_sm90"):   # backward = dK/dV + dQ kernels, 10*D per pair
-        if kv not in per_pair or "bwd_q" not in per_pair:
+    for kv, dq in BACKWARDS:   # backward = dK/dV + dQ kernels, 10*D per pair
+        if kv not in per_pair or dq not in per_pair:
             continue
         for b in ("over", "serial"):
-            cyc = per_pair[kv][b] + per_pair["bwd_q"][b]
-            print(f"backward ({kv} + bwd_q), {b}: "
+            cyc = per_pair[kv][b] + per_pair[dq][b]
+            print(f"backward ({kv} + {dq}), {b}: "
                   f"{10 * head_dim / cyc * args.sms * args.clock_ghz * 1e9 / 1e12:.0f} TFLOP/s "
                   f"(FLOPs counted as 2.5x the forward's)")
     return 0

@@ -464,10 +464,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #if defined(DISTATTN_EMULATE)
   m.def("launch_count", &distattn::emu::launch_count, "kernel grids run so far (emulator)");
   m.def("set_arch", &distattn::set_emulated_arch, py::arg("arch"),
-        "which forward kernels launches run: 80 (mma.sync) or 90 (the Hopper kernel, "
-        "D = Dv = 64/128; others keep mma.sync)");
+        "which kernels launches run: 80 (mma.sync) or 90 (the Hopper forward, dQ and dK/dV "
+        "kernels, D = Dv = 64/128; others keep mma.sync)");
   m.def("arch", &distattn::emulated_arch, "the arch set by set_arch (default 80)");
   m.def("last_kernel", &distattn::emu::last_kernel, "name of the kernel of the last grid run");
+  m.def("recent_kernels", &distattn::emu::recent_kernels,
+        "names of the kernels of the last (up to 8) grids run, oldest first");
 #endif
   m.def("merge", &merge, "(out_acc, lse_acc) <- merge(acc, (out_blk, lse_blk))",
         py::arg("out_acc"), py::arg("lse_acc"), py::arg("out_blk"), py::arg("lse_blk"));

@@ -8,10 +8,12 @@ forward is checked against fp64 with FlashAttention's rule, as tests/test_emulat
 mma.sync kernels: head dims 64 and 128, fp16 and bf16, ragged tails on both sides of the
 128-row / 128-key tiles, MHA/GQA/MQA, causal offsets (rows that see nothing included),
 windows, softcap, documents in one varlen launch, pieces sharing rows (fused epilogue), the
-fused ring step. The backward's dK/dV kernel (csrc/kernels/bwd_sm90_kernel.cuh: K, V once by
-TMA, Q/dO tiles through an mbarrier ring, wgmma SS for S^T and dP^T, RS for dV and dK) runs the
-same matrix against fp64 (the delta and dQ kernels stay the mma.sync ones); it is launched
-last, so ``last_kernel()`` after ``bwd`` names it.
+fused ring step. The backward (csrc/kernels/bwd_sm90_kernel.cuh) runs the same matrix against
+fp64 on its two Hopper kernels: dQ (bwd_q_sm90_kernel: Q, dO once by TMA, K/V tiles through an
+mbarrier ring, wgmma SS for S and dP, RS for dQ += dS K) and dK/dV (bwd_kv_sm90_kernel: K, V once,
+Q/dO tiles through the ring, SS for S^T and dP^T, RS for dV and dK), after the delta kernel; the
+tests check with ``recent_kernels()`` that these three, in this order, were the backward's
+launches.
 
 Nothing here ran on a GPU. Select the path with ``EmulateBackend(arch="sm90")`` or, for a
 whole process, ``DISTATTN_EMULATE_ARCH=sm90``.
@@ -32,6 +34,15 @@ pytestmark = pytest.mark.skipif(EXT_ERROR is not None, reason=f"emulate absent: 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 SM90 = "fwd_sm90_kernel"
 SM90_BWD = "bwd_kv_sm90_kernel"
+SM90_DQ = "bwd_q_sm90_kernel"
+
+
+def assert_hopper_backward(ext):
+    """The last three launches were the Hopper backward's: delta, the dQ kernel, the dK/dV
+    kernel."""
+    names = ext.recent_kernels()[-3:]
+    assert len(names) == 3, names
+    assert "delta_kernel<" in names[0] and SM90_DQ in names[1] and SM90_BWD in names[2], names
 
 
 @pytest.fixture(scope="module")
@@ -145,25 +156,29 @@ def test_fused_ring_equals_unfused_and_reference(be, layout, causal, heads):
     """forward_into and backward_into (the fused ring step) on the Hopper kernels equal
     forward + merge, backward + add, and fp64 over the whole sequence."""
     kc.check_fused_ring(be, "cpu", layout, causal, heads, world=2, seq=4 * 24, d=64)
-    assert SM90_BWD in be._ext.last_kernel(), be._ext.last_kernel()
+    assert_hopper_backward(be._ext)
 
 
-# ---- the backward: Hopper dK/dV kernel ----------------------------------------------------------
+# ---- the backward: Hopper dQ and dK/dV kernels --------------------------------------------------
 def check_backward(be, dtype, d, shape, mask, softcap=0.0):
     """fwd + bwd of the extension against fp64 (FlashAttention's rule, tests/test_emulate.py's
-    check), and that the Hopper dK/dV kernel ran the backward."""
+    check), and that the Hopper dQ and dK/dV kernels ran the backward."""
     kc.check_forward_backward(be, "cpu", dtype, d, shape, mask, softcap)
-    assert SM90_BWD in be._ext.last_kernel(), be._ext.last_kernel()
+    assert_hopper_backward(be._ext)
 
 
 def test_arch_switch_selects_the_backward_kernel():
     q = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16, requires_grad=True)
     sm80, sm90 = EmulateBackend(arch="sm80"), EmulateBackend(arch="sm90")
     g = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16)
-    for backend, name in ((sm90, SM90_BWD), (sm80, "bwd_q_kernel<")):
+    for backend in (sm90, sm80):
         out, lse = backend.forward(q, q, q, scale=0.125, mask=Mask.none())
         backend.backward(g, q, q, q, out, lse, scale=0.125, mask=Mask.none())
-        assert name in backend._ext.last_kernel(), backend._ext.last_kernel()
+        if backend is sm90:
+            assert_hopper_backward(backend._ext)
+        else:
+            names = backend._ext.recent_kernels()[-2:]
+            assert "bwd_kv_kernel<" in names[0] and "bwd_q_kernel<" in names[1], names
     # MLA's (192, 128): no Hopper kernel, the mma.sync backward runs under arch sm90 too.
     q2, v2 = torch.randn(1, 8, 2, 192).bfloat16(), torch.randn(1, 8, 2, 128).bfloat16()
     out, lse = sm90.forward(q2, q2, v2, scale=0.125, mask=Mask.none())
@@ -171,8 +186,11 @@ def test_arch_switch_selects_the_backward_kernel():
     assert "bwd_q_kernel<" in sm90._ext.last_kernel()
 
 
-# Key tiles are 128 keys (2 warpgroups x 64), query stages 64 rows: (70, 400) and (200, 260)
-# give several key tiles and several ring rounds; (17, 130) / (130, 17) ragged tails; GQA/MQA.
+# dK/dV: key tiles of 128 keys (2 warpgroups x 64), query stages of 64 rows (32 at hd128). dQ:
+# query tiles of 128 rows (2 warpgroups x 64), key stages of 128 keys (64 at hd128). (200, 260)
+# gives several tiles and ring rounds to both, (17, 130) three key stages to the hd128 dQ
+# kernel; (17, 130) / (130, 17) ragged tails (at (130, 17) the dQ kernel's second query tile
+# has a warpgroup wholly past the rows); GQA/MQA.
 BWD_CASES = ([(64, m, s) for m in MASKS for s in SHAPES[1:3]] + [(64, Mask.none(), SHAPES[0])]
              + [(64, m, (200, 260, 2, 1)) for m in (Mask.none(), Mask.causal(0))]
              + [(128, m, s) for m in MASKS[:4] + MASKS[7:8] for s in (SHAPES[1], SHAPES[2])])
@@ -196,3 +214,11 @@ def test_backward_documents_in_one_varlen_launch(be, causal):
     mask = documents(150, 150, (0, 1, 40, 41, 140, 150), causal)
     check_backward(be, torch.bfloat16, 64, (150, 150, 4, 2), mask)
 
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_backward_strided_views_and_deterministic(be, dtype):
+    """q/k/v as views of a packed qkv buffer (TMA strides), accumulators as slices, and two
+    backward calls bitwise equal (hd128, causal offset 3, several tiles of both kernels)."""
+    kc.check_backend_api_and_strided_views(be, "cpu", dtype, s=133)
+    assert_hopper_backward(be._ext)

@@ -81,4 +81,4 @@ def test_sass_tensor_work_matches_the_tile_shapes():
         scale = 1.0 if hopper else km.MMA_SYNC_FRACTION
         assert w["tensor_flop"] * scale == pytest.approx(tile.flop), (kind, name)
         seen.add(kind)
-    assert {"fwd", "bwd_kv", "bwd_q"} <= seen
+    assert {"fwd", "bwd_kv", "bwd_q", "fwd_sm90", "bwd_kv_sm90", "bwd_q_sm90"} <= seen

@@ -37,9 +37,10 @@ def report(arch="80", spill=None, stack=None, extra=""):
                           f"    {f} bytes stack frame, {s} bytes spill stores, {s} bytes spill "
                           f"loads",
                           "ptxas info    : Used 168 registers, used 1 barriers, 480 bytes cmem[0]"]
-    if arch == "90a":  # the Hopper forward and dK/dV kernels, D = Dv = 64 and 128
+    if arch == "90a":  # the Hopper forward, dK/dV and dQ kernels, D = Dv = 64 and 128
         for kind, mangled in (("fwd_sm90_kernel", "15fwd_sm90_kernel"),
-                              ("bwd_kv_sm90_kernel", "18bwd_kv_sm90_kernel")):
+                              ("bwd_kv_sm90_kernel", "18bwd_kv_sm90_kernel"),
+                              ("bwd_q_sm90_kernel", "17bwd_q_sm90_kernel")):
           for dtype, t in TYPES.items():
             for d in (64, 128):
                 name = (f"_ZN8distattn4kern{mangled}I{t}Li{d}ELi{d}EEEvNS0_11"
@@ -66,14 +67,14 @@ def check(text, archs=("80",)):
 def test_clean_report_passes_and_is_parsed():
     entries, bad = check(report("80") + "\n" + report("90a"), archs=("80", "90a"))
     assert bad == []
-    assert len(entries) == 2 * 19 + 8
+    assert len(entries) == 2 * 19 + 12
     fwd = [e for e in entries if e.label == "sm_90a fwd_kernel<bf16 hd128>"]
     assert len(fwd) == 1 and fwd[0].registers == 168 and fwd[0].stack == 0
     mla = [e for e in entries if e.label == "sm_80 bwd_kv_kernel<fp16 hd192x128>"]
     assert len(mla) == 1 and mla[0].dims == (192, 128)
     assert {e.kind for e in entries} == {"fwd_kernel", "bwd_kv_kernel", "bwd_q_kernel",
                                          "delta_kernel", "fwd_sm90_kernel",
-                                         "bwd_kv_sm90_kernel"}
+                                         "bwd_kv_sm90_kernel", "bwd_q_sm90_kernel"}
     hop = [e for e in entries if e.label == "sm_90a fwd_sm90_kernel<fp16 hd64>"]
     assert len(hop) == 1 and hop[0].registers == 168
 
@@ -88,13 +89,16 @@ def test_spill_stack_c7510_and_missing_kernels_fail():
     _, bad = check(report(extra="\nptxas warning : (C7510) Potential Performance Loss: wgmma"))
     assert len(bad) == 1 and "C7510" in bad[0]
     _, bad = check(report("80"), archs=("80", "90a"))
-    assert len(bad) == 26 and all("sm_90a" in b and "no ptxas report" in b for b in bad)
+    assert len(bad) == 30 and all("sm_90a" in b and "no ptxas report" in b for b in bad)
     assert sum("fwd_sm90_kernel" in b for b in bad) == 4
     assert sum("bwd_kv_sm90_kernel" in b for b in bad) == 4
+    assert sum("bwd_q_sm90_kernel" in b for b in bad) == 4
     _, bad = check(report("90a", spill="fwd_sm90_kernel<bf16 hd128>"), archs=("90a",))
     assert len(bad) == 1 and "sm_90a fwd_sm90_kernel<bf16 hd128>: 0 bytes stack" in bad[0]
     _, bad = check(report("90a", spill="bwd_kv_sm90_kernel<fp16 hd64>"), archs=("90a",))
     assert len(bad) == 1 and "sm_90a bwd_kv_sm90_kernel<fp16 hd64>: 0 bytes stack" in bad[0]
+    _, bad = check(report("90a", spill="bwd_q_sm90_kernel<bf16 hd128>"), archs=("90a",))
+    assert len(bad) == 1 and "sm_90a bwd_q_sm90_kernel<bf16 hd128>: 0 bytes stack" in bad[0]
     _, bad = check("")
     assert len(bad) == 18
     assert any("fwd_kernel<fp16 hd192x128>: no ptxas report" in b for b in bad)

@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <mutex>
 #include <sstream>
 #include <thread>
@@ -1065,6 +1066,8 @@ std::set<const void*>& sm90_kernels() {
 std::atomic<int> g_num_threads{1};
 std::atomic<long> g_launches{0};
 std::atomic<const void*> g_last_kernel{nullptr};
+std::mutex g_recent_mu;
+std::deque<const void*> g_recent;  // the last kRecentKernels grids' kernels, oldest first
 
 }  // namespace
 
@@ -1405,6 +1408,16 @@ std::string last_kernel() {
   const void* k = g_last_kernel;
   return k ? kernel_name(k) : std::string();
 }
+std::vector<std::string> recent_kernels() {
+  std::vector<const void*> ks;
+  {
+    std::lock_guard<std::mutex> lock(g_recent_mu);
+    ks.assign(g_recent.begin(), g_recent.end());
+  }
+  std::vector<std::string> names;
+  for (const void* k : ks) names.push_back(kernel_name(k));
+  return names;
+}
 int num_threads() { return g_num_threads; }
 
 int run_grid(const void* kernel, dim3 grid, dim3 block, std::size_t smem_bytes,
@@ -1434,6 +1447,11 @@ int run_grid(const void* kernel, dim3 grid, dim3 block, std::size_t smem_bytes,
 
   ++g_launches;
   g_last_kernel = kernel;
+  {
+    std::lock_guard<std::mutex> lock(g_recent_mu);
+    g_recent.push_back(kernel);
+    if (int(g_recent.size()) > kRecentKernels) g_recent.pop_front();
+  }
   const long total = long(grid.x) * grid.y * grid.z;
   std::atomic<long> next{0};
   std::atomic<bool> failed{false};

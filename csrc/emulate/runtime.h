@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <vector>
 
 // CUDA's dim3 (global namespace, like CUDA's own).
 struct dim3 {
@@ -137,6 +138,10 @@ const std::string& last_error_message();
 long launch_count();
 // The (demangled) name of the kernel of the most recent grid in this process ("" before any).
 std::string last_kernel();
+// The names of the kernels of the last (at most kRecentKernels) grids, oldest first: what a
+// multi-kernel call (the backward: delta, dQ, dK/dV) ran, in order.
+constexpr int kRecentKernels = 8;
+std::vector<std::string> recent_kernels();
 // OS threads that run CTAs in parallel (>= 1; the calling thread is one of them).
 void set_num_threads(int n);
 int num_threads();

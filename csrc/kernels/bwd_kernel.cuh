@@ -64,6 +64,50 @@ __device__ __forceinline__ void store_grad(float* dst, float x, float y, bool ac
   }
 }
 
+// lse (as lse_for_exp2) and delta of query row `row` (of piece pc, q head h): the per-row inputs
+// of P and dS, for the Hopper backward kernels (bwd_sm90_kernel.cuh). A row at or past the
+// piece's end gets lse = +inf (probability exactly 0) and delta 0. The mma.sync kernels keep
+// their own copy of these loads, because this call changed ptxas's allocation there (measured,
+// nvcc 13.0): in bwd_kv_kernel's query-tile loop the MLA (192, 128) sm_80 build spilled 16 bytes
+// at 255 registers; in bwd_q_kernel hd64 went from 128 to 168 registers on sm_90a (158 to 167 on
+// sm_80), which costs the sm_90a fallback a CTA per SM.
+__device__ __forceinline__ void load_row_stats(const BwdParams& p, const PieceParams& pc, int b,
+                                               int h, index_t row, float& lse, float& delta) {
+  const bool in_bounds = row < pc.seqlen_q;
+  const index_t grow = pc.q0 + row;  // in the call's tensors
+  lse = in_bounds ? lse_for_exp2(p.lse[b * p.lse_stride.batch + h * p.lse_stride.head +
+                                       grow * p.lse_stride.seq])
+                  : INFINITY;
+  delta = in_bounds ? p.delta[(index_t(b) * p.prob.heads_q + h) * p.prob.seqlen_q + grow] : 0.f;
+}
+
+// P and dS of one score, the elementwise step of every backward kernel: `acc` = q.k, `dp` =
+// dO.v, `lse` and `delta` the row's (load_row_stats). Softcap before the mask (which must win:
+// tanh(-inf) = -1); a `hidden` score (band, key bound) gets probability exactly 0. Sets `prob`
+// and returns dS = P (dP - delta) slope (unscaled: the epilogues multiply by scale).
+__device__ __forceinline__ float grad_of_score(const ScoreScale& score, float acc, float dp,
+                                               bool hidden, float lse, float delta,
+                                               float& prob) {
+  float slope;
+  float x = score.raw(acc, slope);
+  if (hidden) x = -INFINITY;
+  prob = exp2f(fmaf(x, score.mul, -lse));
+  return prob * (dp - delta) * slope;
+}
+
+// One query row of dQ (scaled), held by a quad of lanes (lane t: columns 8d + 2t and 8d + 2t + 1,
+// ``dq(d, j)``), written or added into the float32 accumulator: the dQ epilogue of
+// bwd_q_kernel and of the Hopper bwd_q_sm90_kernel.
+template <int D, typename DQ>
+__device__ __forceinline__ void store_dq_row(const BwdParams& p, int b, int h, int t, index_t row,
+                                             DQ dq) {
+  float* dq_row = p.dq_acc + b * p.dq_stride.batch + row * p.dq_stride.seq + h * p.dq_stride.head;
+#pragma unroll
+  for (int d = 0; d < D / 8; ++d)
+    store_grad(dq_row + 8 * d + 2 * t, dq(d, 0) * p.prob.scale, dq(d, 1) * p.prob.scale,
+               p.accumulate);
+}
+
 // One key row of dK (scaled) and dV, held by a quad of lanes (lane t: columns 8d + 2t and
 // 8d + 2t + 1, ``dk(d, j)`` / ``dv(d, j)``), written or added into the float32 accumulators:
 // the dK/dV epilogue of bwd_kv_kernel and of the Hopper bwd_kv_sm90_kernel.
@@ -163,13 +207,12 @@ __global__ void __launch_bounds__(kThreads) bwd_kv_kernel(const BwdParams p) {
             const int qc = 8 * j + 2 * t + (e % 2);  // query column within the tile
             const index_t key = n0 + 16 * warp + g + 8 * (e / 2);
             const index_t query = m0 + qc;
-            float slope;
-            float s = score.raw(st[j][e], slope);
             // Out-of-bounds queries already have sLse = +inf; bound keys and apply the band.
-            if (partial && (key >= sk || !in_band(query, key, pc.band))) s = -INFINITY;
-            const float prob = exp2f(fmaf(s, score.mul, -ld_shared(sLse + qc)));
+            float prob;
+            dpt[j][e] = grad_of_score(score, st[j][e], dpt[j][e],
+                                      partial && (key >= sk || !in_band(query, key, pc.band)),
+                                      ld_shared(sLse + qc), ld_shared(sDelta + qc), prob);
             st[j][e] = prob;
-            dpt[j][e] = prob * (dpt[j][e] - ld_shared(sDelta + qc)) * slope;
           }
 
         uint32_t pf[MT / 2][4], dsf[MT / 2][4];
@@ -270,11 +313,10 @@ __global__ void __launch_bounds__(kThreads) bwd_q_kernel(const BwdParams p) {
         const int r = e / 2;
         const index_t row = m0 + 16 * warp + g + 8 * r;
         const index_t col = n0 + 8 * j + 2 * t + (e % 2);
-        float slope;
-        float x = score.raw(s[j][e], slope);
-        if (partial && (col >= sk || !in_band(row, col, pc.band))) x = -INFINITY;
-        const float prob = exp2f(fmaf(x, score.mul, -row_lse[r]));
-        s[j][e] = prob * (dp[j][e] - row_delta[r]) * slope;  // dS
+        float prob;
+        s[j][e] = grad_of_score(score, s[j][e], dp[j][e],  // dS
+                                partial && (col >= sk || !in_band(row, col, pc.band)),
+                                row_lse[r], row_delta[r], prob);
       }
 
     uint32_t dsf[NT / 2][4];
@@ -288,12 +330,8 @@ __global__ void __launch_bounds__(kThreads) bwd_q_kernel(const BwdParams p) {
   for (int r = 0; r < 2; ++r) {
     const index_t row_in_piece = m0 + 16 * warp + g + 8 * r;
     if (row_in_piece >= sq) continue;
-    const index_t row = pc.q0 + row_in_piece;
-    float* dq_row = p.dq_acc + b * p.dq_stride.batch + row * p.dq_stride.seq + h * p.dq_stride.head;
-#pragma unroll
-    for (int d = 0; d < DT; ++d)
-      store_grad(dq_row + 8 * d + 2 * t, dq[d][2 * r] * pr.scale, dq[d][2 * r + 1] * pr.scale,
-                 p.accumulate);
+    store_dq_row<D>(p, b, h, t, pc.q0 + row_in_piece,
+                    [&](int d, int j) { return dq[d][2 * r + j]; });
   }
 }
 
@@ -328,17 +366,6 @@ cudaError_t launch_bwd_kernels(const BwdParams& p, cudaStream_t stream) {
   err = launch_tiled<bwd_kv_kernel<T, D, Dv>>(bwd_kv_launch_config(lp.prob, int(sizeof(T))),
                                               lp, stream);
   if (err != cudaSuccess) return err;
-  return launch_tiled<bwd_q_kernel<T, D, Dv>>(bwd_q_launch_config(lp.prob, int(sizeof(T))),
-                                              lp, stream);
-}
-
-// delta and dQ only (the Hopper backward, bwd_sm90_kernel.cuh, brings its own dK/dV kernel).
-template <typename T, int D, int Dv>
-cudaError_t launch_delta_and_dq(const BwdParams& p, cudaStream_t stream) {
-  const cudaError_t err = launch_delta<T>(p, stream);
-  if (err != cudaSuccess) return err;
-  BwdParams lp = p;
-  assign_tiles(lp.prob, bwd_q_block_m(D, Dv), bwd_kv_block_n(D, Dv));
   return launch_tiled<bwd_q_kernel<T, D, Dv>>(bwd_q_launch_config(lp.prob, int(sizeof(T))),
                                               lp, stream);
 }

@@ -1,7 +1,10 @@
-// Hopper (sm_90a) dK/dV kernel: the contract of bwd_kv_kernel (bwd_kernel.cuh: same BwdParams,
-// pieces/bands, softcap slope, GQA groups, plain or accumulating epilogue), with warp
-// specialisation, TMA, mbarriers and wgmma. The delta and dQ kernels stay bwd_kernel.cuh's.
+// The Hopper (sm_90a) backward: bwd_kv_sm90_kernel (dK/dV, the contract of bwd_kv_kernel) and
+// bwd_q_sm90_kernel (dQ, the contract of bwd_q_kernel; below), both with bwd_kernel.cuh's
+// BwdParams, pieces/bands, softcap slope, GQA groups, P/dS step (grad_of_score) and plain or
+// accumulating epilogues (store_dkdv_row, store_dq_row), with warp specialisation, TMA,
+// mbarriers and wgmma. The delta kernel stays bwd_kernel.cuh's.
 //
+// dK/dV kernel:
 // CTA = 3 warpgroups (384 threads) per (key tile of 128 keys of a piece, kv head, batch):
 //   warpgroup 0  producer, setmaxnreg.dec to 32.
 //                thread 0: K and V of the key tile once by TMA (one barrier, kv_full), then
@@ -171,17 +174,9 @@ __global__ void __launch_bounds__(sm90bwd::kThreads, 1)
         const int h = hk * group + i / tiles;
         const index_t m0 = (range.first + i % tiles) * BM;
 #pragma unroll
-        for (int r = 0; r < BM / 32; ++r) {  // BM is 32 or 64
-          const index_t row = m0 + 32 * r + lane;  // of the piece
-          const bool in_bounds = row < sq;
-          const index_t grow = pc.q0 + row;
-          sLse[s * BM + 32 * r + lane] =
-              in_bounds ? lse_for_exp2(p.lse[b * p.lse_stride.batch + h * p.lse_stride.head +
-                                             grow * p.lse_stride.seq])
-                        : INFINITY;
-          sDelta[s * BM + 32 * r + lane] =
-              in_bounds ? p.delta[(index_t(b) * pr.heads_q + h) * pr.seqlen_q + grow] : 0.f;
-        }
+        for (int r = 0; r < BM / 32; ++r)  // BM is 32 or 64
+          load_row_stats(p, pc, b, h, m0 + 32 * r + lane, sLse[s * BM + 32 * r + lane],
+                         sDelta[s * BM + 32 * r + lane]);
         cute::arrive_barrier(full[s]);  // release: the stores above are seen after the wait
       }
     }
@@ -263,12 +258,10 @@ __global__ void __launch_bounds__(sm90bwd::kThreads, 1)
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
           const int v = 4 * pp + 2 * h + j, qc = qc0 + j;
-          float slope;
-          float x = score.raw(st[v], slope);
-          if (qc < qlo[h] || qc > qhi[h]) x = -INFINITY;
-          const float prob = exp2f(fmaf(x, score.mul, -(j ? l2.y : l2.x)));
+          float prob;
+          dpt[v] = grad_of_score(score, st[v], dpt[v], qc < qlo[h] || qc > qhi[h],
+                                 j ? l2.y : l2.x, j ? d2.y : d2.x, prob);
           st[v] = prob;
-          dpt[v] = prob * (dpt[v] - (j ? d2.y : d2.x)) * slope;
         }
     }
     // -> A operand registers: k-slice ks (queries 16ks .. 16ks + 15) is values 8ks .. 8ks + 7.
@@ -316,48 +309,306 @@ __global__ void __launch_bounds__(sm90bwd::kThreads, 1)
 #endif  // DISTATTN_SM90_BODY
 }
 
-// ---- host side ---------------------------------------------------------------------------------
-// Whether this build and device run the Hopper dK/dV kernel (sm90_kernel_available's rule,
-// DISTATTN_DISABLE_SM90=1 included). UNVERIFIED on CUDA: no GPU has run this path.
+// ---- dQ ----------------------------------------------------------------------------------------
+namespace sm90dq {
+constexpr int kConsumers = 2;  // consumer warpgroups, 64 query rows each
+constexpr int kThreads = 128 * (1 + kConsumers);
+constexpr int kBlockM = 64 * kConsumers;  // query rows of a CTA
+// Keys of a ring stage: 128 at hd64; 64 at hd128 (docs/KERNELS.md has ptxas's registers for
+// both: a consumer thread keeps dQ (D/2 floats) and S, dP (BN/2 each) live at once).
+DA_HD constexpr int block_n(int d) { return d > 64 ? 64 : 128; }
+constexpr int kStages = 2;
+// One TMA thread in the producer: 24 (the forward's) compiles without spills too; 32 is the
+// dK/dV kernel's budget, and 32 + 2 * 240 = 512 uses the whole register file.
+constexpr int kProducerRegs = 32, kConsumerRegs = 240;
+static_assert(kProducerRegs + kConsumers * kConsumerRegs <= 512, "setmaxnreg budget");
+
+DA_HD constexpr int smem_bytes(int d, int dv, int elem) {
+  return 1024 + elem * (kBlockM * (d + dv) + kStages * block_n(d) * (d + dv)) +
+         8 * (1 + 3 * kStages);
+}
+}  // namespace sm90dq
+
+// CTA = 3 warpgroups per (query tile of 128 rows of a piece, q head, batch), bwd_q_kernel's
+// contract (heaviest causal tiles first):
+//   warpgroup 0  producer, setmaxnreg.dec to 24; thread 0 issues TMA: Q and dO of the tile once
+//                (q_full), then K_j and V_j of every key tile the query tile sees into a
+//                kStages ring (k_full / v_full apart, so that S_j starts before V_j lands),
+//                refilling stage s after empty[s] (all 256 consumer threads arrived).
+//   warpgroups 1, 2  consumers, setmaxnreg.inc to 240, each owning 64 query rows; lse and delta
+//                of their two rows a thread in registers (plain loads, as bwd_q_kernel):
+//                S = Q K^T and dP = dO V^T by wgmma SS (m64nBNk16, all K-major), P and dS in
+//                registers (grad_of_score, bwd_q_kernel's guards), dS packed in place into A
+//                fragments, dQ += dS K by wgmma RS (m64nDk16, K MN-major: the same stage's
+//                buffer read along keys), then the stage is released.
+// Shared memory (1024-aligned, 128-byte swizzle, K-major atoms of 8 rows x 64 elements):
+//   Q [2 halves][D/64][64][64]  dO [2 halves][Dv/64][64][64]  K [kStages][D/64][BN][64]
+//   V [kStages][Dv/64][BN][64], then the mbarriers.
+// Keys of a neighbouring piece inside a tile are read (dS there is 0): as in the Hopper forward,
+// a non-finite K value there would reach dQ as 0 * inf = NaN.
 template <typename T, int D, int Dv>
-inline bool bwd_sm90_available() {
-  return sm90_kernel_available<bwd_kv_sm90_kernel<T, D, Dv>>();
+__global__ void __launch_bounds__(sm90dq::kThreads, 1)
+    bwd_q_sm90_kernel(const __grid_constant__ BwdSm90Args args) {
+#if DISTATTN_SM90_BODY
+  using namespace sm90dq;
+  constexpr int BM = kBlockM, BN = block_n(D);
+  static_assert(D == Dv && (D == 64 || D == 128), "head dims");
+  using GemmS = typename sm90::Gmma<T, BN>::SS;  // S, dP: 64 rows x BN keys
+  using GemmQ = typename sm90::Gmma<T, D>::RS;   // dQ: 64 rows x D, B (K) MN-major
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const uint32_t raw_addr = uint32_t(__cvta_generic_to_shared(smem_raw));
+  unsigned char* smem = smem_raw + (1024 - raw_addr % 1024) % 1024;
+  T* sQ = reinterpret_cast<T*>(smem);  // [kConsumers][D/64][64][64]
+  T* sdO = sQ + BM * D;                // [kConsumers][Dv/64][64][64]
+  T* sK = sdO + BM * Dv;               // [kStages][D/64][BN][64]
+  T* sV = sK + kStages * BN * D;       // [kStages][Dv/64][BN][64]
+  uint64_t* bars = reinterpret_cast<uint64_t*>(sV + kStages * BN * Dv);
+  uint64_t& q_full = bars[0];
+  uint64_t* k_full = bars + 1;
+  uint64_t* v_full = bars + 1 + kStages;
+  uint64_t* empty = bars + 1 + 2 * kStages;
+
+  const BwdParams& p = args.p;
+  const Problem& pr = p.prob;
+  const int tile = int(gridDim.x) - 1 - int(blockIdx.x);  // heaviest (causal) tiles first
+  const PieceParams pc = piece_of_tile(pr, tile, false);
+  const index_t sq = pc.seqlen_q, sk = pc.seqlen_k;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / (pr.heads_q / pr.heads_kv);
+  const index_t m0 = index_t(tile - pc.q_tile_begin) * BM;  // rows of the piece
+  const TileRange keys = key_tiles_for_query_tile(m0, BM, BN, sq, sk, pc.band);
+  const int wg = int(threadIdx.x) / 128;
+
+  if (threadIdx.x == 0) {
+    cute::initialize_barrier(q_full, 1);
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) {
+      cute::initialize_barrier(k_full[s], 1);
+      cute::initialize_barrier(v_full[s], 1);
+      cute::initialize_barrier(empty[s], kConsumers * 128);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // ---- producer ----------------------------------------------------------------------------
+    cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
+    if (threadIdx.x == 0 && keys.first < keys.last) {
+      cute::set_barrier_transaction_bytes(q_full, uint32_t(BM * (D + Dv) * sizeof(T)));
+#pragma unroll
+      for (int c = 0; c < kConsumers; ++c) {
+        const int row = int(pc.q0 + m0 + 64 * c);
+#pragma unroll
+        for (int kb = 0; kb < D / 64; ++kb)
+          cute::SM90_TMA_LOAD_4D::copy(&args.tma_q, &q_full, sm90::kEvictNormal,
+                                       sQ + (c * (D / 64) + kb) * 64 * 64, 64 * kb, h, row, b);
+#pragma unroll
+        for (int kb = 0; kb < Dv / 64; ++kb)
+          cute::SM90_TMA_LOAD_4D::copy(&args.tma_do, &q_full, sm90::kEvictNormal,
+                                       sdO + (c * (Dv / 64) + kb) * 64 * 64, 64 * kb, h, row, b);
+      }
+      for (index_t it = keys.first; it < keys.last; ++it) {
+        const int i = int(it - keys.first), s = i % kStages, round = i / kStages;
+        if (round > 0) cute::wait_barrier(empty[s], (round - 1) & 1);
+        const int row = int(pc.k0 + it * BN);
+        cute::set_barrier_transaction_bytes(k_full[s], uint32_t(BN * D * sizeof(T)));
+#pragma unroll
+        for (int kb = 0; kb < D / 64; ++kb)
+          cute::SM90_TMA_LOAD_4D::copy(&args.tma_k, &k_full[s], sm90::kEvictNormal,
+                                       sK + (s * (D / 64) + kb) * BN * 64, 64 * kb, hk, row, b);
+        cute::set_barrier_transaction_bytes(v_full[s], uint32_t(BN * Dv * sizeof(T)));
+#pragma unroll
+        for (int kb = 0; kb < Dv / 64; ++kb)
+          cute::SM90_TMA_LOAD_4D::copy(&args.tma_v, &v_full[s], sm90::kEvictNormal,
+                                       sV + (s * (Dv / 64) + kb) * BN * 64, 64 * kb, hk, row, b);
+      }
+    }
+    return;
+  }
+
+  // ---- consumers ---------------------------------------------------------------------------
+  cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
+  const int c = wg - 1;
+  const int warp = (int(threadIdx.x) % 128) / 32, lane = int(threadIdx.x) % 32;
+  const int g = lane / 4, t = lane % 4;
+  const index_t m_wg = m0 + 64 * c;  // this warpgroup's first row (of the piece)
+  const ScoreScale score(pr.scale, pr.softcap);
+  const uint32_t q_addr0 = uint32_t(__cvta_generic_to_shared(sQ)) + uint32_t(c * 64 * D * sizeof(T));
+  const uint32_t do_addr0 =
+      uint32_t(__cvta_generic_to_shared(sdO)) + uint32_t(c * 64 * Dv * sizeof(T));
+  const uint32_t k_addr0 = uint32_t(__cvta_generic_to_shared(sK));
+  const uint32_t v_addr0 = uint32_t(__cvta_generic_to_shared(sV));
+
+  float row_lse[2], row_delta[2];  // rows g and g + 8 of this warp's 16
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+    load_row_stats(p, pc, b, h, m_wg + 16 * warp + g + 8 * r, row_lse[r], row_delta[r]);
+
+  float dq[D / 2];  // accumulator: value v = 4p + 2r + j at row g + 8r, column 8p + 2t + j
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) dq[i] = 0.f;
+
+  if (keys.first < keys.last) cute::wait_barrier(q_full, 0);
+  for (index_t it = keys.first; it < keys.last; ++it) {
+    const int i = int(it - keys.first), s = i % kStages, round = i / kStages;
+    const index_t n0 = it * BN;
+    const uint32_t k_addr = sm90bwd::opaque(k_addr0) + uint32_t(s * BN * D * sizeof(T));
+    const uint32_t v_addr = sm90bwd::opaque(v_addr0) + uint32_t(s * BN * Dv * sizeof(T));
+    const uint32_t q_addr = sm90bwd::opaque(q_addr0), do_addr = sm90bwd::opaque(do_addr0);
+
+    // S = Q K^T, dP = dO V^T (64 rows x BN keys per warpgroup), one batch.
+    float sacc[BN / 2], dp[BN / 2];
+    cute::wait_barrier(k_full[s], round & 1);
+    cute::warpgroup_arrive();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t kbyte = uint32_t((kk % 4) * 32);  // 16 k values = 32 B into the row
+      const uint64_t da = sm90::desc_sw128(q_addr + uint32_t((kk / 4) * 64 * 128) + kbyte, 16, 1024);
+      const uint64_t db = sm90::desc_sw128(k_addr + uint32_t((kk / 4) * BN * 128) + kbyte, 16, 1024);
+      sm90::ss<GemmS>(da, db, sacc, kk > 0, std::make_index_sequence<BN / 2>{});
+    }
+    cute::wait_barrier(v_full[s], round & 1);
+#pragma unroll
+    for (int kk = 0; kk < Dv / 16; ++kk) {
+      const uint32_t kbyte = uint32_t((kk % 4) * 32);
+      const uint64_t da = sm90::desc_sw128(do_addr + uint32_t((kk / 4) * 64 * 128) + kbyte, 16, 1024);
+      const uint64_t db = sm90::desc_sw128(v_addr + uint32_t((kk / 4) * BN * 128) + kbyte, 16, 1024);
+      sm90::ss<GemmS>(da, db, dp, kk > 0, std::make_index_sequence<BN / 2>{});
+    }
+    cute::warpgroup_commit_batch();
+    cute::warpgroup_wait<0>();
+    sm90::fence_operands(sacc);
+    sm90::fence_operands(dp);
+
+    // dS (bwd_q_kernel's guards; rows past the piece have lse = +inf, so P = 0). The key bound
+    // and band become, per row r of this thread, an interval [klo, khi] of visible key columns
+    // of the tile (32-bit compares instead of 64-bit index math).
+    const bool full = m_wg < sq && classify_tile(m_wg, 64, n0, BN, sq, sk, pc.band) == kFull;
+    int klo[2] = {0, 0}, khi[2] = {BN, BN};
+    if (!full) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const index_t rel = m_wg + 16 * warp + g + 8 * r - n0;  // row - n0
+        klo[r] = int(imin(imax(rel + pc.band.lo, index_t(0)), index_t(BN)));
+        khi[r] = int(imin(imax(imin(rel + pc.band.hi, sk - 1 - n0), index_t(-1)), index_t(BN)));
+      }
+    }
+    // dS straight into A operand registers: k-slice ks (keys 16ks .. 16ks + 15) is values
+    // 8ks .. 8ks + 7, value v = 4pp + 2r + j at row g + 8r, key column 8pp + 2t + j.
+    uint32_t dsf[BN / 16][4];
+#pragma unroll
+    for (int ks = 0; ks < BN / 16; ++ks)
+#pragma unroll
+      for (int rr = 0; rr < 4; ++rr) {
+        const int v = 8 * ks + 2 * rr, r = rr % 2, kc = 8 * (v / 4) + 2 * t;
+        float ds[2], prob;
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+          ds[j] = grad_of_score(score, sacc[v + j], dp[v + j],
+                                kc + j < klo[r] || kc + j > khi[r], row_lse[r], row_delta[r],
+                                prob);
+        dsf[ks][rr] = Elem<T>::pack(ds[0], ds[1]);
+      }
+
+    // dQ += dS K; K is MN-major here: 8-key groups 1024 B apart (SBO), 64-column blocks
+    // BN*128 B apart (LBO), as V in the forward's O += P V.
+    sm90::fence_operands(dq);
+    cute::warpgroup_arrive();
+#pragma unroll
+    for (int ks = 0; ks < BN / 16; ++ks) {
+      const uint64_t db = sm90::desc_sw128(k_addr + uint32_t(ks * 2048), uint32_t(BN * 128), 1024);
+      sm90::rs<GemmQ>(dsf[ks], db, dq, std::make_index_sequence<D / 2>{});
+    }
+    cute::warpgroup_commit_batch();
+    cute::warpgroup_wait<0>();
+    sm90::fence_operands(dq);
+    cute::arrive_barrier(empty[s]);  // this thread is done with stage s
+  }
+
+  // ---- epilogue (store_dq_row, shared with bwd_q_kernel): zeros when no key tile was seen
+  // (plain mode) ------------------------------------------------------------------------------
+  if (p.accumulate && keys.first >= keys.last) return;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const index_t row_in_piece = m_wg + 16 * warp + g + 8 * r;
+    if (row_in_piece >= sq) continue;
+    store_dq_row<D>(p, b, h, t, pc.q0 + row_in_piece,
+                    [&](int d, int j) { return dq[4 * d + 2 * r + j]; });
+  }
+#endif  // DISTATTN_SM90_BODY
 }
 
-// The whole backward with the Hopper dK/dV kernel: delta, bwd_q_kernel (dQ), then dK/dV (last,
-// so that the emulator's last_kernel() names it). *ran = false and nothing launched when the
-// Hopper kernel is not available or a tensor does not qualify for TMA.
+// ---- host side ---------------------------------------------------------------------------------
+// Whether this build and device run the Hopper backward, both its dQ and its dK/dV kernel
+// (sm90_kernel_available's rule, DISTATTN_DISABLE_SM90=1 included). UNVERIFIED on CUDA: no GPU
+// has run this path.
+template <typename T, int D, int Dv>
+inline bool bwd_sm90_available() {
+  return sm90_kernel_available<bwd_q_sm90_kernel<T, D, Dv>>() &&
+         sm90_kernel_available<bwd_kv_sm90_kernel<T, D, Dv>>();
+}
+
+// The TMA descriptors of one Hopper backward kernel: Q and dO in boxes of `q_rows`, K and V in
+// boxes of `k_rows`. False when a tensor does not qualify (make_tma_4d).
+template <typename T, int D, int Dv>
+inline bool make_bwd_sm90_args(BwdSm90Args* a, const BwdParams& p, int q_rows, int k_rows) {
+  a->p = p;
+  const Problem& pr = p.prob;
+  return make_tma_4d<T>(&a->tma_q, p.q, p.q_stride, pr.seqlen_q, pr.heads_q, pr.batch, D,
+                        q_rows) &&
+         make_tma_4d<T>(&a->tma_do, p.dout, p.dout_stride, pr.seqlen_q, pr.heads_q, pr.batch,
+                        Dv, q_rows) &&
+         make_tma_4d<T>(&a->tma_k, p.k, p.k_stride, pr.seqlen_k, pr.heads_kv, pr.batch, D,
+                        k_rows) &&
+         make_tma_4d<T>(&a->tma_v, p.v, p.v_stride, pr.seqlen_k, pr.heads_kv, pr.batch, Dv,
+                        k_rows);
+}
+
+template <auto Kernel>
+cudaError_t launch_sm90(const dim3& grid, int threads, int smem, cudaStream_t stream,
+                        const BwdSm90Args& a) {
+  auto kernel = Kernel;
+#if defined(DISTATTN_EMULATE)
+  emu::allow_sm90_smem(reinterpret_cast<const void*>(kernel));
+#endif
+  const cudaError_t err = allow_dynamic_smem<Kernel>(smem);
+  if (err != cudaSuccess) return err;
+  DISTATTN_LAUNCH(kernel, grid, threads, smem, stream, a);
+  return cudaGetLastError();
+}
+
+// The whole Hopper backward: delta (bwd_kernel.cuh's), bwd_q_sm90_kernel (dQ), then
+// bwd_kv_sm90_kernel (dK/dV; last, so that the emulator's last_kernel() names it, and
+// recent_kernels() the dQ kernel before it). *ran = false and nothing launched when the Hopper
+// kernels are not available or a tensor does not qualify for TMA.
 template <typename T, int D, int Dv>
 cudaError_t launch_bwd_sm90_kernels(const BwdParams& p, cudaStream_t stream, bool* ran) {
   *ran = false;
   if (!bwd_sm90_available<T, D, Dv>()) return cudaSuccess;
-  BwdSm90Args a;
-  a.p = p;
-  Problem& pr = a.p.prob;
-  if (!make_tma_4d<T>(&a.tma_q, p.q, p.q_stride, pr.seqlen_q, pr.heads_q, pr.batch, D,
-                      sm90bwd::block_m(D)) ||
-      !make_tma_4d<T>(&a.tma_do, p.dout, p.dout_stride, pr.seqlen_q, pr.heads_q, pr.batch, Dv,
-                      sm90bwd::block_m(D)) ||
-      !make_tma_4d<T>(&a.tma_k, p.k, p.k_stride, pr.seqlen_k, pr.heads_kv, pr.batch, D,
-                      sm90bwd::kBlockN) ||
-      !make_tma_4d<T>(&a.tma_v, p.v, p.v_stride, pr.seqlen_k, pr.heads_kv, pr.batch, Dv,
-                      sm90bwd::kBlockN))
+  BwdSm90Args q_args, kv_args;
+  if (!make_bwd_sm90_args<T, D, Dv>(&q_args, p, 64, sm90dq::block_n(D)) ||
+      !make_bwd_sm90_args<T, D, Dv>(&kv_args, p, sm90bwd::block_m(D), sm90bwd::kBlockN))
     return cudaSuccess;
   *ran = true;
-  cudaError_t err = launch_delta_and_dq<T, D, Dv>(p, stream);
+  cudaError_t err = launch_delta<T>(p, stream);
   if (err != cudaSuccess) return err;
-  assign_tiles(pr, sm90bwd::block_m(D), sm90bwd::kBlockN);
-  const int smem = sm90bwd::smem_bytes(D, Dv, int(sizeof(T)));
-  auto kernel = bwd_kv_sm90_kernel<T, D, Dv>;
-#if defined(DISTATTN_EMULATE)
-  emu::allow_sm90_smem(reinterpret_cast<const void*>(kernel));
-#endif
-  err = allow_dynamic_smem<bwd_kv_sm90_kernel<T, D, Dv>>(smem);
+
+  Problem& qp = q_args.p.prob;
+  assign_tiles(qp, sm90dq::kBlockM, sm90dq::block_n(D));
+  err = launch_sm90<bwd_q_sm90_kernel<T, D, Dv>>(
+      dim3(unsigned(total_tiles(qp, sm90dq::kBlockM, false)), unsigned(qp.heads_q),
+           unsigned(qp.batch)),
+      sm90dq::kThreads, sm90dq::smem_bytes(D, Dv, int(sizeof(T))), stream, q_args);
   if (err != cudaSuccess) return err;
-  const dim3 grid(unsigned(total_tiles(pr, sm90bwd::kBlockN, true)), unsigned(pr.heads_kv),
-                  unsigned(pr.batch));
-  DISTATTN_LAUNCH(kernel, grid, sm90bwd::kThreads, smem, stream, a);
-  return cudaGetLastError();
+
+  Problem& kp = kv_args.p.prob;
+  assign_tiles(kp, sm90bwd::block_m(D), sm90bwd::kBlockN);
+  return launch_sm90<bwd_kv_sm90_kernel<T, D, Dv>>(
+      dim3(unsigned(total_tiles(kp, sm90bwd::kBlockN, true)), unsigned(kp.heads_kv),
+           unsigned(kp.batch)),
+      sm90bwd::kThreads, sm90bwd::smem_bytes(D, Dv, int(sizeof(T))), stream, kv_args);
 }
 
 }  // namespace kern

@@ -18,10 +18,10 @@ import os
 
 from .cuda import CudaBackend
 
-# Which forward kernels the emulator runs, read once at import: "sm80" (default: the mma.sync
-# kernels) or "sm90" (the Hopper kernel, csrc/kernels/fwd_sm90_kernel.cuh, for D = Dv = 64 and
-# 128; other head dims and the backward keep the mma.sync kernels). EmulateBackend(arch=...)
-# overrides it per backend object.
+# Which kernels the emulator runs, read once at import: "sm80" (default: the mma.sync kernels)
+# or "sm90" (the Hopper kernels for D = Dv = 64 and 128: the forward, fwd_sm90_kernel.cuh, and
+# the backward's dQ and dK/dV kernels, bwd_sm90_kernel.cuh; other head dims and delta keep the
+# mma.sync kernels). EmulateBackend(arch=...) overrides it per backend object.
 ARCHS = {"sm80": 80, "sm90": 90}
 DEFAULT_ARCH = os.environ.get("DISTATTN_EMULATE_ARCH", "sm80") or "sm80"
 if DEFAULT_ARCH not in ARCHS:  # pragma: no cover - a configuration error

@@ -11,8 +11,8 @@ build directory and fails (exit 1) when
   * ptxas printed advisory C7510 (tensor-core instructions serialised, e.g. by a device
     assert; the build uses -DNDEBUG),
   * an expected kernel (fwd, dK/dV, dQ x fp16/bf16 x gated head dims x architecture, and on
-    sm_90a the Hopper forward fwd_sm90_kernel and the Hopper dK/dV kernel bwd_kv_sm90_kernel at
-    D = Dv = 64, 128) has no report at all, so
+    sm_90a the Hopper forward fwd_sm90_kernel and the Hopper backward's dK/dV and dQ kernels
+    bwd_kv_sm90_kernel, bwd_q_sm90_kernel at D = Dv = 64, 128) has no report at all, so
     that the gate cannot pass by finding nothing. (tests/cpp/sass_gate.py checks that the
     Hopper kernel's SASS uses HGMMA, UTMALDG and SYNCS.)
 
@@ -38,7 +38,7 @@ DTYPES = {"6__half": "fp16", "13__nv_bfloat16": "bf16", "f": "fp32"}
 GATED_KINDS = ("fwd_kernel", "bwd_kv_kernel", "bwd_q_kernel")
 # The Hopper kernels (fwd_sm90_kernel.cuh, bwd_sm90_kernel.cuh): expected on sm_90a at the gated
 # D = Dv in here.
-SM90_KINDS = ("fwd_sm90_kernel", "bwd_kv_sm90_kernel")
+SM90_KINDS = ("fwd_sm90_kernel", "bwd_kv_sm90_kernel", "bwd_q_sm90_kernel")
 SM90_DIMS = ((64, 64), (128, 128))
 
 

@@ -3,9 +3,11 @@
 
 For every object file of a Hopper TU (csrc/kernels/{fwd,bwd}_sm90_*.cu -> *_sm90_*.cu.o) under
 a CMake build directory, disassembles it (cuobjdump -sass) and fails (exit 1) unless each
-sm_90a function of fwd_sm90_kernel<T, D, Dv> and bwd_kv_sm90_kernel<T, D, Dv> contains
+sm_90a function of fwd_sm90_kernel<T, D, Dv>, bwd_kv_sm90_kernel<T, D, Dv> and
+bwd_q_sm90_kernel<T, D, Dv> contains
 
-  * HGMMA   (wgmma.mma_async: S = Q K^T and O += P V; S^T, dP^T, dV and dK in the backward),
+  * HGMMA   (wgmma.mma_async: S = Q K^T and O += P V; S^T, dP^T, dV and dK in the dK/dV
+            kernel; S, dP and dQ in the dQ kernel),
   * UTMALDG (TMA tiled loads of Q, K, V (and dO)),
   * SYNCS   (mbarrier arrive / try_wait: the producer/consumer ring),
 
@@ -34,8 +36,9 @@ import ptxas_gate  # noqa: E402  (same directory)
 
 FUNC = re.compile(r"Function : (\S+)")
 ARCH = re.compile(r"code for (sm_\w+)")
-KERNEL = re.compile(r"(fwd_sm90_kernel|bwd_kv_sm90_kernel)I(6__half|13__nv_bfloat16)Li(\d+)ELi(\d+)E")
-KINDS = ("fwd_sm90_kernel", "bwd_kv_sm90_kernel")
+KERNEL = re.compile(r"(fwd_sm90_kernel|bwd_kv_sm90_kernel|bwd_q_sm90_kernel)I(6__half|13__nv_bfloat16)"
+                    r"Li(\d+)ELi(\d+)E")
+KINDS = ("fwd_sm90_kernel", "bwd_kv_sm90_kernel", "bwd_q_sm90_kernel")
 REQUIRED = ("HGMMA", "UTMALDG", "SYNCS")
 
 
