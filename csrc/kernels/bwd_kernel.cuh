@@ -256,14 +256,9 @@ __global__ void __launch_bounds__(kThreads) bwd_q_kernel(const BwdParams p) {
   const Problem& pr = p.prob;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;
-  const int tile = int(gridDim.x) - 1 - int(blockIdx.x);  // heaviest (causal) tiles first
-  const PieceParams pc = piece_of_tile(pr, tile, false);
-  const index_t sq = pc.seqlen_q, sk = pc.seqlen_k;
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / (pr.heads_q / pr.heads_kv);
-  const index_t m0 = index_t(tile - pc.q_tile_begin) * BM;  // rows of the piece
+  // Heaviest (causal) tiles first; m0 in rows of the piece.
+  const auto [pc, sq, sk, h, b, hk, m0, keys] = query_tile_of_cta<BM, BN>(pr);
   const ScoreScale score(pr.scale, pr.softcap);
-  const TileRange keys = key_tiles_for_query_tile(m0, BM, BN, sq, sk, pc.band);
 
   float row_lse[2], row_delta[2];  // rows g and g + 8 of this warp
 #pragma unroll

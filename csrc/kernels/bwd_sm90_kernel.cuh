@@ -184,10 +184,7 @@ __global__ void __launch_bounds__(sm90bwd::kThreads, 1)
   }
 
   // ---- consumers ---------------------------------------------------------------------------
-  cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
-  const int c = wg - 1;
-  const int warp = (int(threadIdx.x) % 128) / 32, lane = int(threadIdx.x) % 32;
-  const int g = lane / 4, t = lane % 4;
+  const auto [c, warp, lane, g, t] = sm90::enter_consumer<kConsumerRegs>(wg);
   const index_t n_wg = n0 + 64 * c;  // this warpgroup's first key (of the piece)
   const ScoreScale score(pr.scale, pr.softcap);
   const uint32_t k_addr0 = uint32_t(__cvta_generic_to_shared(sK)) + uint32_t(c * 64 * 128);
@@ -364,33 +361,13 @@ __global__ void __launch_bounds__(sm90dq::kThreads, 1)
   T* sK = sdO + BM * Dv;               // [kStages][D/64][BN][64]
   T* sV = sK + kStages * BN * D;       // [kStages][Dv/64][BN][64]
   uint64_t* bars = reinterpret_cast<uint64_t*>(sV + kStages * BN * Dv);
-  uint64_t& q_full = bars[0];
-  uint64_t* k_full = bars + 1;
-  uint64_t* v_full = bars + 1 + kStages;
-  uint64_t* empty = bars + 1 + 2 * kStages;
 
   const BwdParams& p = args.p;
   const Problem& pr = p.prob;
-  const int tile = int(gridDim.x) - 1 - int(blockIdx.x);  // heaviest (causal) tiles first
-  const PieceParams pc = piece_of_tile(pr, tile, false);
-  const index_t sq = pc.seqlen_q, sk = pc.seqlen_k;
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / (pr.heads_q / pr.heads_kv);
-  const index_t m0 = index_t(tile - pc.q_tile_begin) * BM;  // rows of the piece
-  const TileRange keys = key_tiles_for_query_tile(m0, BM, BN, sq, sk, pc.band);
+  // Heaviest (causal) tiles first; m0 in rows of the piece.
+  const auto [pc, sq, sk, h, b, hk, m0, keys] = query_tile_of_cta<BM, BN>(pr);
   const int wg = int(threadIdx.x) / 128;
-
-  if (threadIdx.x == 0) {
-    cute::initialize_barrier(q_full, 1);
-#pragma unroll
-    for (int s = 0; s < kStages; ++s) {
-      cute::initialize_barrier(k_full[s], 1);
-      cute::initialize_barrier(v_full[s], 1);
-      cute::initialize_barrier(empty[s], kConsumers * 128);
-    }
-    cutlass::arch::fence_barrier_init();
-  }
-  __syncthreads();
+  const auto [q_full, k_full, v_full, empty] = sm90::init_kv_ring<kStages, kConsumers>(bars);
 
   if (wg == 0) {
     // ---- producer ----------------------------------------------------------------------------
@@ -409,30 +386,14 @@ __global__ void __launch_bounds__(sm90dq::kThreads, 1)
           cute::SM90_TMA_LOAD_4D::copy(&args.tma_do, &q_full, sm90::kEvictNormal,
                                        sdO + (c * (Dv / 64) + kb) * 64 * 64, 64 * kb, h, row, b);
       }
-      for (index_t it = keys.first; it < keys.last; ++it) {
-        const int i = int(it - keys.first), s = i % kStages, round = i / kStages;
-        if (round > 0) cute::wait_barrier(empty[s], (round - 1) & 1);
-        const int row = int(pc.k0 + it * BN);
-        cute::set_barrier_transaction_bytes(k_full[s], uint32_t(BN * D * sizeof(T)));
-#pragma unroll
-        for (int kb = 0; kb < D / 64; ++kb)
-          cute::SM90_TMA_LOAD_4D::copy(&args.tma_k, &k_full[s], sm90::kEvictNormal,
-                                       sK + (s * (D / 64) + kb) * BN * 64, 64 * kb, hk, row, b);
-        cute::set_barrier_transaction_bytes(v_full[s], uint32_t(BN * Dv * sizeof(T)));
-#pragma unroll
-        for (int kb = 0; kb < Dv / 64; ++kb)
-          cute::SM90_TMA_LOAD_4D::copy(&args.tma_v, &v_full[s], sm90::kEvictNormal,
-                                       sV + (s * (Dv / 64) + kb) * BN * 64, 64 * kb, hk, row, b);
-      }
+      sm90::load_kv_ring<T, D, Dv, BN, kStages>(&args.tma_k, &args.tma_v, sK, sV, k_full, v_full,
+                                                 empty, keys, pc.k0, hk, b);
     }
     return;
   }
 
   // ---- consumers ---------------------------------------------------------------------------
-  cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
-  const int c = wg - 1;
-  const int warp = (int(threadIdx.x) % 128) / 32, lane = int(threadIdx.x) % 32;
-  const int g = lane / 4, t = lane % 4;
+  const auto [c, warp, lane, g, t] = sm90::enter_consumer<kConsumerRegs>(wg);
   const index_t m_wg = m0 + 64 * c;  // this warpgroup's first row (of the piece)
   const ScoreScale score(pr.scale, pr.softcap);
   const uint32_t q_addr0 = uint32_t(__cvta_generic_to_shared(sQ)) + uint32_t(c * 64 * D * sizeof(T));

@@ -37,13 +37,8 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
   const Problem& pr = p.prob;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;
-  // Under a causal band the last query tiles see the most keys; launch them first.
-  const int tile = int(gridDim.x) - 1 - int(blockIdx.x);
-  const PieceParams pc = piece_of_tile(pr, tile, false);
-  const index_t sq = pc.seqlen_q, sk = pc.seqlen_k;
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / (pr.heads_q / pr.heads_kv);  // GQA: index mapping, K/V never expanded
-  const index_t m0 = index_t(tile - pc.q_tile_begin) * BM;  // rows of the piece from here on
+  // Heaviest (causal) tiles first; m0 in rows of the piece, hk = K/V head of h (GQA).
+  const auto [pc, sq, sk, h, b, hk, m0, keys] = query_tile_of_cta<BM, BN>(pr);
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head +
                pc.q0 * p.q_stride.seq;
@@ -52,7 +47,6 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head +
                pc.k0 * p.v_stride.seq;
 
-  const TileRange keys = key_tiles_for_query_tile(m0, BM, BN, sq, sk, pc.band);
   const ScoreScale score(pr.scale, pr.softcap);
 
   float o[DVT][4];

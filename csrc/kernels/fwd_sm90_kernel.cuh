@@ -112,6 +112,84 @@ __device__ __forceinline__ void fence_operands(float (&x)[M]) {
 #pragma unroll
   for (int i = 0; i < M; ++i) cute::warpgroup_fence_operand(x[i]);
 }
+
+// A consumer thread of the Hopper kernels' warp specialisation (warpgroup 0 produces,
+// warpgroups 1 .. kConsumers consume): raises the warpgroup's register budget to Regs
+// (setmaxnreg.inc; the whole warpgroup calls it) and names the thread's place: consumer c =
+// wg - 1, warp in the warpgroup, lane, and the accumulator fragment's coordinates g = lane / 4
+// (rows g and g + 8 of the warp's 16) and t = lane % 4 (column pair). Kernels bind them as
+//   const auto [c, warp, lane, g, t] = sm90::enter_consumer<kConsumerRegs>(wg);
+struct ConsumerThread {
+  int c, warp, lane, g, t;
+};
+template <int Regs>
+__device__ __forceinline__ ConsumerThread enter_consumer(int wg) {
+  cutlass::arch::warpgroup_reg_alloc<Regs>();
+  const int lane = int(threadIdx.x) % 32;
+  return {wg - 1, (int(threadIdx.x) % 128) / 32, lane, lane / 4, lane % 4};
+}
+
+// ---- the Q + K/V ring of fwd_sm90_kernel and bwd_q_sm90_kernel -------------------------------
+// One producer thread TMA-loads the CTA's query rows once (q_full) and the K and V tiles of
+// its key tiles into Stages ring stages; Consumers warpgroups read stage s and release it
+// (every consumer thread arrives on empty[s]). The mbarriers, 1 + 3 * Stages of them in shared
+// memory from `bars` on (smem_bytes counts them) in this order:
+//   q_full     1 arrival (the producer's expect-tx) + the query rows' transaction bytes
+//   k_full[s]  1 arrival + K tile bytes;  v_full[s]  1 arrival + V tile bytes
+//   empty[s]   Consumers * 128 arrivals
+// Kernels bind them as const auto [q_full, k_full, v_full, empty] = init_kv_ring<...>(bars).
+struct KvRingBarriers {
+  uint64_t& q_full;
+  uint64_t* k_full;
+  uint64_t* v_full;
+  uint64_t* empty;
+};
+
+// Called by every thread of the CTA before any use of the barriers: thread 0 initialises them,
+// then __syncthreads.
+template <int Stages, int Consumers>
+__device__ __forceinline__ KvRingBarriers init_kv_ring(uint64_t* bars) {
+  const KvRingBarriers r{bars[0], bars + 1, bars + 1 + Stages, bars + 1 + 2 * Stages};
+  if (threadIdx.x == 0) {
+    cute::initialize_barrier(r.q_full, 1);
+#pragma unroll
+    for (int s = 0; s < Stages; ++s) {
+      cute::initialize_barrier(r.k_full[s], 1);
+      cute::initialize_barrier(r.v_full[s], 1);
+      cute::initialize_barrier(r.empty[s], Consumers * 128);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+  return r;
+}
+
+// The producer's K/V side of the ring, by its one TMA thread: key tile `it` of `keys` (i-th,
+// from 0) goes to stage s = i % Stages once the consumers released the stage's previous round
+// (from round 1 on); K rows k0 + it * BN .. + BN of K/V head hk, batch b, all D columns, into
+// sK stage s ([Stages][D/64][BN][64], 128-byte swizzle by the descriptor), V likewise into sV
+// ([Stages][Dv/64][BN][64]); each arms its full barrier with the tile's bytes.
+template <typename T, int D, int Dv, int BN, int Stages>
+__device__ __forceinline__ void load_kv_ring(const cute::TmaDescriptor* tma_k,
+                                             const cute::TmaDescriptor* tma_v, T* sK, T* sV,
+                                             uint64_t* k_full, uint64_t* v_full, uint64_t* empty,
+                                             TileRange keys, index_t k0, int hk, int b) {
+  for (index_t it = keys.first; it < keys.last; ++it) {
+    const int i = int(it - keys.first), s = i % Stages, round = i / Stages;
+    if (round > 0) cute::wait_barrier(empty[s], (round - 1) & 1);
+    const int row = int(k0 + it * BN);
+    cute::set_barrier_transaction_bytes(k_full[s], uint32_t(BN * D * sizeof(T)));
+#pragma unroll
+    for (int kb = 0; kb < D / 64; ++kb)
+      cute::SM90_TMA_LOAD_4D::copy(tma_k, &k_full[s], kEvictNormal,
+                                   sK + (s * (D / 64) + kb) * BN * 64, 64 * kb, hk, row, b);
+    cute::set_barrier_transaction_bytes(v_full[s], uint32_t(BN * Dv * sizeof(T)));
+#pragma unroll
+    for (int kb = 0; kb < Dv / 64; ++kb)
+      cute::SM90_TMA_LOAD_4D::copy(tma_v, &v_full[s], kEvictNormal,
+                                   sV + (s * (Dv / 64) + kb) * BN * 64, 64 * kb, hk, row, b);
+  }
+}
 }  // namespace sm90
 
 struct FwdSm90Args {
@@ -136,33 +214,13 @@ __global__ void __launch_bounds__(sm90::kThreads, 1)
   T* sK = sQ + BM * D;                 // [kStages][D/64][BN][64]
   T* sV = sK + kStages * BN * D;       // [kStages][Dv/64][BN][64]
   uint64_t* bars = reinterpret_cast<uint64_t*>(sV + kStages * BN * Dv);
-  uint64_t& q_full = bars[0];
-  uint64_t* k_full = bars + 1;
-  uint64_t* v_full = bars + 1 + kStages;
-  uint64_t* empty = bars + 1 + 2 * kStages;
 
   const FwdParams& p = args.p;
   const Problem& pr = p.prob;
-  const int tile = int(gridDim.x) - 1 - int(blockIdx.x);  // heaviest causal tiles first
-  const PieceParams pc = piece_of_tile(pr, tile, false);
-  const index_t sq = pc.seqlen_q, sk = pc.seqlen_k;
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / (pr.heads_q / pr.heads_kv);
-  const index_t m0 = index_t(tile - pc.q_tile_begin) * BM;
-  const TileRange keys = key_tiles_for_query_tile(m0, BM, BN, sq, sk, pc.band);
+  // Heaviest causal tiles first; m0 in rows of the piece.
+  const auto [pc, sq, sk, h, b, hk, m0, keys] = query_tile_of_cta<BM, BN>(pr);
   const int wg = int(threadIdx.x) / 128;
-
-  if (threadIdx.x == 0) {
-    cute::initialize_barrier(q_full, 1);
-#pragma unroll
-    for (int s = 0; s < kStages; ++s) {
-      cute::initialize_barrier(k_full[s], 1);
-      cute::initialize_barrier(v_full[s], 1);
-      cute::initialize_barrier(empty[s], kConsumers * 128);
-    }
-    cutlass::arch::fence_barrier_init();
-  }
-  __syncthreads();
+  const auto [q_full, k_full, v_full, empty] = init_kv_ring<kStages, kConsumers>(bars);
 
   if (wg == 0) {
     // ---- producer ----------------------------------------------------------------------------
@@ -176,30 +234,14 @@ __global__ void __launch_bounds__(sm90::kThreads, 1)
           cute::SM90_TMA_LOAD_4D::copy(&args.tma_q, &q_full, kEvictNormal,
                                        sQ + (c * (D / 64) + kb) * 64 * 64, 64 * kb, h,
                                        int(pc.q0 + m0 + 64 * c), b);
-      for (index_t it = keys.first; it < keys.last; ++it) {
-        const int i = int(it - keys.first), s = i % kStages, round = i / kStages;
-        if (round > 0) cute::wait_barrier(empty[s], (round - 1) & 1);
-        const int row = int(pc.k0 + it * BN);
-        cute::set_barrier_transaction_bytes(k_full[s], uint32_t(BN * D * sizeof(T)));
-#pragma unroll
-        for (int kb = 0; kb < D / 64; ++kb)
-          cute::SM90_TMA_LOAD_4D::copy(&args.tma_k, &k_full[s], kEvictNormal,
-                                       sK + (s * (D / 64) + kb) * BN * 64, 64 * kb, hk, row, b);
-        cute::set_barrier_transaction_bytes(v_full[s], uint32_t(BN * Dv * sizeof(T)));
-#pragma unroll
-        for (int kb = 0; kb < Dv / 64; ++kb)
-          cute::SM90_TMA_LOAD_4D::copy(&args.tma_v, &v_full[s], kEvictNormal,
-                                       sV + (s * (Dv / 64) + kb) * BN * 64, 64 * kb, hk, row, b);
-      }
+      load_kv_ring<T, D, Dv, BN, kStages>(&args.tma_k, &args.tma_v, sK, sV, k_full, v_full, empty,
+                                           keys, pc.k0, hk, b);
     }
     return;
   }
 
   // ---- consumers ---------------------------------------------------------------------------
-  cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
-  const int c = wg - 1;
-  const int warp = (int(threadIdx.x) % 128) / 32, lane = int(threadIdx.x) % 32;
-  const int g = lane / 4, t = lane % 4;
+  const auto [c, warp, lane, g, t] = enter_consumer<kConsumerRegs>(wg);
   const index_t m_wg = m0 + 64 * c;  // this warpgroup's first row (of the piece)
   const ScoreScale score(pr.scale, pr.softcap);
   const uint32_t q_addr = uint32_t(__cvta_generic_to_shared(sQ + c * 64 * D));

@@ -108,6 +108,38 @@ __device__ __forceinline__ PieceParams piece_of_tile(const Problem& pr, int tile
   return pc;
 }
 
+// The query tile of BM rows that a CTA of a query-tiled kernel owns (fwd_kernel, bwd_q_kernel,
+// fwd_sm90_kernel, bwd_q_sm90_kernel; the grid of launch_grid / assign_tiles): blockIdx.x
+// counts the call's query tiles heaviest first (under a causal band the last query tiles see
+// the most keys, so tile gridDim.x - 1 - blockIdx.x is launched first), blockIdx.y is the
+// query head, blockIdx.z the batch. Kernels bind the fields in this order,
+//   const auto [pc, sq, sk, h, b, hk, m0, keys] = query_tile_of_cta<BM, BN>(pr);
+// so keep it (and the types) when changing the struct.
+struct QueryTile {
+  PieceParams pc;  // the piece the tile lies in
+  index_t sq, sk;  // the piece's query and key lengths
+  int h, b;        // query head, batch
+  int hk;          // K/V head of h (GQA: an index mapping, K/V are never expanded)
+  index_t m0;      // the tile's first row, in the piece's rows (rows of the piece from here on)
+  TileRange keys;  // key tiles of BN keys that some in-bounds row of the tile sees
+};
+
+template <int BM, int BN>
+__device__ __forceinline__ QueryTile query_tile_of_cta(const Problem& pr) {
+  const int tile = int(gridDim.x) - 1 - int(blockIdx.x);
+  const PieceParams pc = piece_of_tile(pr, tile, false);
+  const index_t m0 = index_t(tile - pc.q_tile_begin) * BM;
+  const int h = blockIdx.y;
+  return {pc,
+          pc.seqlen_q,
+          pc.seqlen_k,
+          h,
+          int(blockIdx.z),
+          h / (pr.heads_q / pr.heads_kv),
+          m0,
+          key_tiles_for_query_tile(m0, BM, BN, pc.seqlen_q, pc.seqlen_k, pc.band)};
+}
+
 // Scores in the kernels: the MMA gives s = q.k; the softmax wants the scaled score
 // u = scale * s, or with softcap c > 0, c * tanh(u / c), in log2 units. A kernel keeps a "raw"
 // score and one multiplier to log2 units: raw = s and mul = scale * log2(e) without softcap
