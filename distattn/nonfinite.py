@@ -57,7 +57,7 @@ def _sync_check_devices() -> tuple:
 # call's finite flag on the host for CUDA tensors too -- one device synchronisation per ring
 # call (forward and backward each), before the first hop -- so that a call with finite inputs
 # runs the plain path as on CPU (tests/test_launches.py: the cuda backend launches nothing per
-# forward step besides its kernel, the torch backend 6; the tensor-op path launches 28).
+# forward step besides its kernel, the torch backend 8; the tensor-op path launches 28).
 # Never under torch.compile or CUDA graph capture, which take the tensor-op path (no host
 # read). "device": CUDA never synchronises and every CUDA call takes the tensor-op path.
 SYNC_CHECK_DEVICES = _sync_check_devices()

@@ -1,4 +1,4 @@
-// Hopper (sm_90a) bwd dK/dV kernel for __half, head_dim 64 (one translation unit per instantiation).
+// Hopper (sm_90a) backward (dQ and dK/dV kernels) for __half, head_dim 64 (one translation unit per instantiation).
 #include "instantiate_sm90.cuh"
 #if DISTATTN_HD64
 DISTATTN_INSTANTIATE_BWD_SM90(__half, 64, 64)

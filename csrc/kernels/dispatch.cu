@@ -70,7 +70,7 @@ template <typename T>
 struct RunBwd {
   template <int D, int Dv>
   static cudaError_t go(const BwdParams& p, cudaStream_t s) {
-    // The Hopper dK/dV kernel under the forward's rule; the mma.sync kernels otherwise.
+    // The Hopper dQ and dK/dV kernels under the forward's rule; the mma.sync kernels otherwise.
     if constexpr (D == Dv && (D == 64 || D == 128)) {
       bool ran = false;
       const cudaError_t err = run_bwd_sm90<T, D, Dv>(p, s, &ran);

@@ -1,5 +1,6 @@
-// Explicit instantiation of the Hopper forward entry points, one per TU fwd_sm90_<dtype>_hd<D>.cu
-// (a TU whose head dim is switched off in distattn/tiling.h compiles to nothing).
+// Explicit instantiation of the Hopper entry points, one per TU: the forward in
+// fwd_sm90_<dtype>_hd<D>.cu, the backward (dQ and dK/dV) in bwd_sm90_<dtype>_hd<D>.cu (a TU whose
+// head dim is switched off in distattn/tiling.h compiles to nothing).
 #pragma once
 
 #include "distattn/api.h"
