@@ -154,8 +154,7 @@ def main() -> None:
     os.close(fd)
     os.unlink(init_file)   # the FileStore creates it
     try:
-        torch.multiprocessing.spawn(_worker, args=(args.nproc, init_file, args),
-                                    nprocs=args.nproc)
+        common.start_ranks(_worker, (args.nproc, init_file, args), args.nproc)
     finally:
         if os.path.exists(init_file):
             os.unlink(init_file)

@@ -60,7 +60,7 @@ if ARGS is not None and ARGS.distattn:   # ahead of this checkout (common then a
     sys.path.insert(0, os.path.abspath(ARGS.distattn))
 
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402,F401  (puts the repository root on sys.path)
+import common  # noqa: E402  (also puts the repository root on sys.path)
 
 import random  # noqa: E402
 import statistics  # noqa: E402
@@ -551,7 +551,6 @@ def _mem_worker(rank, world, ulysses, S, port, queue):
 
 def bench_memory(S: int, world: int):
     import socket
-    import torch.multiprocessing as mp
     rows = []
     single = _mem_one(S, 0, 1, 1)
     rows.append({"run": f"1 process, S={S}", **single})
@@ -561,7 +560,7 @@ def bench_memory(S: int, world: int):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        ctx = mp.get_context("spawn")
+        ctx = common.process_context()
         queue = ctx.Queue()
         procs = [ctx.Process(target=_mem_worker, args=(r, world, ulysses, S, port, queue))
                  for r in range(world)]

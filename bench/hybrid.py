@@ -29,7 +29,7 @@ import csv
 import os
 import tempfile
 
-import common  # noqa: F401  (puts the repository root on sys.path)
+import common  # (also puts the repository root on sys.path)
 import torch
 import torch.distributed as dist
 
@@ -74,7 +74,7 @@ def _measure(rank: int, world: int, init: str, seq: int, hidden: int, state: int
 
 def measured_bytes(world: int, seq: int, hidden: int, state: int, form: str) -> int:
     """The most bytes any rank sends for one forward + backward of ``form``."""
-    ctx = torch.multiprocessing.get_context("spawn")
+    ctx = common.process_context()
     queue = ctx.Queue()
     fd, init = tempfile.mkstemp(prefix="distattn_hybrid_")
     os.close(fd)

@@ -199,15 +199,13 @@ def _spawned(rank, world, init_file, args, queue):
 
 
 def _run_world(world: int, args):
-    import torch.multiprocessing as mp
-    ctx = mp.get_context("spawn")
+    ctx = common.process_context()
     queue = ctx.Queue()
     fd, init_file = tempfile.mkstemp(prefix="distattn_bench_")
     os.close(fd)
     os.unlink(init_file)
     try:
-        mp.start_processes(_spawned, args=(world, init_file, args, queue), nprocs=world,
-                           join=True, start_method="spawn")
+        common.start_ranks(_spawned, (world, init_file, args, queue), world)
         return queue.get(timeout=10)
     finally:
         if os.path.exists(init_file):

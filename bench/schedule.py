@@ -152,6 +152,11 @@ def _returns(plan, step: int, pass_: str) -> list[tuple]:
     return out
 
 
+def all_returns(plan, pass_: str) -> list[list[tuple]]:
+    """``_returns`` of every step: the same for every rank's program, so built once."""
+    return [_returns(plan, t, pass_) for t in range(plan.steps)]
+
+
 def _ring_dkv(plan, rank: int, t: int, nb: Bytes):
     """Ring backward, window ``t``: the dK/dV partial sum of step t - 1 (steps >= 1 only; step
     0's stays local) moves on to the next holder, or after the last step straight back to
@@ -164,9 +169,13 @@ def _ring_dkv(plan, rank: int, t: int, nb: Bytes):
     return (nb.dkv(sent), nb.dkv(got), 2, (Op("add_dkv", k=(0, got)),) if got else ())
 
 
-def rank_program(plan, rank: int, shape: common.Shape, pass_: str) -> list[Window]:
+def rank_program(plan, rank: int, shape: common.Shape, pass_: str,
+                 returns: list | None = None) -> list[Window]:
     """The ``plan.steps + 1`` windows of ``rank`` for pass "fwd" or "bwd". ``shape.tokens``
-    is the plan's ``part_len`` (slots per ring rank)."""
+    is the plan's ``part_len`` (slots per ring rank). ``returns``: ``all_returns(plan,
+    pass_)`` when the caller builds every rank's program (else computed here)."""
+    if returns is None:
+        returns = all_returns(plan, pass_)
     nb = Bytes(shape)
     helper = isinstance(plan, HelperPlan)
     steps = plan.steps
@@ -214,7 +223,7 @@ def rank_program(plan, rank: int, shape: common.Shape, pass_: str) -> list[Windo
             send, recv, messages = send + s_, recv + r_, messages + m_
             absorb.extend(ops)
         windows.append(Window(tuple(compute), tuple(absorb), send, recv, messages))
-        prev_returns = _returns(plan, t, pass_) if t < steps else []
+        prev_returns = returns[t] if t < steps else []
     return windows
 
 
@@ -492,7 +501,8 @@ def efficiency_rows(args, device, timer: Timer, mono: Mono):
             name = common.label(layout, schedule)
             for pass_, bound_total in (("fwd", fwd_mono), ("bwd", bwd_mono)):
                 t0 = time.perf_counter()
-                programs = [rank_program(plan, r, shape, pass_) for r in range(P)]
+                returns = all_returns(plan, pass_)
+                programs = [rank_program(plan, r, shape, pass_, returns) for r in range(P)]
                 bound = bound_total / P
                 r0_ms = timer.program_ms(shape, programs[0])
                 b_ms = r0_ms if busiest == 0 else timer.program_ms(shape, programs[busiest])
@@ -535,7 +545,9 @@ def split_rows(args, device, timer: Timer, mono: Mono):
                 plan = common.make_plan(R, layout, schedule, ring_shape.tokens)
                 res = {}
                 for pass_ in ("fwd", "bwd"):
-                    programs = [rank_program(plan, r, ring_shape, pass_) for r in range(R)]
+                    returns = all_returns(plan, pass_)
+                    programs = [rank_program(plan, r, ring_shape, pass_, returns)
+                                for r in range(R)]
                     res[pass_] = predict(programs, lambda ops: timer.ops_ms(ring_shape, ops),
                                          link)
                 fwd = res["fwd"]["ms"] + a2a["fwd"]

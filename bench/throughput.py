@@ -337,7 +337,7 @@ def main(argv=None) -> int:
     os.close(fd)
     os.unlink(init_file)   # the FileStore creates it
     try:
-        mp.spawn(_spawned, args=(nproc, init_file, args), nprocs=nproc, join=True)
+        common.start_ranks(_spawned, (nproc, init_file, args), nproc)
     except mp.ProcessExitedException as exc:
         print(f"a worker exited with status {exc.exit_code}", file=sys.stderr)
         return 1

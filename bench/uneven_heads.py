@@ -19,7 +19,7 @@ import statistics
 import tempfile
 import time
 
-import common  # noqa: F401  (puts the repository root on sys.path)
+import common  # (also puts the repository root on sys.path)
 import torch
 import torch.distributed as dist
 
@@ -140,7 +140,7 @@ def main(argv=None):
     fd, init_file = tempfile.mkstemp(prefix="distattn_uneven_")
     os.close(fd)
     os.unlink(init_file)
-    torch.multiprocessing.spawn(_worker, args=(args.nproc, init_file, args), nprocs=args.nproc)
+    common.start_ranks(_worker, (args.nproc, init_file, args), args.nproc)
 
 
 if __name__ == "__main__":
