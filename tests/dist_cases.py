@@ -326,13 +326,21 @@ def run_case(case: Case, mesh) -> dict:
         return distattn.shard(t, mesh, dim=dim, layout=case.layout, cu_seqlens=cu)
 
     # Padding slots hold NaN in q/k/v and random upstream gradients: they must stay inert.
-    pad = local_indices(S, mesh, case.layout, cu) < 0
+    held = local_indices(S, mesh, case.layout, cu)
+    pad = held < 0
     real = ~pad
-    ql, kl, vl = (local(t).clone() for t in (q, k, v))
+
+    def ref_local(t, dim=1):   # this rank's rows of a reference (padding: row 0, not compared)
+        return t.index_select(dim, held.clamp_min(0))   # no collective, unlike shard
+
+    # one shard call for the four inputs (each call is an agreement, a collective)
+    parts = (q, k, v, dout)
+    joined = local(torch.cat([t.flatten(2) for t in parts], dim=2))
+    ql, kl, vl, dl = (c.unflatten(2, t.shape[2:]).clone() for c, t in
+                      zip(joined.split([t[0, 0].numel() for t in parts], dim=2), parts))
     for t in (ql, kl, vl):
         t[:, pad] = float("nan")
     ql, kl, vl = (t.requires_grad_() for t in (ql, kl, vl))
-    dl = local(dout).clone()
     dl[:, pad] = torch.randn(dl[:, pad].shape, generator=gen).to(dtype)
     sl = sinks.clone().requires_grad_() if sinks is not None else None
     out, lse = distattn.dist_flash_attn(ql, kl, vl, mesh=mesh, causal=case.causal,
@@ -350,14 +358,16 @@ def run_case(case: Case, mesh) -> dict:
     return {
         "dtype_ok": out.dtype == dtype and ql.grad.dtype == dtype and kl.grad.dtype == dtype,
         "lse_dtype": str(lse.dtype),
+        "shard_ok": all(torch.equal(a[:, real], ref_local(t)[:, real])
+                        for a, t in ((ql.detach(), q), (kl.detach(), k), (dl, dout))),
         "math_err": math_err,
         "padding": int(pad.sum()),
         "inert": inert,
-        "out": _rel(out[:, real], local(ref_out)[:, real]),
-        "lse": _rel(lse[:, :, real], local(ref_lse, dim=2)[:, :, real]),
-        "dq": _rel(ql.grad[:, real], local(ref_grads[0])[:, real]),
-        "dk": _rel(kl.grad[:, real], local(ref_grads[1])[:, real]),
-        "dv": _rel(vl.grad[:, real], local(ref_grads[2])[:, real]),
+        "out": _rel(out[:, real], ref_local(ref_out)[:, real]),
+        "lse": _rel(lse[:, :, real], ref_local(ref_lse, dim=2)[:, :, real]),
+        "dq": _rel(ql.grad[:, real], ref_local(ref_grads[0])[:, real]),
+        "dk": _rel(kl.grad[:, real], ref_local(ref_grads[1])[:, real]),
+        "dv": _rel(vl.grad[:, real], ref_local(ref_grads[2])[:, real]),
         "dsinks": _rel(dsinks, ref_grads[3]) if sl is not None else 0.0,
     }
 

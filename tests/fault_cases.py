@@ -17,7 +17,8 @@ import time
 import traceback
 
 import torch
-import torch.multiprocessing as mp
+
+from spawn import process_context
 
 # The mesh timeout of the scenarios: short, but long enough for a healthy call on a busy
 # 2-core machine.
@@ -25,9 +26,11 @@ TIMEOUT_S = 4.0
 LAST_RANK = 3   # the rank that disagrees, skips or dies
 
 
-def _worker(rank: int, world: int, tmp: str, scenarios: list) -> None:
+def _worker(rank: int, world: int, tmp: str, env: dict, scenarios: list) -> None:
     import torch.distributed as dist
 
+    os.environ.clear()
+    os.environ.update(env)    # the caller's, as at the call (the fork server's is older)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
@@ -60,9 +63,9 @@ def _write(tmp: str, rank: int, results: dict) -> None:
 def run_ranks(world: int, scenarios: list, deadline_s: float) -> list:
     """Run ``scenarios`` (names in ``SCENARIOS``) on ``world`` gloo processes. Returns, per
     rank, {"exitcode", "killed" (still alive at the deadline), scenario name -> outcome}."""
-    ctx = mp.get_context("spawn")
+    ctx = process_context()
     with tempfile.TemporaryDirectory(prefix="distattn_faults_") as tmp:
-        procs = [ctx.Process(target=_worker, args=(r, world, tmp, scenarios))
+        procs = [ctx.Process(target=_worker, args=(r, world, tmp, dict(os.environ), scenarios))
                  for r in range(world)]
         for p in procs:
             p.start()

@@ -14,8 +14,11 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import queue as queue_module
 import tempfile
+import time
 import traceback
+import warnings
 
 import torch
 import torch.multiprocessing as mp
@@ -48,16 +51,50 @@ def _worker(rank: int, world: int, init_file: str, env: dict, call: bytes, queue
 _PRELOAD = ["torch", "torch.distributed", "transformers"]   # a missing one is skipped
 
 
-def _context():
+def process_context():
+    """The fork server's context: a process it starts has torch imported, nothing else."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
     return ctx
 
 
+def _later_failures(queue, pending: int, within: float = 3.0) -> list:
+    """The failures other ranks report soon after the first one (what they say may be its
+    cause: a rank that died in a collective's setup shows only as its peer's lost
+    connection); ranks hanging in a collective say nothing and are not waited for."""
+    found, end = [], time.monotonic() + within
+    for _ in range(pending):
+        try:
+            rank, ok, payload = queue.get(timeout=max(0.0, end - time.monotonic()))
+        except queue_module.Empty:
+            break
+        if not ok:
+            found.append(f"rank {rank}:\n{payload}")
+    return found
+
+
+# gloo's TCP mesh setup between local processes failing ("Connection closed by peer" in a
+# new_group): seen once, in a full suite run on a 2-core machine, in a 2-rank world whose test
+# passed on each of 6 reruns -- a transport flake, before the group could carry anything
+_TRANSPORT_SETUP_FLAKE = "Gloo connectFullMesh failed"
+
+
 def run_world(world: int, fn, *args, timeout: float = 600.0) -> list:
     """Run ``fn(rank, world, *args)`` on ``world`` processes; return the per-rank results.
-    Raises RuntimeError with the worker's traceback if any rank fails, or on timeout."""
-    ctx = _context()
+    Raises RuntimeError with the workers' tracebacks if any rank fails, or on timeout. A
+    world whose failure is gloo's connection setup (``_TRANSPORT_SETUP_FLAKE``) runs once
+    more, with a warning; any other failure, or that one twice, raises."""
+    try:
+        return _run_world_once(world, fn, args, timeout)
+    except RuntimeError as exc:
+        if _TRANSPORT_SETUP_FLAKE not in str(exc):
+            raise
+        warnings.warn(f"gloo's connection setup failed; running the world again:\n{exc}")
+    return _run_world_once(world, fn, args, timeout)
+
+
+def _run_world_once(world: int, fn, args: tuple, timeout: float) -> list:
+    ctx = process_context()
     queue = ctx.Queue()
     fd, init_file = tempfile.mkstemp(prefix="distattn_pg_")
     os.close(fd)
@@ -76,6 +113,8 @@ def run_world(world: int, fn, *args, timeout: float = 600.0) -> list:
             else:
                 errors.append(f"rank {rank}:\n{payload}")
                 break  # other ranks may now hang in a collective; stop waiting for them
+        if errors:
+            errors += _later_failures(queue, world - len(results) - 1)
     except Exception as exc:  # queue.Empty on timeout
         errors.append(f"timed out after {timeout}s waiting for ranks "
                       f"{sorted(set(range(world)) - set(results))}: {exc!r}")

@@ -50,6 +50,7 @@ def test_matches_fp64_reference(world_results, case):
     per_rank = [res[case.id] for res in world_results(case.world)]
     for rank, errs in enumerate(per_rank):
         assert errs["dtype_ok"], f"rank {rank}: output or gradient dtype changed"
+        assert errs["shard_ok"], f"rank {rank}: shard() rows differ from its local_indices"
         expected_lse = "torch.float64" if case.dtype == "fp64" else "torch.float32"
         assert errs["lse_dtype"] == expected_lse
         if errs["padding"]:

@@ -31,7 +31,8 @@ from distattn.kernels.emulate import EmulateBackend, extension_error
 from spawn import run_world
 
 EXT_ERROR = extension_error()
-pytestmark = pytest.mark.skipif(EXT_ERROR is not None, reason=f"emulate absent: {EXT_ERROR}")
+pytestmark = [pytest.mark.skipif(EXT_ERROR is not None, reason=f"emulate absent: {EXT_ERROR}"),
+              pytest.mark.usefixtures("all_cores")]   # the emulator runs CTAs on every core
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -29,7 +29,8 @@ from distattn.kernels.emulate import EmulateBackend, extension_error
 from distattn.kernels.mask import Piece
 
 EXT_ERROR = extension_error()
-pytestmark = pytest.mark.skipif(EXT_ERROR is not None, reason=f"emulate absent: {EXT_ERROR}")
+pytestmark = [pytest.mark.skipif(EXT_ERROR is not None, reason=f"emulate absent: {EXT_ERROR}"),
+              pytest.mark.usefixtures("all_cores")]   # the emulator runs CTAs on every core
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 SM90 = "fwd_sm90_kernel"
