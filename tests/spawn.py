@@ -48,7 +48,8 @@ def _worker(rank: int, world: int, init_file: str, env: dict, call: bytes, queue
             dist.destroy_process_group()
 
 
-_PRELOAD = ["torch", "torch.distributed", "transformers"]   # a missing one is skipped
+_PRELOAD = ["torch", "torch.distributed", "torch._dynamo",   # distattn imports torch._dynamo
+            "transformers"]   # a missing one is skipped
 
 
 def process_context():
