@@ -361,7 +361,8 @@ def run_case(case: Case, mesh) -> dict:
         "dtype_ok": out.dtype == dtype and ql.grad.dtype == dtype and kl.grad.dtype == dtype,
         "lse_dtype": str(lse.dtype),
         "shard_ok": all(torch.equal(a[:, real], ref_local(t)[:, real])
-                        for a, t in ((ql.detach(), q), (kl.detach(), k), (dl, dout))),
+                        for a, t in ((ql.detach(), q), (kl.detach(), k), (vl.detach(), v),
+                                     (dl, dout))),
         "math_err": math_err,
         "padding": int(pad.sum()),
         "inert": inert,
